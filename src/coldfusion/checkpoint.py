@@ -1,0 +1,74 @@
+"""Named tensors on disk: safetensors only, content-hashed, written atomically."""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from coldfusion.errors import ColdFusionError
+
+Tensors = dict[str, torch.Tensor]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash leaves either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def serialize(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
+    """Deterministic safetensors bytes (same tensors -> same bytes -> same hash)."""
+    return save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_tensors(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file; return its sha256."""
+    data = serialize(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def load_tensors(path: Path, expected_sha256: str | None = None) -> Tensors:
+    """Read a safetensors file, verifying its checksum when one is given. Pickles are refused."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ColdFusionError(f"{path}: only .safetensors checkpoints are accepted (pickles can run code)")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise ColdFusionError(f"{path}: checksum mismatch (expected {expected_sha256[:12]}...); the file is corrupt")
+    return load_bytes(data)
+
+
+def tensor_names(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())

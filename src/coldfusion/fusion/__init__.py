@@ -1,0 +1,7 @@
+"""Fusion operators over named tensors, one module each, behind a registry."""
+
+from coldfusion.fusion import average, weighted  # noqa: F401  (registers the operators)
+from coldfusion.fusion.registry import REGISTRY, Operator, get_operator, register
+from coldfusion.fusion.streaming import fuse_files
+
+__all__ = ["REGISTRY", "Operator", "fuse_files", "get_operator", "register"]

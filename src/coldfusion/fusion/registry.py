@@ -1,0 +1,50 @@
+"""Fusion operators by name.
+
+An operator fuses one named tensor at a time: it receives the contributed tensors as a
+lazy sequence (each read from disk when indexed), their weights, and the base tensor
+when it needs one. Writing a new operator = one module with one registered function.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from coldfusion.errors import ColdFusionError
+
+FuseFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    fuse: FuseFn  # fuse(tensors: Sequence[Tensor], weights: Tensor, base: Tensor | None, **params)
+    weighting: str  # "uniform" or "examples": where the default weights come from
+    needs_base: bool
+    doc: str
+
+
+REGISTRY: dict[str, Operator] = {}
+
+
+def register(name: str, *, weighting: str = "uniform", needs_base: bool = False):
+    def wrap(fn: FuseFn) -> FuseFn:
+        REGISTRY[name] = Operator(name, fn, weighting, needs_base, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def get_operator(name: str) -> Operator:
+    if name not in REGISTRY:
+        raise ColdFusionError(f"unknown fusion method '{name}'; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i in float32, reading one tensor at a time."""
+    total = None
+    for w, t in zip(weights.tolist(), tensors):
+        term = t.float() * w
+        total = term if total is None else total.add_(term)
+    return total / float(weights.sum())

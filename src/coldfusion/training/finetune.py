@@ -1,0 +1,106 @@
+"""Full finetuning of body + head: AdamW, warm-up + linear decay, early stopping."""
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import get_linear_schedule_with_warmup
+
+from coldfusion.encoder import Classifier
+from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.evaluate import evaluate
+
+
+class FinetuneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0, description="learning rate of the body")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the head (it starts from scratch)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1, description="steps between validation checks; default once per epoch")
+    patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    examples_seen: int
+    seconds: float
+    best_validation_accuracy: float | None
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples_seen / max(self.seconds, 1e-9)
+
+
+def _optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.body.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases and LayerNorm
+    groups = [
+        {"params": decay, "lr": s.lr, "weight_decay": s.weight_decay},
+        {"params": no_decay, "lr": s.lr, "weight_decay": 0.0},
+        {"params": list(model.head.parameters()), "lr": s.head_lr, "weight_decay": s.weight_decay},
+    ]
+    return torch.optim.AdamW(groups)
+
+
+def finetune(
+    model: Classifier,
+    train: Encoded,
+    validation: Encoded | None,
+    settings: FinetuneSettings,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+) -> FinetuneResult:
+    """Train `model` in place; with a validation split, restore the best checkpoint seen."""
+    s = settings
+    torch.manual_seed(seed)
+    rng = np.random.RandomState(seed)
+    steps_per_epoch = math.ceil(len(train) / s.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * s.epochs))
+    eval_every = s.eval_every or steps_per_epoch
+    optimizer = _optimizer(model, s)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total_steps), total_steps)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    best_acc, best_state, bad_checks, stopped = None, None, 0, False
+    history, step, seen, start = [], 0, 0, time.perf_counter()
+    model.train()
+    while step < total_steps and not stopped:
+        for idx in length_bucketed_batches(train.lengths, s.batch_size, rng):
+            loss = loss_fn(model(**collate(train, idx)), train.labels[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(idx)
+            if on_step:
+                on_step(len(idx))
+            if validation is not None and (step % eval_every == 0 or step == total_steps):
+                acc = evaluate(model, validation)["accuracy"]
+                history.append({"step": step, "loss": loss.item(), "validation_accuracy": acc})
+                if best_acc is None or acc > best_acc:
+                    best_acc, best_state, bad_checks = acc, copy.deepcopy(model.state_dict()), 0
+                else:
+                    bad_checks += 1
+                    stopped = bad_checks >= s.patience
+            if step >= total_steps or stopped:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return FinetuneResult(step, seen, time.perf_counter() - start, best_acc, stopped, history)
