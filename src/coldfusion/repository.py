@@ -77,8 +77,12 @@ class Repository:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             db.executescript(SCHEMA)
+        finally:
+            db.close()
 
     @contextmanager
     def _db(self):
@@ -86,7 +90,6 @@ class Repository:
         db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("BEGIN IMMEDIATE")
             try:

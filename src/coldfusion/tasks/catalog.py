@@ -1,9 +1,11 @@
 """The built-in task catalog: real corpora from PyPI data packages, fixed splits.
 
 Every split is a deterministic function of the task name: rows with an empty text or
-label are dropped, then the pool is shuffled with a seed derived from the name and cut
+label are dropped, and so are repeated texts (the corpora repeat some articles, tweets
+and debate lines; a text in both train and test would inflate scores), then the pool is shuffled with a seed derived from the name and cut
 into 70% train, 10% validation, 20% test (`split_pool`); corpora with an official test
-split keep it and carve 10% of their train split out for validation.
+split keep it (deduplicated), drop from train any text that is also in test, and carve
+10% of the rest out for validation.
 """
 
 from collections.abc import Callable
@@ -24,9 +26,16 @@ class CatalogEntry:
     build: Callable[[str], Task]
 
 
-def _clean(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
-    kept = [(t.strip(), y.strip()) for t, y in zip(texts, labels) if t.strip() and y.strip()]
-    return [t for t, _ in kept], [y for _, y in kept]
+def _clean(texts: list[str], labels: list[str], exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Strip, drop empty rows, keep the first of repeated texts, drop texts in `exclude`."""
+    seen, out_t, out_y = set(exclude), [], []
+    for t, y in zip(texts, labels):
+        t, y = t.strip(), y.strip()
+        if t and y and t not in seen:
+            seen.add(t)
+            out_t.append(t)
+            out_y.append(y)
+    return out_t, out_y
 
 
 def _from_pool(name, package, texts, labels, label_names=None, description="") -> Task:
@@ -37,8 +46,8 @@ def _from_pool(name, package, texts, labels, label_names=None, description="") -
 
 
 def _from_train_test(name, package, train_raw, test_raw, description="") -> Task:
-    train_texts, train_labels = _clean(*train_raw)
     test_texts, test_labels = _clean(*test_raw)
+    train_texts, train_labels = _clean(*train_raw, exclude=set(test_texts))
     names = sorted(set(train_labels) | set(test_labels))
     train_ids, _ = encode_labels(train_labels, names)
     test_ids, _ = encode_labels(test_labels, names)

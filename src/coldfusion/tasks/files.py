@@ -6,7 +6,7 @@ import pandas as pd
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.runtime import derive_seed
-from coldfusion.tasks.task import Split, Task, encode_labels, natural_label_order, split_pool
+from coldfusion.tasks.task import Split, Task, complete_splits, encode_labels, natural_label_order, split_pool
 
 READERS = {
     ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
@@ -74,14 +74,8 @@ def load_file_task(
             v for t in tables.values() if label_column in t.columns for v in t[label_column].tolist()
         )
     splits = {s: frame_to_split(t, f"{name}/{s}", label_names=label_names, **cols)[0] for s, t in tables.items()}
-    tr = splits["train"]
-    if "validation" not in splits or "test" not in splits:
-        # Carve what is missing out of train, deterministically.
-        tr, va, te = split_pool(tr, seed=derive_seed("split", name),
-                                test_fraction=0.0 if "test" in splits else 0.2)
-        splits.setdefault("validation", va)
-        splits.setdefault("test", te)
-    return Task(name, label_names or [], tr, splits["validation"], splits["test"], source=str(train))
+    tr, va, te = complete_splits(name, splits["train"], splits.get("validation"), splits.get("test"))
+    return Task(name, label_names, tr, va, te, source=str(train))
 
 
 def load_hub_task(
@@ -108,11 +102,6 @@ def load_hub_task(
             f[label_column] = [label_names[i] for i in f[label_column]]
     cols = dict(text_column=text_column, label_column=label_column, pair_column=pair_column)
     splits = {s: frame_to_split(f, f"{dataset}/{s}", label_names=label_names, **cols) for s, f in frames.items()}
-    names = splits["train"][1]
-    tr = splits["train"][0]
-    va = splits.get("validation", (None,))[0]
-    te = splits.get("test", (None,))[0]
-    if va is None or te is None:
-        tr, va2, te2 = split_pool(tr, seed=derive_seed("split", name), test_fraction=0.0 if te else 0.2)
-        va, te = va or va2, te or te2
-    return Task(name, names, tr, va, te, source=f"hf:{dataset}")
+    part = lambda s: splits[s][0] if s in splits else None  # noqa: E731
+    tr, va, te = complete_splits(name, part("train"), part("validation"), part("test"))
+    return Task(name, splits["train"][1], tr, va, te, source=f"hf:{dataset}")

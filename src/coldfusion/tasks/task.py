@@ -93,3 +93,17 @@ def split_train_test(
     n_val = int(round(len(train_pool) * validation_fraction))
     test_order = np.random.RandomState(seed + 1).permutation(len(test))
     return train_pool.take(order[n_val:]), train_pool.take(order[:n_val]), test.take(test_order)
+
+
+def complete_splits(
+    name: str, train: Split, validation: Split | None, test: Split | None
+) -> tuple[Split, Split, Split]:
+    """Carve whichever of validation / test is missing out of train, deterministically."""
+    if validation is not None and test is not None:
+        return train, validation, test
+    from coldfusion.runtime import derive_seed
+
+    tr, va, te = split_pool(train, seed=derive_seed("split", name),
+                            test_fraction=0.0 if test is not None else 0.2,
+                            validation_fraction=0.0 if validation is not None else 0.1)
+    return tr, validation if validation is not None else va, test if test is not None else te

@@ -1,0 +1,104 @@
+"""The `coldfusion` command: parse, call the library, print. No logic of its own."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork nothing; keeps the log quiet
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from coldfusion.errors import ColdFusionError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="ColD Fusion: collaborative descent for text encoders.")
+console = Console()
+
+
+def _fail(exc: ColdFusionError) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="run config (YAML); see configs/quickstart.yaml"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run from its last finished iteration"),
+    run_dir: Path | None = typer.Option(None, help="run directory (default: <output_dir>/<name>)"),
+) -> None:
+    """Run a ColD Fusion experiment (local engine) and write its run directory."""
+    from coldfusion.collab import run_cold_fusion
+    from coldfusion.config import load_config
+    from coldfusion.progress import RichProgress
+
+    try:
+        cfg = load_config(config)
+        with RichProgress() as progress:
+            out = run_cold_fusion(cfg, run_dir=run_dir, resume=resume, progress=progress)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print((out / "summary.md").read_text(), highlight=False)
+    console.print(f"[green]run directory:[/] {out}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the built-in tasks: labels, split sizes and the package each comes from."""
+    from coldfusion.tasks import CATALOG, load_builtin
+
+    table = Table(title="built-in tasks")
+    for col in ("name", "labels", "train", "validation", "test", "package", "description"):
+        numeric = col in ("labels", "train", "validation", "test")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "description")
+    for name, entry in CATALOG.items():
+        try:
+            t = load_builtin(name)
+        except ColdFusionError as exc:
+            table.add_row(name, "-", "-", "-", "-", entry.package, f"[red]{exc}[/]")
+            continue
+        s = t.sizes()
+        table.add_row(name, str(t.num_labels), str(s["train"]), str(s["validation"]), str(s["test"]),
+                      entry.package, entry.description)
+    console.print(table)
+
+
+@app.command()
+def versions(repository: Path = typer.Argument(..., help="repository directory")) -> None:
+    """List the base versions of a repository with their lineage and probe accuracy."""
+    from coldfusion.repository import Repository
+
+    repo = Repository(repository)
+    table = Table(title=f"versions in {repository}")
+    for col in ("id", "parent", "iteration", "method", "contributions", "sha256", "mean probe acc"):
+        table.add_column(col)
+    for v in repo.versions():
+        accs = [m["values"]["accuracy"] for m in repo.metrics(v.id) if m["protocol"] == "linear_probe"]
+        table.add_row(str(v.id), str(v.parent or "-"), str(v.iteration), (v.fusion or {}).get("method", "pretrained"),
+                      ",".join(map(str, (v.fusion or {}).get("contributions", []))) or "-", v.sha256[:12],
+                      f"{100 * sum(accs) / len(accs):.1f}" if accs else "-")
+    console.print(table)
+
+
+@app.command()
+def export(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    version: str = typer.Argument(..., help="version id (e.g. 3) or checksum prefix"),
+    out_dir: Path = typer.Argument(..., help="directory to write (loadable by AutoModel.from_pretrained)"),
+) -> None:
+    """Export a base version as a Hugging Face model directory."""
+    from coldfusion.encoder import export_pretrained
+    from coldfusion.repository import Repository
+
+    try:
+        repo = Repository(repository)
+        v = repo.version(version)
+        export_pretrained(v.model_source, repo.load(v.sha256), out_dir)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

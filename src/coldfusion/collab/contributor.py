@@ -1,0 +1,65 @@
+"""A contributor: holds one private task, finetunes the base it is sent, returns its body.
+
+Its data never leaves it; what it sends is the finetuned body and its example count.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coldfusion.checkpoint import Tensors
+from coldfusion.encoder import Classifier, Encoder, body_tensors
+from coldfusion.runtime import derive_seed
+from coldfusion.tasks import Task
+from coldfusion.training import Encoded, FinetuneSettings, encode, finetune
+
+
+@dataclass
+class ContributionResult:
+    """What a contributor sends back for one iteration."""
+
+    contributor: str
+    task: str
+    body: Tensors
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Contributor:
+    def __init__(
+        self, task: Task, encoder: Encoder, *, finetune_settings: FinetuneSettings, max_length: int,
+        pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
+        seed: int, head: Tensors | None = None,
+    ):
+        self.task, self.encoder, self.settings = task, encoder, finetune_settings
+        self.pooling, self.keep_head, self.seed = pooling, keep_head, seed
+        self.examples_per_iteration = examples_per_iteration
+        self.head = head  # kept across iterations when keep_head
+        self.train: Encoded = encode(task.train, encoder.tokenizer, max_length)
+        self.validation: Encoded = encode(task.validation.head(validation_examples), encoder.tokenizer, max_length)
+        # One fixed order of the private training set; iterations walk through it so each
+        # sees fresh examples until the set is exhausted, then wrap around.
+        self.order = np.random.RandomState(derive_seed(seed, "data", task.name)).permutation(len(self.train))
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def examples_for(self, iteration: int) -> np.ndarray:
+        n = self.examples_per_iteration or len(self.order)
+        if n >= len(self.order):
+            return self.order
+        start = (iteration * n) % len(self.order)
+        return np.take(self.order, range(start, start + n), mode="wrap")
+
+    def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
+        model = Classifier(self.encoder.new_body(base), self.task.num_labels, pooling=self.pooling)
+        if self.keep_head and self.head is not None:
+            model.head.load_state_dict(self.head)
+        data = self.train.take(self.examples_for(iteration))
+        result = finetune(model, data, self.validation, self.settings,
+                          seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
+        self.head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
+                   "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
+        return ContributionResult(self.name, self.name, body_tensors(model.body), len(data), metrics)

@@ -1,0 +1,96 @@
+"""Run configs: YAML validated by pydantic; every key has a default that works here.
+
+Errors name the file and the offending key (`loop.iterations: ...`).
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coldfusion.errors import ColdFusionError
+from coldfusion.tasks import TaskSpec
+from coldfusion.training import FinetuneSettings, ProbeSettings
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoopSettings(Strict):
+    iterations: int = Field(3, ge=1)
+    contributors_per_iteration: int | None = Field(
+        None, ge=1, description="k contributors sampled per iteration; default: every seen task")
+    examples_per_contributor: int | None = Field(
+        640, ge=1, description="fresh training examples per contributor per iteration; null: whole train split")
+    keep_head: bool = Field(True, description="contributors keep their head across iterations (else a fresh one)")
+    validation_examples: int = Field(200, ge=1, description="validation examples for early stopping")
+
+
+class EvaluationSettings(Strict):
+    train_examples: int | None = Field(600, ge=1, description="examples the linear-probe head is fit on")
+    validation_examples: int | None = Field(200, ge=1)
+    test_examples: int | None = Field(600, ge=1)
+    probe: ProbeSettings = ProbeSettings()
+
+
+class FusionSettings(Strict):
+    method: str = "average"
+    params: dict = Field(default_factory=dict, description="operator parameters")
+
+
+class RunConfig(Strict):
+    name: str = "coldfusion"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch threads (pinned; results depend on it slightly)")
+    model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
+    max_length: int = Field(64, ge=8)
+    pooling: Literal["mean", "cls"] = "mean"
+    tasks: list[TaskSpec] = Field(min_length=1, description="the seen tasks: one contributor each")
+    engine: Literal["local"] = "local"
+    loop: LoopSettings = LoopSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    fusion: FusionSettings = FusionSettings()
+    output_dir: Path = Path("runs")
+    repository: Path | None = Field(None, description="repository directory; default: <run dir>/repository")
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"'{where}': {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_config(data: dict, source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ColdFusionError(f"{source}: invalid config:\n{lines}") from None
+
+
+def load_config(path: Path) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ColdFusionError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ColdFusionError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ColdFusionError(f"{path}: a config is a YAML mapping of keys, not a {type(data).__name__}")
+    config = parse_config(data, str(path))
+    from coldfusion.fusion import get_operator  # unknown methods fail now, not after an hour of training
+
+    try:
+        get_operator(config.fusion.method)
+    except ColdFusionError as exc:
+        raise ColdFusionError(f"{path}: 'fusion.method': {exc}") from None
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=False), sort_keys=False)

