@@ -91,7 +91,8 @@ def test_separate_split_files_and_integer_labels(tmp_path):
 def test_missing_column_names_the_file_and_its_columns(tmp_path):
     path = tmp_path / "d.csv"
     pd.DataFrame({"sentence": ["x"], "y": ["a"]}).to_csv(path, index=False)
-    with pytest.raises(ColdFusionError, match=r"d\.csv: no column \['text', 'label'\]; its columns are \['sentence', 'y'\]"):
+    expected = r"d\.csv: no column \['text', 'label'\]; its columns are \['sentence', 'y'\]"
+    with pytest.raises(ColdFusionError, match=expected):
         load_task({"name": "d", "path": path})
 
 
@@ -132,8 +133,8 @@ def test_hub_dataset_with_class_labels(monkeypatch):
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"])})
     fake = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]},
-                                            features=features),
+        "train": datasets.Dataset.from_dict(
+            {"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]}, features=features),
         "validation": datasets.Dataset.from_dict({"sentence": ["v0", "v1"], "label": [0, 1]}, features=features),
     })
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)

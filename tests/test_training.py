@@ -6,8 +6,15 @@ from hypothesis import strategies as st
 
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.tasks import load_task
-from coldfusion.training import (FinetuneSettings, ProbeSettings, classification_metrics, encode, evaluate,
-                                 finetune, linear_probe)
+from coldfusion.training import (
+    FinetuneSettings,
+    ProbeSettings,
+    classification_metrics,
+    encode,
+    evaluate,
+    finetune,
+    linear_probe,
+)
 from coldfusion.training.batching import collate, length_bucketed_batches
 from coldfusion.training.probe import probe_features
 

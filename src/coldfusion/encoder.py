@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.utils import logging as transformers_logging
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError

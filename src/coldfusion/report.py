@@ -35,10 +35,12 @@ def summary_markdown(rows: list[dict], title: str) -> str:
     for t in tasks:
         gain = acc.get((t, last), 0) - acc.get((t, first), 0)
         gains.append(gain)
-        lines.append("| " + " | ".join([t] + [_pct(acc.get((t, i))) for i in iterations] + [f"{100 * gain:+.1f}"]) + " |")
+        cells = [t] + [_pct(acc.get((t, i))) for i in iterations] + [f"{100 * gain:+.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     means = {i: sum(acc.get((t, i), 0) for t in tasks) / len(tasks) for i in iterations}
     mean_gain = means[last] - means[first]
-    lines.append("| **mean** | " + " | ".join(f"**{_pct(means[i])}**" for i in iterations) + f" | **{100 * mean_gain:+.1f}** |")
+    cells = ["**mean**"] + [f"**{_pct(means[i])}**" for i in iterations] + [f"**{100 * mean_gain:+.1f}**"]
+    lines.append("| " + " | ".join(cells) + " |")
     wins = sum(g > 0 for g in gains)
     fusion = [r for r in rows if r["kind"] == "fusion"]
     method = fusion[-1]["method"] if fusion else "average"
@@ -98,7 +100,8 @@ def _markdown_table_to_html(markdown: str) -> str:
         elif line.strip():
             out.append(f"<p>{html.escape(line).replace('**', '')}</p>")
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em .6em;text-align:right}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(out)}</body></html>"
+    head = f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>"
+    return f"{head}<body>{''.join(out)}</body></html>"
 
 
 def write_report(run_dir: Path) -> None:

