@@ -38,7 +38,7 @@ def hf_trainer(args, task, tokenizer, model_dir) -> float:
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=5e-5,
-            warmup_ratio=0.06, weight_decay=0.01, report_to="none", save_strategy="no", logging_strategy="no",
+            warmup_steps=0.06, weight_decay=0.01, report_to="none", save_strategy="no", logging_strategy="no",
             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=ds)

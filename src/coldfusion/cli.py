@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork nothing; kee
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from coldfusion.errors import ColdFusionError  # noqa: E402
@@ -39,7 +40,7 @@ def run(
             out = run_cold_fusion(cfg, run_dir=run_dir, resume=resume, progress=progress)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print((out / "summary.md").read_text(), highlight=False)
+    console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"[green]run directory:[/] {out}")
 
 

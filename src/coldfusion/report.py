@@ -65,7 +65,7 @@ def summary_markdown(rows: list[dict], title: str) -> str:
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:
     tasks, iterations, acc = accuracy_table(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for t in tasks:
         ax.plot(iterations, [100 * acc.get((t, i), float("nan")) for i in iterations], marker="o", alpha=0.7, label=t)
     means = [100 * sum(acc.get((t, i), 0) for t in tasks) / len(tasks) for i in iterations]
@@ -74,7 +74,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("linear-probe test accuracy (%)")
     ax.set_xticks(iterations)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a line
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
