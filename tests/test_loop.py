@@ -79,6 +79,10 @@ def test_run_directory_is_never_overwritten(tiny_model_dir, toy_task_files, tmp_
         run_cold_fusion(cfg)
     with pytest.raises(ColdFusionError, match="nothing to resume"):
         run_cold_fusion(cfg, run_dir=tmp_path / "empty", resume=True)
+    changed = cfg.model_copy(deep=True)
+    changed.finetune.lr = 1.0
+    with pytest.raises(ColdFusionError, match=r"config differs .* in \['finetune.lr'\]"):
+        run_cold_fusion(changed, resume=True)
 
 
 def test_sampled_contributors_and_weighted_fusion(tiny_model_dir, toy_task_files, tmp_path):

@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
@@ -71,7 +70,3 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> Tensors:
         raise ColdFusionError(f"{path}: checksum mismatch (expected {expected_sha256[:12]}...); the file is corrupt")
     return load_bytes(data)
 
-
-def tensor_names(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from coldfusion.checkpoint import atomic_write_bytes, load_tensors, save_tensors
 from coldfusion.collab.contributor import Contributor
@@ -102,6 +103,13 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState
     if resume:
         if state is None:
             raise ColdFusionError(f"nothing to resume in {run_dir}: no finished iteration (start it without --resume)")
+        changed = _changed_keys(yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(config)))
+        changed.discard("loop.iterations")  # raising it is how a finished run is extended
+        if changed:
+            raise ColdFusionError(
+                f"cannot resume {run_dir}: the config differs from the one it was started with in "
+                f"{sorted(changed)}; resume with the original config, or start a new run (new `name`)")
+        atomic_write_bytes(saved, dump_config(config).encode())
         return state
     if saved.exists():
         raise ColdFusionError(
@@ -109,6 +117,14 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(saved, dump_config(config).encode())
     return None
+
+
+def _changed_keys(old, new, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return set() if old == new else {prefix.rstrip(".")}
+    return {k for key in old.keys() | new.keys()
+            for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")}
 
 
 def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool = False,

@@ -3,8 +3,8 @@
 Every split is a deterministic function of the task name: rows with an empty text or
 label are dropped, and so are repeated texts (the corpora repeat some articles, tweets
 and debate lines; a text in both train and test would inflate scores), then the pool
-is shuffled with a seed derived from the name and cut
-into 70% train, 10% validation, 20% test (`split_pool`); corpora with an official test
+is shuffled with a seed derived from the name and cut into 70% train, 10% validation,
+20% test (`split_pool`); corpora with an official test
 split keep it (deduplicated), drop from train any text that is also in test, and carve
 10% of the rest out for validation.
 """
@@ -12,6 +12,8 @@ split keep it (deduplicated), drop from train any text that is also in test, and
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+
+import numpy as np
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.runtime import derive_seed
@@ -39,14 +41,14 @@ def _clean(texts: list[str], labels: list[str], exclude: set[str] = frozenset())
     return out_t, out_y
 
 
-def _from_pool(name, package, texts, labels, label_names=None, description="") -> Task:
+def _from_pool(name, package, texts, labels, label_names=None) -> Task:
     texts, labels = _clean(texts, labels)
     ids, names = encode_labels(labels, label_names)
     train, validation, test = split_pool(Split(texts, ids), seed=derive_seed("split", name))
-    return Task(name, names, train, validation, test, source=package, description=description)
+    return Task(name, names, train, validation, test, source=package)
 
 
-def _from_train_test(name, package, train_raw, test_raw, description="") -> Task:
+def _from_train_test(name, package, train_raw, test_raw) -> Task:
     test_texts, test_labels = _clean(*test_raw)
     train_texts, train_labels = _clean(*train_raw, exclude=set(test_texts))
     names = sorted(set(train_labels) | set(test_labels))
@@ -55,7 +57,7 @@ def _from_train_test(name, package, train_raw, test_raw, description="") -> Task
     train, validation, test = split_train_test(
         Split(train_texts, train_ids), Split(test_texts, test_ids), seed=derive_seed("split", name)
     )
-    return Task(name, names, train, validation, test, source=package, description=description)
+    return Task(name, names, train, validation, test, source=package)
 
 
 def _movie_sentiment(name: str) -> Task:
@@ -67,9 +69,7 @@ def _movie_sentiment(name: str) -> Task:
 
 def _movie_subjectivity(name: str) -> Task:
     # Reviews outnumber plot synopses 12:1; we keep every plot and an equal number of
-    # reviews (every 12th-ish, chosen by a fixed permutation) so the task is balanced.
-    import numpy as np
-
+    # reviews (chosen by a fixed seed) so the task is balanced.
     texts, cats = corpora.read_rotten_tomatoes()
     plots = [i for i, c in enumerate(cats) if c == "plot"]
     reviews = [i for i, c in enumerate(cats) if c != "plot"]

@@ -1,8 +1,10 @@
 """A labelled text-classification dataset with fixed train/validation/test splits."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from coldfusion.runtime import derive_seed
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,6 @@ class Task:
     validation: Split
     test: Split
     source: str = ""
-    description: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -101,8 +101,6 @@ def complete_splits(
     """Carve whichever of validation / test is missing out of train, deterministically."""
     if validation is not None and test is not None:
         return train, validation, test
-    from coldfusion.runtime import derive_seed
-
     tr, va, te = split_pool(train, seed=derive_seed("split", name),
                             test_fraction=0.0 if test is not None else 0.2,
                             validation_fraction=0.0 if validation is not None else 0.1)
