@@ -79,6 +79,13 @@ def test_run_directory_is_never_overwritten(tiny_model_dir, toy_task_files, tmp_
         run_cold_fusion(cfg)
     with pytest.raises(ColdFusionError, match="nothing to resume"):
         run_cold_fusion(cfg, run_dir=tmp_path / "empty", resume=True)
+    # A run that died before finishing iteration 0 has a config but no state: it starts over.
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "dead" / "config.yaml").write_text((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    (tmp_path / "dead" / "results.jsonl").write_text('{"kind": "probe", "iteration": 0, "task": "zombie"}\n')
+    run_cold_fusion(cfg, run_dir=tmp_path / "dead", resume=True)
+    assert "zombie" not in (tmp_path / "dead" / "results.jsonl").read_text()
+    assert json.loads((tmp_path / "dead" / "state.json").read_text())["completed_iterations"] == 1
     changed = cfg.model_copy(deep=True)
     changed.finetune.lr = 1.0
     with pytest.raises(ColdFusionError, match=r"config differs .* in \['finetune.lr'\]"):

@@ -20,13 +20,15 @@ import numpy as np
 import yaml
 
 from coldfusion.checkpoint import atomic_write_bytes, load_tensors, save_tensors
-from coldfusion.collab.contributor import Contributor
+from coldfusion.collab.contributor import ContributionResult, Contributor
 from coldfusion.collab.local_engine import LocalEngine
 from coldfusion.config import RunConfig, dump_config
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.errors import ColdFusionError
 from coldfusion.progress import SilentProgress
+from coldfusion.report import write_report
 from coldfusion.repository import Repository
+from coldfusion.results import ResultsLog
 from coldfusion.runtime import derive_seed, seed_everything, set_threads
 from coldfusion.tasks import Task, load_task
 from coldfusion.training import encode
@@ -45,25 +47,6 @@ class RunState:
 
     def write(self, run_dir: Path) -> None:
         atomic_write_bytes(run_dir / "state.json", json.dumps(self.__dict__).encode())
-
-
-class ResultsLog:
-    """results.jsonl: one JSON row per measurement; rewritten atomically, appended per iteration."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def keep_until(self, iteration: int) -> None:
-        kept = [r for r in self.rows() if r["iteration"] <= iteration]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    def extend(self, rows: list[dict]) -> None:
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows() + rows).encode())
 
 
 class SeenTaskProbe:
@@ -101,8 +84,8 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState
     state = RunState.read(run_dir)
     saved = run_dir / "config.yaml"
     if resume:
-        if state is None:
-            raise ColdFusionError(f"nothing to resume in {run_dir}: no finished iteration (start it without --resume)")
+        if not saved.exists():
+            raise ColdFusionError(f"nothing to resume in {run_dir}: no run was started there (drop --resume)")
         changed = _changed_keys(yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(config)))
         changed.discard("loop.iterations")  # raising it is how a finished run is extended
         if changed:
@@ -110,7 +93,7 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState
                 f"cannot resume {run_dir}: the config differs from the one it was started with in "
                 f"{sorted(changed)}; resume with the original config, or start a new run (new `name`)")
         atomic_write_bytes(saved, dump_config(config).encode())
-        return state
+        return state  # None when the run died before finishing iteration 0: it starts over
     if saved.exists():
         raise ColdFusionError(
             f"run directory {run_dir} already exists; resume it with --resume, or set a new `name`")
@@ -139,21 +122,13 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
     log = ResultsLog(run_dir / "results.jsonl")
     encoder = Encoder.load(config.model)
     tasks = [load_task(spec) for spec in config.tasks]
-    heads_dir = run_dir / "heads" / f"iter{state.completed_iterations if state else 0:03d}"
-    contributors = [
-        Contributor(t, encoder, finetune_settings=config.finetune, max_length=config.max_length,
-                    pooling=config.pooling, examples_per_iteration=config.loop.examples_per_contributor,
-                    validation_examples=config.loop.validation_examples, keep_head=config.loop.keep_head,
-                    seed=config.seed,
-                    head=load_tensors(heads_dir / f"{t.name}.safetensors")
-                    if (heads_dir / f"{t.name}.safetensors").exists() else None)
-        for t in tasks
-    ]
+    done = state.completed_iterations if state else 0
+    contributors = _make_contributors(config, tasks, encoder, _heads_dir(run_dir, done))
     probe = SeenTaskProbe(tasks, encoder, config)
-    engine = LocalEngine()
-    progress.start_run(config.loop.iterations, state.completed_iterations if state else 0)
+    progress.start_run(config.loop.iterations, done)
 
     if state is None:  # iteration 0: store and score the pretrained base
+        log.keep_until(-1)
         base = repo.add_version(encoder.pretrained, model_source=encoder.source, run=config.name, iteration=0)
         progress.phase("probing the pretrained base", probe.num_examples())
         log.extend(_probe_rows(repo, base.id, 0, probe.score(encoder.pretrained, progress), config.name))
@@ -163,46 +138,69 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         log.keep_until(state.completed_iterations)
         progress.log(f"resuming {run_dir} after iteration {state.completed_iterations}")
 
+    engine = LocalEngine()
     for iteration in range(state.completed_iterations + 1, config.loop.iterations + 1):
-        base_tensors = repo.load_version(state.version)
         chosen = _choose_contributors(contributors, config, iteration)
-        total = sum(len(c.examples_for(iteration)) for c in chosen)
-        progress.phase(f"iteration {iteration}: finetuning {len(chosen)} contributors", total)
+        progress.phase(f"iteration {iteration}: finetuning {len(chosen)} contributors",
+                       sum(len(c.examples_for(iteration)) for c in chosen))
         started = time.perf_counter()
-        results = engine.run_round(chosen, base_tensors, iteration, on_step=progress.advance)
-        rows = []
-        contribution_ids = []
-        for r in results:
-            c = repo.add_contribution(r.body, base_version=state.version, contributor=r.contributor,
-                                      task=r.task, num_examples=r.num_examples, metrics=r.metrics)
-            contribution_ids.append(c.id)
-            rows.append({"kind": "contribution", "iteration": iteration, "base_version": state.version,
-                         "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
+        results = engine.run_round(chosen, repo.load_version(state.version), iteration, on_step=progress.advance)
         train_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        version = repo.fuse(state.version, contribution_ids, method=config.fusion.method,
-                            params=config.fusion.params, run=config.name, iteration=iteration)
-        rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": state.version,
-                     "method": config.fusion.method, "contributors": [r.task for r in results],
-                     "train_seconds": round(train_seconds, 2),
-                     "fuse_seconds": round(time.perf_counter() - started, 2)})
+        rows, version = _fuse_round(repo, config, state.version, iteration, results)
+        rows[-1]["train_seconds"] = round(train_seconds, 2)
         progress.phase(f"iteration {iteration}: probing the fused base", probe.num_examples())
-        rows += _probe_rows(repo, version.id, iteration, probe.score(repo.load_version(version.id), progress),
-                            config.name)
+        scores = probe.score(repo.load_version(version), progress)
+        rows += _probe_rows(repo, version, iteration, scores, config.name)
         # Heads are contributor state: snapshot them per iteration, so a crash before
         # state.json is written resumes with the heads of the last finished iteration.
         for c in contributors:
             if c.head is not None:
-                save_tensors(run_dir / "heads" / f"iter{iteration:03d}" / f"{c.name}.safetensors", c.head)
+                save_tensors(_heads_dir(run_dir, iteration) / f"{c.name}.safetensors", c.head)
         log.extend(rows)
-        state = RunState(completed_iterations=iteration, version=version.id)
+        state = RunState(completed_iterations=iteration, version=version)
         state.write(run_dir)
         progress.iteration_done()
 
-    from coldfusion.report import write_report
-
     write_report(run_dir)
     return run_dir
+
+
+def _heads_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "heads" / f"iter{iteration:03d}"
+
+
+def _make_contributors(config: RunConfig, tasks: list[Task], encoder: Encoder, heads_dir: Path) -> list[Contributor]:
+    """One contributor per seen task, with the head it had after the last finished iteration."""
+    def head(task: Task):
+        path = heads_dir / f"{task.name}.safetensors"
+        return load_tensors(path) if path.exists() else None
+
+    return [
+        Contributor(t, encoder, finetune_settings=config.finetune, max_length=config.max_length,
+                    pooling=config.pooling, examples_per_iteration=config.loop.examples_per_contributor,
+                    validation_examples=config.loop.validation_examples, keep_head=config.loop.keep_head,
+                    seed=config.seed, head=head(t))
+        for t in tasks
+    ]
+
+
+def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteration: int,
+                results: list[ContributionResult]) -> tuple[list[dict], int]:
+    """Store the contributions, fuse them into a new version; return result rows and its id."""
+    rows, ids = [], []
+    for r in results:
+        c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor,
+                                  task=r.task, num_examples=r.num_examples, metrics=r.metrics)
+        ids.append(c.id)
+        rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
+                     "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
+    started = time.perf_counter()
+    version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
+                        run=config.name, iteration=iteration)
+    rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,
+                 "method": config.fusion.method, "contributors": [r.task for r in results],
+                 "fuse_seconds": round(time.perf_counter() - started, 2)})
+    return rows, version.id
 
 
 def _choose_contributors(contributors: list[Contributor], config: RunConfig, iteration: int) -> list[Contributor]:
