@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from coldfusion.checkpoint import atomic_write_bytes  # noqa: E402
 from coldfusion.results import ResultsLog  # noqa: E402
+from coldfusion.stats import correctness, paired_bootstrap_gain  # noqa: E402
 
 
 def accuracy_table(rows: list[dict]) -> tuple[list[str], list[int], dict[tuple[str, int], float]]:
@@ -24,27 +25,47 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+def _gain_cell(gain: float, lo: float | None, hi: float | None) -> str:
+    return f"{100 * gain:+.1f}" + ("" if lo is None else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+
+
+def _verdict(gain: float, lo: float | None, hi: float | None) -> str:
+    if lo is None:
+        return "beats" if gain > 0 else "does not beat"
+    if lo > 0:
+        return "beats"
+    return "is worse than" if hi < 0 else "is not distinguishable from"
+
+
 def summary_markdown(rows: list[dict], title: str) -> str:
     tasks, iterations, acc = accuracy_table(rows)
     if not iterations:
         return f"# {title}\n\nNo results yet.\n"
     first, last = iterations[0], iterations[-1]
-    header = ["task"] + [f"it {i}" for i in iterations] + ["gain"]
+    correct = {(r["task"], r["iteration"]): correctness(r["test_correct"])
+               for r in rows if r["kind"] == "probe" and "test_correct" in r}
+    paired = all((t, i) in correct for t in tasks for i in (first, last))
+
+    def gain_of(task_list: list[str]) -> tuple[float, float | None, float | None]:
+        if paired:
+            return paired_bootstrap_gain([correct[t, first] for t in task_list], [correct[t, last] for t in task_list])
+        return sum(acc[t, last] - acc[t, first] for t in task_list) / len(task_list), None, None
+
+    header = ["task"] + [f"it {i}" for i in iterations] + ["gain [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    gains = []
+    wins = 0
     for t in tasks:
-        gain = acc.get((t, last), 0) - acc.get((t, first), 0)
-        gains.append(gain)
-        cells = [t] + [_pct(acc.get((t, i))) for i in iterations] + [f"{100 * gain:+.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        gain, lo, hi = gain_of([t])
+        wins += gain > 0
+        lines.append("| " + " | ".join([t] + [_pct(acc.get((t, i))) for i in iterations] + [_gain_cell(gain, lo, hi)])
+                     + " |")
     means = {i: sum(acc.get((t, i), 0) for t in tasks) / len(tasks) for i in iterations}
-    mean_gain = means[last] - means[first]
-    cells = ["**mean**"] + [f"**{_pct(means[i])}**" for i in iterations] + [f"**{100 * mean_gain:+.1f}**"]
+    gain, lo, hi = gain_of(tasks)
+    cells = ["**mean**"] + [f"**{_pct(means[i])}**" for i in iterations] + [f"**{_gain_cell(gain, lo, hi)}**"]
     lines.append("| " + " | ".join(cells) + " |")
-    wins = sum(g > 0 for g in gains)
     fusion = [r for r in rows if r["kind"] == "fusion"]
     method = fusion[-1]["method"] if fusion else "average"
-    verdict = "beats" if mean_gain > 0 else "does not beat"
+    ci = "" if lo is None else f", 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]"
     return "\n".join([
         f"# {title}",
         "",
@@ -53,10 +74,12 @@ def summary_markdown(rows: list[dict], title: str) -> str:
         "",
         *lines,
         "",
-        f"**Result:** after {last} iteration(s) the fused base {verdict} the pretrained one: mean accuracy "
-        f"{_pct(means[first])} -> {_pct(means[last])} ({100 * mean_gain:+.1f} points), better on {wins} of "
-        f"{len(tasks)} tasks. These are single-seed numbers on small test sets; differences of about a "
-        "point are within noise.",
+        f"**Result:** after {last} iteration(s) the fused base {_verdict(gain, lo, hi)} the pretrained one: "
+        f"mean accuracy {_pct(means[first])} -> {_pct(means[last])} ({100 * gain:+.1f} points{ci}), "
+        f"better on {wins} of {len(tasks)} tasks.",
+        "",
+        "Intervals are paired bootstraps over the test examples (same examples for both bases); "
+        "they do not include the variance over training seeds, which a single run cannot measure.",
         "",
         "![accuracy per iteration](plots/accuracy.png)",
         "",

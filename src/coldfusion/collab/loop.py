@@ -76,7 +76,8 @@ class SeenTaskProbe:
                 progress.advance(len(data))
             result = probe_features(feats["train"], feats["validation"], feats["test"], task.num_labels,
                                     self.config.evaluation.probe)
-            scores[name] = {**result.test, "l2": result.l2, "validation_accuracy": result.validation_accuracy}
+            scores[name] = {**result.test, "l2": result.l2, "validation_accuracy": result.validation_accuracy,
+                            "test_correct": "".join("1" if c else "0" for c in result.test_correct)}
         return scores
 
 
@@ -214,7 +215,8 @@ def _choose_contributors(contributors: list[Contributor], config: RunConfig, ite
 def _probe_rows(repo: Repository, version: int, iteration: int, scores: dict, run: str) -> list[dict]:
     rows = []
     for task, values in scores.items():
-        repo.record_metrics(version, task, "linear_probe", values, run=run)
+        summary = {k: v for k, v in values.items() if k != "test_correct"}  # the index keeps numbers only
+        repo.record_metrics(version, task, "linear_probe", summary, run=run)
         rows.append({"kind": "probe", "iteration": iteration, "version": version, "task": task,
                      "protocol": "linear_probe", "split": "test", **values})
     return rows

@@ -6,6 +6,7 @@ a small grid; the strength with the best validation accuracy is scored on test.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,7 @@ class ProbeResult:
     test: dict[str, float]
     validation_accuracy: float
     l2: float
+    test_correct: np.ndarray  # per test example: was it right? (for paired comparisons)
 
 
 @torch.inference_mode()
@@ -69,8 +71,9 @@ def probe_features(
         if best is None or acc > best[0]:
             best = (acc, l2, w, b)
     acc, l2, w, b = best
-    test_metrics = classification_metrics((norm(test[0]) @ w + b).argmax(-1), test[1])
-    return ProbeResult(test=test_metrics, validation_accuracy=acc, l2=l2)
+    predictions = (norm(test[0]) @ w + b).argmax(-1)
+    test_metrics = classification_metrics(predictions, test[1])
+    return ProbeResult(test=test_metrics, validation_accuracy=acc, l2=l2, test_correct=(predictions == test[1]).numpy())
 
 
 def linear_probe(
