@@ -99,3 +99,42 @@ def test_sampled_contributors_and_weighted_fusion(tiny_model_dir, toy_task_files
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [len(r["contributors"]) for r in fusions] == [1, 1] and fusions[0]["method"] == "weighted"
+
+
+def test_kill_9_mid_iteration_then_resume(tiny_model_dir, toy_task_files, tmp_path):
+    """A real crash: SIGKILL the CLI while iteration 2 trains, resume, compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from coldfusion.config import dump_config
+
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path / "killed", iterations=3)
+    path = tmp_path / "killed.yaml"
+    path.write_text(dump_config(cfg))
+    state = tmp_path / "killed" / "runs" / "tiny" / "state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "coldfusion", "run", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["completed_iterations"] >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["completed_iterations"] < 3
+
+    resumed = subprocess.run([sys.executable, "-m", "coldfusion", "run", str(path), "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = run_cold_fusion(tiny_config(tiny_model_dir, toy_task_files, tmp_path / "clean", iterations=3))
+    a, b = final_body(reference), final_body(state.parent)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (state.parent / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["iteration"] for r in rows if r["kind"] == "fusion") == [1, 2, 3]
+    assert yaml.safe_load((state.parent / "config.yaml").read_text())["loop"]["iterations"] == 3

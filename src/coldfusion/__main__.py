@@ -1,0 +1,5 @@
+"""`python -m coldfusion` = the `coldfusion` command."""
+
+from coldfusion.cli import app
+
+app(prog_name="coldfusion")
