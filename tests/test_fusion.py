@@ -93,3 +93,5 @@ def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
     # name by name: all of "a" is read before any of "b"
     names = [n for n, _ in reads]
     assert names == sorted(names)
+    # ... and every contributed tensor is read exactly once
+    assert sorted(reads) == [(n, i) for n in ("a", "b") for i in range(4)]

@@ -16,6 +16,10 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import get_operator
 
 
+# safetensors dtype names of the floating-point tensors that operators fuse
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class LazyTensors(Sequence):
     """The same-named tensor of every file, read from disk on access."""
 
@@ -65,12 +69,13 @@ def fuse_files(
         fused = {}
         for name in sorted(key_sets[0]):
             tensors = LazyTensors(handles, name)
-            first = tensors[0]
-            if not first.is_floating_point():  # integer buffers (ids) must agree; never averaged
+            dtype = FLOAT_DTYPES.get(handles[0].get_slice(name).get_dtype())
+            if dtype is None:  # integer buffers (ids) must agree; never averaged
+                first = tensors[0]
                 if any(not torch.equal(first, tensors[i]) for i in range(1, len(tensors))):
                     raise ColdFusionError(f"non-float tensor '{name}' differs between contributions")
                 fused[name] = first
                 continue
             base_tensor = base_handle.get_tensor(name) if base_handle is not None else None
-            fused[name] = op.fuse(tensors, w, base=base_tensor, **params).to(first.dtype)
+            fused[name] = op.fuse(tensors, w, base=base_tensor, **params).to(dtype)
     return fused
