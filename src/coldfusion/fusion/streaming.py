@@ -29,6 +29,9 @@ class LazyTensors(Sequence):
     def __len__(self) -> int:
         return len(self.handles)
 
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
