@@ -9,7 +9,6 @@ CONFIG ?= configs/quickstart.yaml
 
 $(STAMP): pyproject.toml requirements/data.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, alone, so no other package can pull a different (CUDA) build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,bench]'
