@@ -40,7 +40,8 @@ def run(
             out = run_cold_fusion(cfg, run_dir=run_dir, resume=resume, progress=progress)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(Markdown((out / "summary.md").read_text()))
+    summary = (out / "summary.md").read_text()
+    console.print(Markdown("\n".join(line for line in summary.splitlines() if not line.startswith("!["))))
     console.print(f"[green]run directory:[/] {out}")
 
 

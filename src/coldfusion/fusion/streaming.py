@@ -15,7 +15,6 @@ from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import get_operator
 
-
 # safetensors dtype names of the floating-point tensors that operators fuse
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
