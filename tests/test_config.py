@@ -34,8 +34,10 @@ def test_wrong_type_names_the_field(tmp_path):
 def test_missing_tasks_unknown_method_and_bad_yaml(tmp_path):
     with pytest.raises(ColdFusionError, match="'tasks': Field required"):
         load_config(write(tmp_path, {"name": "x"}))
-    with pytest.raises(ColdFusionError, match="'fusion.method': unknown fusion method 'mean'"):
+    with pytest.raises(ColdFusionError, match="'fusion': unknown fusion method 'mean'"):
         load_config(write(tmp_path, {"tasks": ["a"], "fusion": {"method": "mean"}}))
+    with pytest.raises(ColdFusionError, match=r"'fusion': fusion method 'ties' has no parameter \['k'\]"):
+        load_config(write(tmp_path, {"tasks": ["a"], "fusion": {"method": "ties", "params": {"k": 20}}}))
     with pytest.raises(ColdFusionError, match="not valid YAML"):
         load_config(write(tmp_path, "tasks: [a\n"))
     with pytest.raises(ColdFusionError, match="a YAML mapping"):

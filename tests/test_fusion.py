@@ -37,12 +37,18 @@ def test_weighted_with_equal_counts_equals_average(tmp_path):
         assert torch.allclose(avg[k], wtd[k], atol=1e-7)
 
 
+# Parameters under which fusing identical models must return the model exactly
+# (TIES and DARE at density < 1 deliberately drop entries, so they are checked at 1).
+IDENTITY_PARAMS = {"ties": {"density": 1.0}, "dare": {"density": 1.0}}
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_fusing_identical_models_returns_the_model(tmp_path, method):
     torch.manual_seed(1)
     model = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    base = write(tmp_path, "base", {"w": torch.randn(4, 4), "b": torch.randn(4)})
     paths = [write(tmp_path, str(i), model) for i in range(3)]
-    fused = fuse_files(paths, method, weights=[1, 2, 3])
+    fused = fuse_files(paths, method, weights=[1, 2, 3], base=base, **IDENTITY_PARAMS.get(method, {}))
     for k in model:
         assert torch.allclose(fused[k], model[k], atol=1e-6)
 

@@ -138,3 +138,21 @@ def test_kill_9_mid_iteration_then_resume(tiny_model_dir, toy_task_files, tmp_pa
     rows = [json.loads(line) for line in (state.parent / "results.jsonl").read_text().splitlines()]
     assert sorted(r["iteration"] for r in rows if r["kind"] == "fusion") == [1, 2, 3]
     assert yaml.safe_load((state.parent / "config.yaml").read_text())["loop"]["iterations"] == 3
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("median", {}),
+                                            ("dare", {"density": 0.7, "variant": "ties"})])
+def test_loop_with_other_operators(tiny_model_dir, toy_task_files, tmp_path, method, params):
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)
+    cfg.fusion.method, cfg.fusion.params = method, params
+    run_dir = run_cold_fusion(cfg)
+    repo = Repository(run_dir / "repository")
+    version = repo.versions()[-1]
+    assert version.fusion["method"] == method and version.fusion["params"] == params
+    if method == "ties":  # the fused body is the TIES merge of the contributions onto their base
+        from coldfusion.fusion import fuse_files
+
+        expected = fuse_files([repo.path_of(c.sha256) for c in repo.contributions(fused_into=version.id)],
+                              method, base=repo.path_of(repo.version(version.parent).sha256), **params)
+        got = repo.load(version.sha256)
+        assert all(torch.equal(expected[k], got[k]) for k in got)

@@ -86,9 +86,9 @@ def load_config(path: Path) -> RunConfig:
     from coldfusion.fusion import get_operator  # unknown methods fail now, not after an hour of training
 
     try:
-        get_operator(config.fusion.method)
+        get_operator(config.fusion.method).check_params(config.fusion.params)
     except ColdFusionError as exc:
-        raise ColdFusionError(f"{path}: 'fusion.method': {exc}") from None
+        raise ColdFusionError(f"{path}: 'fusion': {exc}") from None
     return config
 
 

@@ -1,6 +1,6 @@
 """Fusion operators over named tensors, one module each, behind a registry."""
 
-from coldfusion.fusion import average, weighted  # noqa: F401  (registers the operators)
+from coldfusion.fusion import average, dare, robust, task_arithmetic, ties, weighted  # noqa: F401  (registers them)
 from coldfusion.fusion.registry import REGISTRY, Operator, get_operator, register
 from coldfusion.fusion.streaming import fuse_files
 

@@ -1,10 +1,12 @@
 """Fusion operators by name.
 
 An operator fuses one named tensor at a time: it receives the contributed tensors as a
-lazy sequence (each read from disk when indexed), their weights, and the base tensor
-when it needs one. Writing a new operator = one module with one registered function.
+lazy sequence (each read from disk when indexed), their weights, the base tensor when it
+needs one, and its own keyword parameters (validated against its signature). Writing a
+new operator = one module with one registered function.
 """
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +16,11 @@ from coldfusion.errors import ColdFusionError
 
 FuseFn = Callable[..., torch.Tensor]
 
+# Arguments every operator may receive from the engine; everything else is a parameter.
+ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name")
+# Parameter names as other tools spell them -> ours.
+ALIASES = {"lambda": "scale"}
+
 
 @dataclass(frozen=True)
 class Operator:
@@ -22,6 +29,25 @@ class Operator:
     weighting: str  # "uniform" or "examples": where the default weights come from
     needs_base: bool
     doc: str
+
+    @property
+    def parameters(self) -> dict[str, object]:
+        """The operator's own parameters and their defaults."""
+        sig = inspect.signature(self.fuse).parameters
+        return {k: p.default for k, p in sig.items() if k not in ENGINE_ARGUMENTS}
+
+    @property
+    def wants_name(self) -> bool:
+        return "name" in inspect.signature(self.fuse).parameters
+
+    def check_params(self, params: dict) -> dict:
+        """Canonical parameter names; an unknown one is an error that lists the valid ones."""
+        canonical = {ALIASES.get(k, k): v for k, v in params.items()}
+        unknown = sorted(set(canonical) - set(self.parameters))
+        if unknown:
+            valid = ", ".join(f"{k} (default {v})" for k, v in self.parameters.items()) or "none"
+            raise ColdFusionError(f"fusion method '{self.name}' has no parameter {unknown}; its parameters: {valid}")
+        return canonical
 
 
 REGISTRY: dict[str, Operator] = {}

@@ -58,6 +58,9 @@ def fuse_files(
     if not paths:
         raise ColdFusionError("nothing to fuse: no contributions")
     op = get_operator(method)
+    params = op.check_params(params)
+    if op.wants_name:
+        params["name"] = ""  # set per tensor below
     if op.needs_base and base is None:
         raise ColdFusionError(f"fusion method '{method}' needs a base model")
     w = torch.ones(len(paths)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
@@ -78,6 +81,8 @@ def fuse_files(
                     raise ColdFusionError(f"non-float tensor '{name}' differs between contributions")
                 fused[name] = first
                 continue
-            base_tensor = base_handle.get_tensor(name) if base_handle is not None else None
-            fused[name] = op.fuse(tensors, w, base=base_tensor, **params).to(dtype)
+            extra = {"base": base_handle.get_tensor(name)} if op.needs_base else {}
+            if op.wants_name:
+                params["name"] = name
+            fused[name] = op.fuse(tensors, w, **extra, **params).to(dtype)
     return fused

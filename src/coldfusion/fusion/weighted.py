@@ -8,6 +8,6 @@ from coldfusion.fusion.registry import register, weighted_sum
 
 
 @register("weighted", weighting="examples")
-def fuse_weighted(tensors: Sequence[torch.Tensor], weights: torch.Tensor, base=None) -> torch.Tensor:
+def fuse_weighted(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """average with w_i = number of training examples of contributor i."""
     return weighted_sum(tensors, weights)

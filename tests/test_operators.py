@@ -1,0 +1,120 @@
+"""Known answers and properties of the task-vector and robust operators."""
+
+import pytest
+import torch
+
+from coldfusion.checkpoint import save_tensors
+from coldfusion.errors import ColdFusionError
+from coldfusion.fusion import fuse_files, get_operator
+from coldfusion.fusion.task_vectors import keep_top_magnitudes
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Write named single-tensor models; returns a function name -> path."""
+    def write(name, values):
+        path = tmp_path / f"{name}.safetensors"
+        save_tensors(path, {"w": torch.tensor(values, dtype=torch.float32)})
+        return path
+    return write
+
+
+def fused(paths, method, **kw):
+    return fuse_files(paths, method, **kw)["w"]
+
+
+def test_task_arithmetic_known_answer(files):
+    b, m1, m2 = files("b", [1.0, 1.0]), files("m1", [2.0, 3.0]), files("m2", [0.0, 5.0])
+    # t1 = [1, 2], t2 = [-1, 4]
+    assert torch.allclose(fused([m1, m2], "task_arithmetic", base=b), torch.tensor([1.0, 4.0]))
+    assert torch.allclose(fused([m1, m2], "task_arithmetic", base=b, scale=0.5), torch.tensor([1.0, 2.5]))
+    assert torch.allclose(fused([m1, m2], "task_arithmetic", base=b, normalize=False), torch.tensor([1.0, 7.0]))
+    # mergekit spells the scale `lambda`
+    assert torch.allclose(fused([m1, m2], "task_arithmetic", base=b, **{"lambda": 0.5}), torch.tensor([1.0, 2.5]))
+    # scale 1 with normalized weights is the plain average
+    assert torch.allclose(fused([m1, m2], "task_arithmetic", base=b), fused([m1, m2], "average"))
+
+
+def test_ties_known_answer(files):
+    b = files("b", [0.0, 0.0, 0.0, 0.0])
+    t1 = files("t1", [3.0, -1.0, 0.5, 2.0])   # top-2 -> [3, 0, 0, 2]
+    t2 = files("t2", [-2.0, -2.0, 1.0, -1.0])  # top-2 -> [-2, -2, 0, 0]
+    t3 = files("t3", [1.0, 4.0, -3.0, -0.2])   # top-2 -> [0, 4, -3, 0]
+    # elected signs by mass: +, +, -, + ; agreeing entries: 3 | 4 | -3 | 2
+    out = fused([t1, t2, t3], "ties", base=b, density=0.5)
+    assert torch.allclose(out, torch.tensor([3.0, 4.0, -3.0, 2.0]))
+    # without trimming: col0 +(3-2+1): mean of {3, 1} = 2; col1 +(1): {4}; col2 -(-1.5): {-3}; col3 +(0.8): {2}
+    out = fused([t1, t2, t3], "ties", base=b, density=1.0)
+    assert torch.allclose(out, torch.tensor([2.0, 4.0, -3.0, 2.0]))
+
+
+def test_ties_with_density_one_and_one_model_equals_task_arithmetic(files):
+    torch.manual_seed(0)
+    b, m = files("b", torch.randn(50).tolist()), files("m", torch.randn(50).tolist())
+    for scale in (1.0, 0.7):
+        assert torch.allclose(fused([m], "ties", base=b, density=1.0, scale=scale),
+                              fused([m], "task_arithmetic", base=b, scale=scale), atol=1e-6)
+
+
+def test_keep_top_magnitudes():
+    d = torch.tensor([[0.1, -5.0], [3.0, -0.2]])
+    assert torch.equal(keep_top_magnitudes(d, 0.5), torch.tensor([[0.0, -5.0], [3.0, 0.0]]))
+    assert torch.equal(keep_top_magnitudes(d, 1.0), d)
+    assert torch.count_nonzero(keep_top_magnitudes(torch.randn(1000), 0.1)) == 100
+
+
+def test_dare_density_one_is_task_arithmetic_or_ties(files):
+    torch.manual_seed(1)
+    b = files("b", torch.randn(40).tolist())
+    ms = [files(f"m{i}", torch.randn(40).tolist()) for i in range(3)]
+    assert torch.allclose(fused(ms, "dare", base=b, density=1.0), fused(ms, "task_arithmetic", base=b), atol=1e-6)
+    assert torch.allclose(fused(ms, "dare", base=b, density=1.0, variant="ties"),
+                          fused(ms, "ties", base=b, density=1.0), atol=1e-6)
+
+
+def test_dare_is_reproducible_and_unbiased(files):
+    torch.manual_seed(2)
+    b = files("b", [0.0] * 20000)
+    m = files("m", torch.ones(20000).tolist())
+    a1 = fused([m], "dare", base=b, density=0.3, seed=5)
+    a2 = fused([m], "dare", base=b, density=0.3, seed=5)
+    a3 = fused([m], "dare", base=b, density=0.3, seed=6)
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+    kept = a1 != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.02      # about 30% of entries survive ...
+    assert torch.allclose(a1[kept], torch.full_like(a1[kept], 1 / 0.3))  # ... rescaled by 1 / density
+    assert abs(a1.mean().item() - 1.0) < 0.05                 # so the expected task vector is kept
+    with pytest.raises(ColdFusionError, match="variant must be 'linear' or 'ties'"):
+        fused([m], "dare", base=b, variant="magic")
+    with pytest.raises(ColdFusionError, match=r"density must be in \(0, 1\]"):
+        fused([m], "dare", base=b, density=0.0)
+
+
+def test_median_and_trimmed_mean_known_answers(files):
+    odd = [files(f"o{i}", [v]) for i, v in enumerate([1.0, 5.0, 3.0])]
+    even = [files(f"e{i}", [v]) for i, v in enumerate([1.0, 2.0, 10.0, 4.0])]
+    assert fused(odd, "median").item() == 3.0
+    assert fused(even, "median").item() == 3.0  # (2 + 4) / 2
+    five = [files(f"f{i}", [v]) for i, v in enumerate([1.0, 2.0, 3.0, 100.0, -50.0])]
+    assert fused(five, "trimmed_mean", trim=0.2).item() == pytest.approx(2.0)  # drops -50 and 100
+    assert fused(five, "trimmed_mean", trim=0.0).item() == pytest.approx(56.0 / 5)
+    with pytest.raises(ColdFusionError, match=r"trim must be in \[0, 0.5\)"):
+        fused(five, "trimmed_mean", trim=0.5)
+
+
+def test_robust_operators_resist_one_outlier(files):
+    honest = [files(f"h{i}", [1.0 + 0.01 * i] * 3) for i in range(4)]
+    poisoned = honest + [files("evil", [1000.0] * 3)]
+    assert fused(poisoned, "average").max() > 100
+    assert torch.allclose(fused(poisoned, "median"), torch.full((3,), 1.02), atol=1e-6)
+    assert torch.allclose(fused(poisoned, "trimmed_mean", trim=0.2), torch.full((3,), 1.02), atol=1e-6)
+
+
+def test_parameters_are_validated(files):
+    m = files("m", [1.0])
+    with pytest.raises(ColdFusionError, match=r"'ties' has no parameter \['densty'\]; its parameters: density"):
+        fused([m], "ties", base=m, densty=0.5)
+    with pytest.raises(ColdFusionError, match="needs a base model"):
+        fused([m], "ties")
+    assert get_operator("ties").parameters == {"density": 0.2, "scale": 1.0, "normalize": True}
+    assert get_operator("average").parameters == {}
