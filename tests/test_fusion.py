@@ -48,7 +48,13 @@ def test_fusing_identical_models_returns_the_model(tmp_path, method):
     model = {"w": torch.randn(4, 4), "b": torch.randn(4)}
     base = write(tmp_path, "base", {"w": torch.randn(4, 4), "b": torch.randn(4)})
     paths = [write(tmp_path, str(i), model) for i in range(3)]
-    fused = fuse_files(paths, method, weights=[1, 2, 3], base=base, **IDENTITY_PARAMS.get(method, {}))
+    stats = None
+    if REGISTRY[method].needs_stats == "fisher":
+        stats = [write(tmp_path, f"f{i}", {k: torch.rand_like(v) for k, v in model.items()}) for i in range(3)]
+    elif REGISTRY[method].needs_stats == "gram":
+        x = [torch.randn(10, 4) for _ in range(3)]
+        stats = [write(tmp_path, f"g{i}", {"w": xi.T @ xi}) for i, xi in enumerate(x)]
+    fused = fuse_files(paths, method, weights=[1, 2, 3], base=base, stats=stats, **IDENTITY_PARAMS.get(method, {}))
     for k in model:
         assert torch.allclose(fused[k], model[k], atol=1e-6)
 

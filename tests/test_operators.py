@@ -118,3 +118,77 @@ def test_parameters_are_validated(files):
         fused([m], "ties")
     assert get_operator("ties").parameters == {"density": 0.2, "scale": 1.0, "normalize": True}
     assert get_operator("average").parameters == {}
+
+
+def stats_files(tmp_path, name, tensors_list):
+    paths = []
+    for i, tensors in enumerate(tensors_list):
+        path = tmp_path / f"{name}{i}.safetensors"
+        save_tensors(path, tensors)
+        paths.append(path)
+    return paths
+
+
+def test_fisher_known_answer_and_floor(files, tmp_path):
+    m1, m2 = files("m1", [0.0, 10.0]), files("m2", [10.0, 0.0])
+    fishers = stats_files(tmp_path, "F", [{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([1.0, 1.0])}])
+    assert torch.allclose(fused([m1, m2], "fisher", stats=fishers), torch.tensor([2.5, 5.0]))
+    # weights multiply the Fisher: (1*3*0 + 3*1*10) / (3 + 3) = 5; (1*1*10 + 3*1*0) / 4 = 2.5
+    assert torch.allclose(fused([m1, m2], "fisher", stats=fishers, weights=[1, 3]), torch.tensor([5.0, 2.5]))
+    zeros = stats_files(tmp_path, "Z", [{"w": torch.zeros(2)}, {"w": torch.zeros(2)}])
+    assert torch.allclose(fused([m1, m2], "fisher", stats=zeros), fused([m1, m2], "average"))  # floored, equal
+
+
+def test_fisher_with_equal_fishers_equals_average(files, tmp_path):
+    torch.manual_seed(3)
+    ms = [files(f"m{i}", torch.randn(30).tolist()) for i in range(3)]
+    same = torch.rand(30) + 0.1
+    fishers = stats_files(tmp_path, "F", [{"w": same}] * 3)
+    assert torch.allclose(fused(ms, "fisher", stats=fishers), fused(ms, "average"), atol=1e-6)
+
+
+def linear_models(tmp_path, weights):
+    paths = []
+    for i, (w, b) in enumerate(weights):
+        path = tmp_path / f"lin{i}.safetensors"
+        save_tensors(path, {"layer.weight": w, "layer.bias": b})
+        paths.append(path)
+    return paths
+
+
+def test_regmean_with_identity_grams_equals_average(tmp_path):
+    torch.manual_seed(4)
+    models = linear_models(tmp_path, [(torch.randn(3, 5), torch.randn(3)) for _ in range(3)])
+    grams = stats_files(tmp_path, "G", [{"layer.weight": torch.eye(5)}] * 3)
+    got = fuse_files(models, "regmean", stats=grams)
+    avg = fuse_files(models, "average")
+    for k in avg:
+        assert torch.allclose(got[k], avg[k], atol=1e-6), k
+
+
+def test_regmean_one_input_feature_is_a_gram_weighted_average(tmp_path):
+    models = linear_models(tmp_path, [(torch.tensor([[2.0]]), torch.zeros(1)), (torch.tensor([[6.0]]), torch.ones(1))])
+    grams = stats_files(tmp_path, "G", [{"layer.weight": torch.tensor([[g]])} for g in (3.0, 1.0)])
+    got = fuse_files(models, "regmean", stats=grams)
+    assert got["layer.weight"].item() == pytest.approx((2 * 3 + 6 * 1) / 4)
+    assert got["layer.bias"].item() == pytest.approx(0.5)  # not a linear weight: averaged
+
+
+def test_regmean_solves_the_joint_least_squares_problem(tmp_path):
+    """alpha = 1: the fused W minimizes sum_i |X_i W^T - X_i W_i^T|^2 (checked against lstsq)."""
+    torch.manual_seed(5)
+    xs = [torch.randn(40, 6, dtype=torch.float64) for _ in range(3)]
+    ws = [torch.randn(4, 6, dtype=torch.float64) for _ in range(3)]
+    models = linear_models(tmp_path, [(w.float(), torch.zeros(4)) for w in ws])
+    grams = stats_files(tmp_path, "G", [{"layer.weight": (x.T @ x).float()} for x in xs])
+    got = fuse_files(models, "regmean", stats=grams, alpha=1.0)["layer.weight"].double()
+    x_all = torch.cat(xs)
+    y_all = torch.cat([x @ w.T for x, w in zip(xs, ws, strict=True)])
+    expected = torch.linalg.lstsq(x_all, y_all).solution.T
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_statistics_are_required(files):
+    m = files("m", [1.0])
+    with pytest.raises(ColdFusionError, match="needs fisher statistics from every contributor"):
+        fused([m, m], "fisher")

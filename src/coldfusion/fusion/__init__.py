@@ -1,6 +1,15 @@
 """Fusion operators over named tensors, one module each, behind a registry."""
 
-from coldfusion.fusion import average, dare, robust, task_arithmetic, ties, weighted  # noqa: F401  (registers them)
+from coldfusion.fusion import (  # noqa: F401  (importing registers the operators)
+    average,
+    dare,
+    fisher,
+    regmean,
+    robust,
+    task_arithmetic,
+    ties,
+    weighted,
+)
 from coldfusion.fusion.registry import REGISTRY, Operator, get_operator, register
 from coldfusion.fusion.streaming import fuse_files
 

@@ -17,7 +17,10 @@ from coldfusion.errors import ColdFusionError
 FuseFn = Callable[..., torch.Tensor]
 
 # Arguments every operator may receive from the engine; everything else is a parameter.
-ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name")
+ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats")
+# Statistics an operator may need from each contributor ("fisher": diagonal Fisher of
+# every tensor; "gram": X^T X of the inputs of every linear layer, keyed by its weight).
+STATISTICS = ("fisher", "gram")
 # Parameter names as other tools spell them -> ours.
 ALIASES = {"lambda": "scale"}
 
@@ -28,6 +31,7 @@ class Operator:
     fuse: FuseFn  # fuse(tensors: Sequence[Tensor], weights: Tensor, base: Tensor | None, **params)
     weighting: str  # "uniform" or "examples": where the default weights come from
     needs_base: bool
+    needs_stats: str | None
     doc: str
 
     @property
@@ -53,9 +57,11 @@ class Operator:
 REGISTRY: dict[str, Operator] = {}
 
 
-def register(name: str, *, weighting: str = "uniform", needs_base: bool = False):
+def register(name: str, *, weighting: str = "uniform", needs_base: bool = False, needs_stats: str | None = None):
+    assert needs_stats in (None, *STATISTICS), needs_stats
     def wrap(fn: FuseFn) -> FuseFn:
-        REGISTRY[name] = Operator(name, fn, weighting, needs_base, (fn.__doc__ or "").strip().split("\n")[0])
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc)
         return fn
 
     return wrap

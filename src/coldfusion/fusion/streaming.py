@@ -52,9 +52,14 @@ def fuse_files(
     method: str = "average",
     weights: Sequence[float] | None = None,
     base: Path | None = None,
+    stats: Sequence[Path] | None = None,
     **params,
 ) -> Tensors:
-    """Fuse the bodies stored at `paths` with a registered operator."""
+    """Fuse the bodies stored at `paths` with a registered operator.
+
+    `stats[i]` is contributor i's statistics file (Fisher or Gram matrices) for the
+    operators that need one.
+    """
     if not paths:
         raise ColdFusionError("nothing to fuse: no contributions")
     op = get_operator(method)
@@ -63,6 +68,10 @@ def fuse_files(
         params["name"] = ""  # set per tensor below
     if op.needs_base and base is None:
         raise ColdFusionError(f"fusion method '{method}' needs a base model")
+    if op.needs_stats and (stats is None or len(stats) != len(paths)):
+        raise ColdFusionError(
+            f"fusion method '{method}' needs {op.needs_stats} statistics from every contributor "
+            f"(computed on its own data); got {0 if stats is None else len(stats)} for {len(paths)} contributions")
     w = torch.ones(len(paths)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     if len(w) != len(paths) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ColdFusionError(f"fusion weights must be {len(paths)} non-negative numbers with a positive sum")
@@ -71,6 +80,10 @@ def fuse_files(
         base_handle = stack.enter_context(safe_open(str(base), framework="pt")) if base else None
         key_sets = [set(h.keys()) for h in handles]
         _check_same_keys(list(paths), key_sets)
+        stat_handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in stats or []]
+        stat_keys = [set(h.keys()) for h in stat_handles]
+        if stat_handles:
+            _check_same_keys(list(stats), stat_keys)
         fused = {}
         for name in sorted(key_sets[0]):
             tensors = LazyTensors(handles, name)
@@ -82,6 +95,11 @@ def fuse_files(
                 fused[name] = first
                 continue
             extra = {"base": base_handle.get_tensor(name)} if op.needs_base else {}
+            if op.needs_stats:
+                has_stats = name in stat_keys[0]
+                if op.needs_stats == "fisher" and not has_stats:
+                    raise ColdFusionError(f"{stats[0]} has no Fisher entry for tensor '{name}'")
+                extra["stats"] = LazyTensors(stat_handles, name) if has_stats else None
             if op.wants_name:
                 params["name"] = name
             fused[name] = op.fuse(tensors, w, **extra, **params).to(dtype)
