@@ -156,3 +156,44 @@ def test_loop_with_other_operators(tiny_model_dir, toy_task_files, tmp_path, met
                               method, base=repo.path_of(repo.version(version.parent).sha256), **params)
         got = repo.load(version.sha256)
         assert all(torch.equal(expected[k], got[k]) for k in got)
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_loop_with_contributor_statistics(tiny_model_dir, toy_task_files, tmp_path, method):
+    """Contributors compute Fisher / Gram statistics on their own data; the repository fuses with them."""
+    from coldfusion.fusion import fuse_files
+
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)
+    cfg.fusion.method = method
+    cfg.fusion.statistics_examples = 32
+    run_dir = run_cold_fusion(cfg)
+    repo = Repository(run_dir / "repository")
+    version = repo.versions()[-1]
+    contribs = repo.contributions(fused_into=version.id)
+    kind = "fisher" if method == "fisher" else "gram"
+    assert len(contribs) == 2 and all(kind in c.stats for c in contribs)
+    stats = [repo.load(c.stats[kind]) for c in contribs]
+    bodies = [repo.load(c.sha256) for c in contribs]
+    if kind == "fisher":  # one non-negative entry per body tensor, not all zero
+        assert set(stats[0]) == {k for k, v in bodies[0].items() if v.is_floating_point()}
+        assert all(float(v.min()) >= 0 for v in stats[0].values())
+        assert any(float(v.sum()) > 0 for v in stats[0].values())
+    else:  # one symmetric PSD Gram matrix per linear layer, sized by its input
+        assert "encoder.layer.0.attention.self.query.weight" in stats[0]
+        for name, g in stats[0].items():
+            assert g.shape == (bodies[0][name].shape[1],) * 2 and torch.allclose(g, g.T, atol=1e-3)
+            assert float(torch.linalg.eigvalsh(g.double()).min()) > -1e-3 * float(g.diagonal().max())
+    fused = repo.load(version.sha256)
+    average = fuse_files([repo.path_of(c.sha256) for c in contribs], "average")
+    # the statistics change the result: it is not the plain average
+    assert any(not torch.allclose(fused[k], average[k], atol=1e-6) for k in fused if fused[k].is_floating_point())
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows if r["kind"] == "probe" and r["iteration"] == 1} == set(toy_task_files)
+
+
+def test_fusion_without_the_needed_statistics_is_refused(tmp_path):
+    repo = Repository(tmp_path)
+    base = repo.add_version({"w": torch.zeros(2)}, model_source="m")
+    c = repo.add_contribution({"w": torch.ones(2)}, base_version=base.id, contributor="a", task="t", num_examples=1)
+    with pytest.raises(ColdFusionError, match=r"needs gram statistics, which contributions \[1\] did not send"):
+        repo.fuse(base.id, [c.id], method="regmean")

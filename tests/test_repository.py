@@ -78,3 +78,18 @@ def test_failed_transaction_leaves_index_unchanged(tmp_path, monkeypatch):
     assert all(p.suffix == ".safetensors" for p in repo.objects.iterdir())
     with sqlite3.connect(tmp_path / "index.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_old_index_without_stats_column_is_migrated(tmp_path):
+    from coldfusion import repository
+
+    old = "\n".join(line for line in repository.SCHEMA.splitlines() if not line.strip().startswith("stats TEXT"))
+    assert old != repository.SCHEMA
+    with sqlite3.connect(tmp_path / "index.sqlite") as db:
+        db.executescript(old)
+    repo = Repository(tmp_path)
+    base = repo.add_version(body(0.0), model_source="m")
+    c = repo.add_contribution(body(1.0), base_version=base.id, contributor="a", task="t", num_examples=1,
+                              stats={"fisher": body(0.5)})
+    assert repo.contributions()[0].stats == {"fisher": c.stats["fisher"]}
+    assert torch.equal(repo.load(c.stats["fisher"])["layer.bias"], torch.full((3,), 0.5))

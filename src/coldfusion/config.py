@@ -38,6 +38,8 @@ class EvaluationSettings(Strict):
 class FusionSettings(Strict):
     method: str = "average"
     params: dict = Field(default_factory=dict, description="operator parameters")
+    statistics_examples: int = Field(
+        128, ge=1, description="examples each contributor computes Fisher / Gram statistics on (fisher, regmean)")
 
 
 class RunConfig(Strict):

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     base_version INTEGER NOT NULL REFERENCES versions(id),
     contributor TEXT NOT NULL, task TEXT NOT NULL, num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL,    -- JSON
+    stats TEXT NOT NULL DEFAULT '{}',  -- JSON {"fisher" | "gram": sha256 of the statistics file}
     fused_into INTEGER REFERENCES versions(id),
     created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -68,6 +69,7 @@ class Contribution:
     task: str
     num_examples: int
     metrics: dict
+    stats: dict  # kind -> sha256 of its statistics file
     fused_into: int | None
     created: str
 
@@ -81,6 +83,10 @@ class Repository:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             db.executescript(SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(contributions)")}
+            if "stats" not in columns:  # repositories made before statistics travelled with contributions
+                db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
+                db.commit()
         finally:
             db.close()
 
@@ -162,15 +168,18 @@ class Repository:
     # -- contributions -------------------------------------------------------------
     def add_contribution(
         self, tensors: Tensors, *, base_version: int, contributor: str, task: str,
-        num_examples: int, metrics: dict | None = None,
+        num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
     ) -> Contribution:
+        """Store a contributed body (and its Fisher / Gram statistics, if any)."""
         with self._db() as db:
             self._version_row(db, base_version)
             sha = self._store(db, tensors)
+            stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
             cur = db.execute(
-                "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}), _now()),
+                "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
+                 json.dumps(stat_shas), _now()),
             )
             return self._contribution_row(db, cur.lastrowid)
 
@@ -178,7 +187,7 @@ class Repository:
         row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()
         if row is None:
             raise ColdFusionError(f"no contribution {cid} in repository {self.root}")
-        return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"])})
+        return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"]), "stats": json.loads(row["stats"])})
 
     def contributions(self, *, base_version: int | None = None, fused_into: int | None = None) -> list[Contribution]:
         query, args = "SELECT id FROM contributions WHERE 1=1", []
@@ -201,9 +210,16 @@ class Repository:
             contribs = [self._contribution_row(db, c) for c in contribution_ids]
         op = get_operator(method)
         weights = [c.num_examples for c in contribs] if op.weighting == "examples" else None
+        stats = None
+        if op.needs_stats:
+            lacking = [c.id for c in contribs if op.needs_stats not in c.stats]
+            if lacking:
+                raise ColdFusionError(f"fusion method '{method}' needs {op.needs_stats} statistics, which "
+                                      f"contributions {lacking} did not send")
+            stats = [self.path_of(c.stats[op.needs_stats]) for c in contribs]
         fused = fuse_files(
             [self.path_of(c.sha256) for c in contribs], method, weights,
-            base=self.path_of(base.sha256) if op.needs_base else None, **params,
+            base=self.path_of(base.sha256) if op.needs_base else None, stats=stats, **params,
         )
         fusion = {"method": method, "params": params, "contributions": [c.id for c in contribs]}
         with self._db() as db:

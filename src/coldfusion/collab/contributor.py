@@ -12,6 +12,7 @@ from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks import Task
 from coldfusion.training import Encoded, FinetuneSettings, encode, finetune
+from coldfusion.training.statistics import diagonal_fisher, gram_matrices
 
 
 @dataclass
@@ -23,18 +24,20 @@ class ContributionResult:
     body: Tensors
     num_examples: int
     metrics: dict = field(default_factory=dict)
+    stats: dict[str, Tensors] = field(default_factory=dict)  # "fisher" / "gram" -> tensors by name
 
 
 class Contributor:
     def __init__(
         self, task: Task, encoder: Encoder, *, finetune_settings: FinetuneSettings, max_length: int,
         pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
-        seed: int, head: Tensors | None = None,
+        seed: int, head: Tensors | None = None, statistics: str | None = None, statistics_examples: int = 128,
     ):
         self.task, self.encoder, self.settings = task, encoder, finetune_settings
         self.pooling, self.keep_head, self.seed = pooling, keep_head, seed
         self.examples_per_iteration = examples_per_iteration
         self.head = head  # kept across iterations when keep_head
+        self.statistics, self.statistics_examples = statistics, statistics_examples
         self.train: Encoded = encode(task.train, encoder.tokenizer, max_length)
         self.validation: Encoded = encode(task.validation.head(validation_examples), encoder.tokenizer, max_length)
         # One fixed order of the private training set; iterations walk through it so each
@@ -62,4 +65,10 @@ class Contributor:
         self.head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
         metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
                    "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
-        return ContributionResult(self.name, self.name, body_tensors(model.body), len(data), metrics)
+        stats = {}
+        if self.statistics == "fisher":
+            stats["fisher"] = diagonal_fisher(model, data, self.statistics_examples,
+                                              seed=derive_seed(self.seed, "fisher", self.name, iteration))
+        elif self.statistics == "gram":
+            stats["gram"] = gram_matrices(model, data, self.statistics_examples)
+        return ContributionResult(self.name, self.name, body_tensors(model.body), len(data), metrics, stats)

@@ -25,6 +25,7 @@ from coldfusion.collab.local_engine import LocalEngine
 from coldfusion.config import RunConfig, dump_config
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.errors import ColdFusionError
+from coldfusion.fusion import get_operator
 from coldfusion.progress import SilentProgress
 from coldfusion.report import write_report
 from coldfusion.repository import Repository
@@ -172,6 +173,7 @@ def _heads_dir(run_dir: Path, iteration: int) -> Path:
 
 def _make_contributors(config: RunConfig, tasks: list[Task], encoder: Encoder, heads_dir: Path) -> list[Contributor]:
     """One contributor per seen task, with the head it had after the last finished iteration."""
+    statistics = get_operator(config.fusion.method).needs_stats  # what the fusion needs them to send
     def head(task: Task):
         path = heads_dir / f"{task.name}.safetensors"
         return load_tensors(path) if path.exists() else None
@@ -180,7 +182,8 @@ def _make_contributors(config: RunConfig, tasks: list[Task], encoder: Encoder, h
         Contributor(t, encoder, finetune_settings=config.finetune, max_length=config.max_length,
                     pooling=config.pooling, examples_per_iteration=config.loop.examples_per_contributor,
                     validation_examples=config.loop.validation_examples, keep_head=config.loop.keep_head,
-                    seed=config.seed, head=head(t))
+                    seed=config.seed, head=head(t), statistics=statistics,
+                    statistics_examples=config.fusion.statistics_examples)
         for t in tasks
     ]
 
@@ -191,7 +194,7 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
     rows, ids = [], []
     for r in results:
         c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor,
-                                  task=r.task, num_examples=r.num_examples, metrics=r.metrics)
+                                  task=r.task, num_examples=r.num_examples, metrics=r.metrics, stats=r.stats)
         ids.append(c.id)
         rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
