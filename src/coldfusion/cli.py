@@ -46,6 +46,18 @@ def run(
 
 
 @app.command()
+def merge(config: Path = typer.Argument(..., help="merge config (YAML); see configs/merge_example.yaml")) -> None:
+    """Fuse finetuned checkpoints you already have into one encoder directory."""
+    from coldfusion.merge import load_merge_config, merge_checkpoints
+
+    try:
+        out = merge_checkpoints(load_merge_config(config))
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(f"[green]merged encoder written to[/] {out} (model card: {out / 'README.md'})")
+
+
+@app.command()
 def tasks() -> None:
     """List the built-in tasks: labels, split sizes and the package each comes from."""
     from coldfusion.tasks import CATALOG, load_builtin

@@ -66,15 +66,20 @@ def _describe(error: dict) -> str:
     return f"'{where}': {error['msg']} (got {error.get('input')!r})"
 
 
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+    return f"{source}: invalid config:\n{lines}"
+
+
 def parse_config(data: dict, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ColdFusionError(f"{source}: invalid config:\n{lines}") from None
+        raise ColdFusionError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: Path) -> RunConfig:
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file that must hold a mapping; errors name the file."""
     path = Path(path)
     if not path.exists():
         raise ColdFusionError(f"config file {path} does not exist")
@@ -84,7 +89,11 @@ def load_config(path: Path) -> RunConfig:
         raise ColdFusionError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ColdFusionError(f"{path}: a config is a YAML mapping of keys, not a {type(data).__name__}")
-    config = parse_config(data, str(path))
+    return data
+
+
+def load_config(path: Path) -> RunConfig:
+    config = parse_config(read_yaml_mapping(path), str(path))
     from coldfusion.fusion import get_operator  # unknown methods fail now, not after an hour of training
 
     try:

@@ -1,7 +1,7 @@
-"""Fuse safetensors files name by name, so memory does not grow with the number of models.
+"""Fuse checkpoints name by name, so memory does not grow with the number of models.
 
-Files are memory-mapped (safe_open); each contributed tensor is read only when the
-operator indexes it, and only the fused output is kept.
+Checkpoints are memory-mapped safetensors (one file or shards); each contributed tensor
+is read only when the operator indexes it, and only the fused output is kept.
 """
 
 from collections.abc import Sequence
@@ -19,14 +19,50 @@ from coldfusion.fusion.registry import get_operator
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class LazyTensors(Sequence):
-    """The same-named tensor of every file, read from disk on access."""
+class SafetensorsReader:
+    """The tensors of one checkpoint (one file or several shards), memory-mapped.
 
-    def __init__(self, handles, name: str):
-        self.handles, self.name = handles, name
+    With a `prefix`, only keys under it are seen, with the prefix removed: a
+    classification checkpoint's "bert.encoder..." reads as the body's "encoder...".
+    """
+
+    def __init__(self, files: Sequence[Path], prefix: str = "", label: str | None = None):
+        self.label = label or str(files[0])
+        self._stack = ExitStack()
+        self._where = {}
+        for path in files:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            for key in handle.keys():
+                if key.startswith(prefix):
+                    self._where[key[len(prefix):]] = (handle, key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        handle, key = self._where[name]
+        return handle.get_tensor(key)
+
+    def dtype(self, name: str) -> str:
+        handle, key = self._where[name]
+        return handle.get_slice(key).get_dtype()
+
+
+class LazyTensors(Sequence):
+    """The same-named tensor of every checkpoint, read from disk on access."""
+
+    def __init__(self, readers, name: str):
+        self.readers, self.name = readers, name
 
     def __len__(self) -> int:
-        return len(self.handles)
+        return len(self.readers)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -34,17 +70,67 @@ class LazyTensors(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return self.handles[i].get_tensor(self.name)
+        return self.readers[i].get_tensor(self.name)
 
 
-def _check_same_keys(paths: Sequence[Path], key_sets: list[set[str]]) -> None:
-    reference = key_sets[0]
-    for path, keys in zip(paths[1:], key_sets[1:], strict=True):
+def _check_same_keys(readers: Sequence[SafetensorsReader]) -> None:
+    reference = readers[0].keys()
+    for reader in readers[1:]:
+        keys = reader.keys()
         if keys != reference:
             missing, extra = sorted(reference - keys), sorted(keys - reference)
-            raise ColdFusionError(
-                f"{path} does not have the same tensors as {paths[0]}: missing {missing[:3]}, extra {extra[:3]}"
-            )
+            raise ColdFusionError(f"{reader.label} does not have the same tensors as {readers[0].label}: "
+                                  f"missing {missing[:3]}, extra {extra[:3]}")
+
+
+def fuse_readers(
+    readers: Sequence[SafetensorsReader],
+    method: str = "average",
+    weights: Sequence[float] | None = None,
+    base: SafetensorsReader | None = None,
+    stats: Sequence[SafetensorsReader] | None = None,
+    names: set[str] | None = None,
+    **params,
+) -> Tensors:
+    """Fuse the tensors `names` (default: all; then every checkpoint must have the same ones)."""
+    if not readers:
+        raise ColdFusionError("nothing to fuse: no contributions")
+    op = get_operator(method)
+    params = op.check_params(params)
+    if op.needs_base and base is None:
+        raise ColdFusionError(f"fusion method '{method}' needs a base model")
+    if op.needs_stats and (stats is None or len(stats) != len(readers)):
+        raise ColdFusionError(
+            f"fusion method '{method}' needs {op.needs_stats} statistics from every contributor "
+            f"(computed on its own data); got {0 if stats is None else len(stats)} for {len(readers)} contributions")
+    w = torch.ones(len(readers)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+    if len(w) != len(readers) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ColdFusionError(f"fusion weights must be {len(readers)} non-negative numbers with a positive sum")
+    if names is None:
+        _check_same_keys(readers)
+        names = readers[0].keys()
+    if stats:
+        _check_same_keys(stats)
+    stat_names = stats[0].keys() if stats else set()
+    fused = {}
+    for name in sorted(names):
+        tensors = LazyTensors(readers, name)
+        dtype = FLOAT_DTYPES.get(readers[0].dtype(name))
+        if dtype is None:  # integer buffers (ids) must agree; never averaged
+            first = tensors[0]
+            if any(not torch.equal(first, tensors[i]) for i in range(1, len(tensors))):
+                raise ColdFusionError(f"non-float tensor '{name}' differs between contributions")
+            fused[name] = first
+            continue
+        extra = {"base": base.get_tensor(name)} if op.needs_base else {}
+        if op.needs_stats:
+            if op.needs_stats == "fisher" and name not in stat_names:
+                raise ColdFusionError(f"{stats[0].label} has no Fisher entry for tensor '{name}'")
+            extra["stats"] = LazyTensors(stats, name) if name in stat_names else None
+        if op.wants_name:
+            extra["name"] = name
+        fused[name] = op.fuse(tensors, w, **extra, **params).to(dtype)
+    return fused
 
 
 def fuse_files(
@@ -55,52 +141,13 @@ def fuse_files(
     stats: Sequence[Path] | None = None,
     **params,
 ) -> Tensors:
-    """Fuse the bodies stored at `paths` with a registered operator.
+    """Fuse the bodies stored at `paths` (one safetensors file each) with a registered operator.
 
     `stats[i]` is contributor i's statistics file (Fisher or Gram matrices) for the
     operators that need one.
     """
-    if not paths:
-        raise ColdFusionError("nothing to fuse: no contributions")
-    op = get_operator(method)
-    params = op.check_params(params)
-    if op.wants_name:
-        params["name"] = ""  # set per tensor below
-    if op.needs_base and base is None:
-        raise ColdFusionError(f"fusion method '{method}' needs a base model")
-    if op.needs_stats and (stats is None or len(stats) != len(paths)):
-        raise ColdFusionError(
-            f"fusion method '{method}' needs {op.needs_stats} statistics from every contributor "
-            f"(computed on its own data); got {0 if stats is None else len(stats)} for {len(paths)} contributions")
-    w = torch.ones(len(paths)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
-    if len(w) != len(paths) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ColdFusionError(f"fusion weights must be {len(paths)} non-negative numbers with a positive sum")
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
-        base_handle = stack.enter_context(safe_open(str(base), framework="pt")) if base else None
-        key_sets = [set(h.keys()) for h in handles]
-        _check_same_keys(list(paths), key_sets)
-        stat_handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in stats or []]
-        stat_keys = [set(h.keys()) for h in stat_handles]
-        if stat_handles:
-            _check_same_keys(list(stats), stat_keys)
-        fused = {}
-        for name in sorted(key_sets[0]):
-            tensors = LazyTensors(handles, name)
-            dtype = FLOAT_DTYPES.get(handles[0].get_slice(name).get_dtype())
-            if dtype is None:  # integer buffers (ids) must agree; never averaged
-                first = tensors[0]
-                if any(not torch.equal(first, tensors[i]) for i in range(1, len(tensors))):
-                    raise ColdFusionError(f"non-float tensor '{name}' differs between contributions")
-                fused[name] = first
-                continue
-            extra = {"base": base_handle.get_tensor(name)} if op.needs_base else {}
-            if op.needs_stats:
-                has_stats = name in stat_keys[0]
-                if op.needs_stats == "fisher" and not has_stats:
-                    raise ColdFusionError(f"{stats[0]} has no Fisher entry for tensor '{name}'")
-                extra["stats"] = LazyTensors(stat_handles, name) if has_stats else None
-            if op.wants_name:
-                params["name"] = name
-            fused[name] = op.fuse(tensors, w, **extra, **params).to(dtype)
-    return fused
+        open_ = lambda p: stack.enter_context(SafetensorsReader([p]))  # noqa: E731
+        return fuse_readers([open_(p) for p in paths], method, weights,
+                            base=open_(base) if base else None,
+                            stats=[open_(p) for p in stats] if stats else None, **params)

@@ -1,0 +1,193 @@
+"""`coldfusion merge`: fuse finetuned checkpoints a practitioner already has.
+
+Inputs are Hugging Face model directories of one architecture (BERT, RoBERTa, MiniLM,
+...), with or without classification heads, whose heads may differ in shape. Only the
+encoder body is fused; heads are dropped, or the base model's head is kept. The output
+is a directory transformers loads, with a model card recording the base model, the
+method, its parameters and the checksums of every input.
+"""
+
+import json
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from coldfusion.checkpoint import save_tensors, sha256_file
+from coldfusion.config import format_validation_error, read_yaml_mapping
+from coldfusion.errors import ColdFusionError
+from coldfusion.fusion import get_operator
+from coldfusion.fusion.streaming import SafetensorsReader, fuse_readers
+
+
+class MergeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a model directory (or hub id)")
+    weight: float = Field(1.0, ge=0)
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "average"
+    params: dict = Field(default_factory=dict)
+    base_model: str | None = Field(None, description="needed by task-vector methods and by heads: keep_base")
+    models: list[MergeInput] = Field(min_length=1)
+    heads: Literal["drop", "keep_base"] = "drop"
+    output: Path
+    overwrite: bool = False
+    allow_pickle: bool = Field(False, description="UNSAFE: also read pytorch_model.bin (pickle can run code)")
+
+
+def load_merge_config(path: Path) -> MergeConfig:
+    data = read_yaml_mapping(path)
+    try:
+        config = MergeConfig.model_validate(data)
+        get_operator(config.method).check_params(config.params)
+    except ValidationError as exc:
+        raise ColdFusionError(format_validation_error(exc, str(path))) from None
+    except ColdFusionError as exc:
+        raise ColdFusionError(f"{path}: {exc}") from None
+    return config
+
+
+def _local_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:
+        raise ColdFusionError(f"'{model}' is not a local directory and could not be fetched from the hub ({exc}); "
+                              "without network access give the path of a saved model") from exc
+
+
+def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (sharded or not); a pickle only when allowed."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    if (model_dir / "model.safetensors").exists():
+        return [model_dir / "model.safetensors"]
+    pickle = model_dir / "pytorch_model.bin"
+    if pickle.exists():
+        if not allow_pickle:
+            raise ColdFusionError(f"{model_dir} has only pytorch_model.bin, a pickle that can run code when loaded; "
+                                  "convert it to safetensors, or set `allow_pickle: true` if you trust its source")
+        converted = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
+        save_tensors(converted, torch.load(pickle, map_location="cpu", weights_only=True))
+        return [converted]
+    raise ColdFusionError(f"{model_dir} has no model.safetensors (nor shards): is it a model directory?")
+
+
+def _body_layout(config) -> tuple[set[str], str]:
+    """The body's tensor names and its prefix inside task models ("bert.")."""
+    with torch.device("meta"):  # the layout only: no memory, no initialisation
+        body = AutoModel.from_config(config)
+    return set(body.state_dict()), body.base_model_prefix + "."
+
+
+def _open_body(files: list[Path], body_keys: set[str], prefix: str, label: str) -> SafetensorsReader:
+    """Read a checkpoint as a body: try no prefix and the model's prefix ("bert."), keep the better."""
+    candidates = [SafetensorsReader(files, p, label) for p in dict.fromkeys(["", prefix])]
+    best = max(candidates, key=lambda r: len(r.keys() & body_keys))
+    for r in candidates:
+        if r is not best:
+            r.__exit__(None, None, None)
+    if not best.keys() & body_keys:
+        best.__exit__(None, None, None)
+        raise ColdFusionError(f"{label} has none of the body tensors of this architecture")
+    return best
+
+
+def merge_checkpoints(config: MergeConfig) -> Path:
+    """Fuse the bodies of `config.models`; write a transformers directory with a model card."""
+    op = get_operator(config.method)
+    if op.needs_stats:
+        raise ColdFusionError(f"'{config.method}' needs statistics computed on each model's training data, which "
+                              "plain checkpoints do not carry; use it inside `coldfusion run`")
+    if (op.needs_base or config.heads == "keep_base") and config.base_model is None:
+        raise ColdFusionError(f"`base_model` is required for method '{config.method}' / heads '{config.heads}'")
+    out = Path(config.output)
+    if out.exists() and not config.overwrite:
+        raise ColdFusionError(f"output {out} exists; choose another `output` or set `overwrite: true`")
+
+    dirs = [_local_dir(m.model) for m in config.models]
+    base_dir = _local_dir(config.base_model) if config.base_model else None
+    arch = AutoConfig.from_pretrained(base_dir or dirs[0])
+    body_keys, prefix = _body_layout(arch)
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch:
+        files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
+        open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, prefix, str(d)))  # noqa: E731
+        readers = [open_body(d) for d in dirs]
+        base = open_body(base_dir) if base_dir else None
+        common = set.intersection(*(r.keys() & body_keys for r in readers))
+        missing = body_keys - common  # e.g. the pooler, absent from RoBERTa classifiers
+        copied = {}
+        if missing:
+            if base is None or not missing <= base.keys():
+                raise ColdFusionError(f"body tensors {sorted(missing)[:5]} are not in every input; give a "
+                                      "`base_model` that has them, to copy them from")
+            copied = {k: base.get_tensor(k) for k in missing}
+        fused = fuse_readers(readers, config.method, [m.weight for m in config.models], base=base,
+                             names=common, **config.params)
+        body = {**fused, **copied}
+        inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: sha256_file(f) for f in files[d]}}
+                  for m, d in zip(config.models, dirs, strict=True)]
+        _write_output(config, arch, body, base_dir, dirs[0], out, inputs, sorted(copied))
+    return out
+
+
+def _write_output(config, arch, body, base_dir, first_dir, out: Path, inputs: list[dict], copied: list[str]) -> None:
+    """Save to a temporary sibling directory, then rename: never a half-written output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        if config.heads == "keep_base":
+            model = AutoModelForSequenceClassification.from_pretrained(base_dir)
+            target = getattr(model, model.base_model_prefix)
+        else:
+            model = target = AutoModel.from_config(arch)
+        result = target.load_state_dict(body, strict=False)
+        if result.missing_keys:
+            raise ColdFusionError(f"merged body lacks {result.missing_keys[:5]}")
+        model.save_pretrained(tmp)
+        # the tokenizer of the base (else of the first input), when the directory has one;
+        # asking AutoTokenizer about a directory without one would go to the hub
+        for source in (base_dir, first_dir):
+            if source and any((source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+                break
+        record = {"method": config.method, "params": config.params, "base_model": config.base_model,
+                  "heads": config.heads, "inputs": inputs, "copied_from_base": copied}
+        (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(model_card(record))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_card(record: dict) -> str:
+    front = {"base_model": record["base_model"], "library_name": "transformers",
+             "tags": ["coldfusion", "merge", record["method"]]}
+    rows = "\n".join(f"| {i['model']} | {i['weight']} | " + ", ".join(f"`{n}` {h}" for n, h in i["sha256"].items())
+                     + " |" for i in record["inputs"])
+    copied = ", ".join(record["copied_from_base"]) or "none"
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# Merged encoder\n\n"
+            f"Fused with [coldfusion](https://pypi.org/project/coldfusion/) `merge`: method `{record['method']}`, "
+            f"parameters `{json.dumps(record['params'])}`, heads `{record['heads']}`.\n"
+            f"Only the encoder body was fused. Body tensors copied from the base (not in every input): {copied}.\n\n"
+            f"| input | weight | sha256 of its weight files |\n|---|---|---|\n{rows}\n")
