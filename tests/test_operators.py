@@ -46,6 +46,12 @@ def test_ties_known_answer(files):
     # without trimming: col0 +(3-2+1): mean of {3, 1} = 2; col1 +(1): {4}; col2 -(-1.5): {-3}; col3 +(0.8): {2}
     out = fused([t1, t2, t3], "ties", base=b, density=1.0)
     assert torch.allclose(out, torch.tensor([2.0, 4.0, -3.0, 2.0]))
+    # normalize: false sums the agreeing entries instead (mergekit's convention)
+    out = fused([t1, t2, t3], "ties", base=b, density=1.0, normalize=False)
+    assert torch.allclose(out, torch.tensor([4.0, 4.0, -3.0, 2.0]))
+    # an exact tie of signed mass elects +
+    z1, z2 = files("z1", [1.0]), files("z2", [-1.0])
+    assert fused([z1, z2], "ties", base=files("z0", [0.0]), density=1.0).item() == 1.0
 
 
 def test_ties_with_density_one_and_one_model_equals_task_arithmetic(files):

@@ -36,7 +36,7 @@ def fuse_dare(
     if variant == "linear":
         merged = (w.view(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(0)
     elif variant == "ties":
-        merged = sign_consensus_merge(deltas, w)
+        merged = sign_consensus_merge(deltas, weights, normalize)
     else:
         raise ColdFusionError(f"dare: variant must be 'linear' or 'ties', not '{variant}'")
     return base.float() + scale * merged

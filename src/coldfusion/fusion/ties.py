@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from coldfusion.fusion.registry import register
-from coldfusion.fusion.task_vectors import keep_top_magnitudes, mixing_weights, sign_consensus_merge, task_vectors
+from coldfusion.fusion.task_vectors import keep_top_magnitudes, sign_consensus_merge, task_vectors
 
 
 @register("ties", needs_base=True)
@@ -15,4 +15,4 @@ def fuse_ties(
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
     deltas = torch.stack([keep_top_magnitudes(d, density) for d in task_vectors(tensors, base)])
-    return base.float() + scale * sign_consensus_merge(deltas, mixing_weights(weights, normalize))
+    return base.float() + scale * sign_consensus_merge(deltas, weights, normalize)
