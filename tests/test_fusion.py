@@ -107,3 +107,27 @@ def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
     assert names == sorted(names)
     # ... and every contributed tensor is read exactly once
     assert sorted(reads) == [(n, i) for n in ("a", "b") for i in range(4)]
+
+
+def test_reader_reads_every_dtype_like_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from coldfusion.fusion.streaming import SafetensorsReader
+
+    tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "i64": torch.arange(6).reshape(2, 3), "b": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    expected = load_file(tmp_path / "m.safetensors")
+    with SafetensorsReader([tmp_path / "m.safetensors"]) as reader:
+        assert reader.keys() == set(tensors)
+        for k, v in expected.items():
+            got = reader.get_tensor(k)
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with SafetensorsReader([tmp_path / "cut.safetensors"]) as reader, pytest.raises(ColdFusionError, match="truncated"):
+        for k in sorted(reader.keys()):
+            reader.get_tensor(k)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    with pytest.raises(ColdFusionError, match="not a readable safetensors file"):
+        SafetensorsReader([tmp_path / "junk.safetensors"])

@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import TaskSpec
 from coldfusion.training import FinetuneSettings, ProbeSettings
@@ -59,37 +60,11 @@ class RunConfig(Strict):
     repository: Path | None = Field(None, description="repository directory; default: <run dir>/repository")
 
 
-def _describe(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{where}'"
-    return f"'{where}': {error['msg']} (got {error.get('input')!r})"
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-    return f"{source}: invalid config:\n{lines}"
-
-
 def parse_config(data: dict, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ColdFusionError(format_validation_error(exc, source)) from None
-
-
-def read_yaml_mapping(path: Path) -> dict:
-    """A YAML file that must hold a mapping; errors name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise ColdFusionError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ColdFusionError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ColdFusionError(f"{path}: a config is a YAML mapping of keys, not a {type(data).__name__}")
-    return data
 
 
 def load_config(path: Path) -> RunConfig:

@@ -7,6 +7,7 @@ is a directory transformers loads, with a model card recording the base model, t
 method, its parameters and the checksums of every input.
 """
 
+import copy
 import json
 import shutil
 import tempfile
@@ -17,10 +18,11 @@ from typing import Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel
 
 from coldfusion.checkpoint import save_tensors, sha256_file
-from coldfusion.config import format_validation_error, read_yaml_mapping
+from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import SafetensorsReader, fuse_readers
@@ -90,11 +92,11 @@ def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Pat
     raise ColdFusionError(f"{model_dir} has no model.safetensors (nor shards): is it a model directory?")
 
 
-def _body_layout(config) -> tuple[set[str], str]:
-    """The body's tensor names and its prefix inside task models ("bert.")."""
+def _body_layout(config) -> tuple[set[str], str, str]:
+    """The body's tensor names, its prefix inside task models ("bert.") and its class name."""
     with torch.device("meta"):  # the layout only: no memory, no initialisation
         body = AutoModel.from_config(config)
-    return set(body.state_dict()), body.base_model_prefix + "."
+    return set(body.state_dict()), body.base_model_prefix + ".", type(body).__name__
 
 
 def _open_body(files: list[Path], body_keys: set[str], prefix: str, label: str) -> SafetensorsReader:
@@ -103,9 +105,9 @@ def _open_body(files: list[Path], body_keys: set[str], prefix: str, label: str) 
     best = max(candidates, key=lambda r: len(r.keys() & body_keys))
     for r in candidates:
         if r is not best:
-            r.__exit__(None, None, None)
+            r.close()
     if not best.keys() & body_keys:
-        best.__exit__(None, None, None)
+        best.close()
         raise ColdFusionError(f"{label} has none of the body tensors of this architecture")
     return best
 
@@ -125,7 +127,7 @@ def merge_checkpoints(config: MergeConfig) -> Path:
     dirs = [_local_dir(m.model) for m in config.models]
     base_dir = _local_dir(config.base_model) if config.base_model else None
     arch = AutoConfig.from_pretrained(base_dir or dirs[0])
-    body_keys, prefix = _body_layout(arch)
+    body_keys, prefix, body_class = _body_layout(arch)
     with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch:
         files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
         open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, prefix, str(d)))  # noqa: E731
@@ -142,34 +144,39 @@ def merge_checkpoints(config: MergeConfig) -> Path:
         fused = fuse_readers(readers, config.method, [m.weight for m in config.models], base=base,
                              names=common, **config.params)
         body = {**fused, **copied}
+        if config.heads == "keep_base":  # the base's own checkpoint, its body replaced
+            raw = stack.enter_context(SafetensorsReader(files[base_dir], label=str(base_dir)))
+            head = {k: raw.get_tensor(k) for k in raw.keys() if not k.startswith(prefix) and k not in body_keys}
+            if not head:
+                raise ColdFusionError(f"base model {base_dir} has no head to keep (it is a plain encoder); "
+                                      "use `heads: drop`")
+            tensors = {**{prefix + k: v for k, v in body.items()}, **head}
+        else:  # a plain encoder that AutoModel loads
+            tensors, arch = body, copy.deepcopy(arch)
+            arch.architectures = [body_class]
         inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: sha256_file(f) for f in files[d]}}
                   for m, d in zip(config.models, dirs, strict=True)]
-        _write_output(config, arch, body, base_dir, dirs[0], out, inputs, sorted(copied))
+        record = {"method": config.method, "params": config.params, "base_model": config.base_model,
+                  "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(copied)}
+        _write_output(out, arch, tensors, tokenizer_source=base_dir or dirs[0], record=record)
     return out
 
 
-def _write_output(config, arch, body, base_dir, first_dir, out: Path, inputs: list[dict], copied: list[str]) -> None:
-    """Save to a temporary sibling directory, then rename: never a half-written output."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _write_output(out: Path, arch, tensors: dict, tokenizer_source: Path, record: dict) -> None:
+    """config.json + model.safetensors (+ tokenizer files, model card) written to a temporary
+    sibling directory, then renamed: never a half-written output, no model instantiated."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        if config.heads == "keep_base":
-            model = AutoModelForSequenceClassification.from_pretrained(base_dir)
-            target = getattr(model, model.base_model_prefix)
-        else:
-            model = target = AutoModel.from_config(arch)
-        result = target.load_state_dict(body, strict=False)
-        if result.missing_keys:
-            raise ColdFusionError(f"merged body lacks {result.missing_keys[:5]}")
-        model.save_pretrained(tmp)
-        # the tokenizer of the base (else of the first input), when the directory has one;
-        # asking AutoTokenizer about a directory without one would go to the hub
-        for source in (base_dir, first_dir):
-            if source and any((source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-                break
-        record = {"method": config.method, "params": config.params, "base_model": config.base_model,
-                  "heads": config.heads, "inputs": inputs, "copied_from_base": copied}
+        arch.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (tokenizer_source / name).exists():
+                shutil.copy2(tokenizer_source / name, tmp / name)
         (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(model_card(record))
         if out.exists():

@@ -77,6 +77,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     """sum_i w_i t_i / sum_i w_i in float32, reading one tensor at a time."""
     total = None
     for w, t in zip(weights.tolist(), tensors, strict=True):
-        term = t.float() * w
-        total = term if total is None else total.add_(term)
-    return total / float(weights.sum())
+        if total is None:
+            total = t.float() * w  # a new tensor: the inputs are never modified
+        else:
+            total.add_(t.float(), alpha=w)  # no temporary
+    return total.div_(float(weights.sum()))

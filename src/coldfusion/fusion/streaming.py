@@ -1,15 +1,16 @@
 """Fuse checkpoints name by name, so memory does not grow with the number of models.
 
-Checkpoints are memory-mapped safetensors (one file or shards); each contributed tensor
-is read only when the operator indexes it, and only the fused output is kept.
+Checkpoints are safetensors (one file or shards); each contributed tensor is read from
+disk only when the operator indexes it, and only the fused output is kept.
 """
 
+import json
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
@@ -19,40 +20,66 @@ from coldfusion.fusion.registry import get_operator
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class SafetensorsReader:
-    """The tensors of one checkpoint (one file or several shards), memory-mapped.
+# safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
+
+class SafetensorsReader:
+    """The tensors of one checkpoint (one file or several shards), read one at a time.
+
+    Tensors are read with pread from the file (the format is an 8-byte header length,
+    a JSON header of dtype / shape / byte range per tensor, then the data), not through
+    a memory map: pages of a mapped file stay in the process's resident memory while it
+    is open, which would make memory grow with the number of models after all.
     With a `prefix`, only keys under it are seen, with the prefix removed: a
     classification checkpoint's "bert.encoder..." reads as the body's "encoder...".
     """
 
     def __init__(self, files: Sequence[Path], prefix: str = "", label: str | None = None):
         self.label = label or str(files[0])
-        self._stack = ExitStack()
-        self._where = {}
-        for path in files:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            for key in handle.keys():
-                if key.startswith(prefix):
-                    self._where[key[len(prefix):]] = (handle, key)
+        self._fds, self._where = [], {}
+        try:
+            for path in files:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds.append(fd)
+                size = int.from_bytes(os.pread(fd, 8, 0), "little")
+                header = json.loads(os.pread(fd, size, 8))
+                for key, info in header.items():
+                    if key != "__metadata__" and key.startswith(prefix):
+                        self._where[key[len(prefix):]] = (fd, 8 + size, info)
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._stack.close()
+        self.close()
         return False
 
     def keys(self) -> set[str]:
         return set(self._where)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        handle, key = self._where[name]
-        return handle.get_tensor(key)
-
     def dtype(self, name: str) -> str:
-        handle, key = self._where[name]
-        return handle.get_slice(key).get_dtype()
+        return self._where[name][2]["dtype"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        fd, data_start, info = self._where[name]
+        start, end = info["data_offsets"]
+        data = bytearray(os.pread(fd, end - start, data_start + start))
+        if len(data) != end - start:
+            raise ColdFusionError(f"{self.label}: tensor '{name}' is truncated; the file is corrupt")
+        if not data:
+            return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        return torch.frombuffer(data, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class LazyTensors(Sequence):

@@ -14,8 +14,10 @@ def fuse_task_arithmetic(
     scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """b + scale * sum_i w_i (m_i - b); weights sum to 1 when normalize (then scale 1 = average)."""
+    w = mixing_weights(weights, normalize)
     b = base.float()
     total = torch.zeros_like(b)
-    for w, t in zip(mixing_weights(weights, normalize).tolist(), tensors, strict=True):  # one model at a time
-        total.add_(t.float() - b, alpha=w)
-    return b + scale * total
+    for wi, t in zip(w.tolist(), tensors, strict=True):  # one model at a time, no temporaries
+        total.add_(t.float(), alpha=wi)
+    # sum_i w_i (m_i - b) = sum_i w_i m_i - (sum_i w_i) b
+    return total.add_(b, alpha=-float(w.sum())).mul_(scale).add_(b)

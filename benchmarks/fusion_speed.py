@@ -1,0 +1,185 @@
+"""Fusion speed and memory: `coldfusion merge` vs `mergekit-yaml` vs a naive torch script.
+
+N = 2, 4, 8, 16 MiniLM-sized checkpoints (the bundled MiniLM body, each nudged by its
+own noise), methods linear / task_arithmetic / ties, all in the same run:
+
+- whole-command wall time and peak RSS of each tool as a subprocess (os.wait4), and the
+  same tool's idle import footprint, so memory can be read above that baseline;
+- our fusion itself (in-process, streaming) against the time to just read the inputs once;
+- agreement of our output with mergekit's (max absolute difference).
+
+mergekit lives in its own environment (`--mergekit`, default benchmarks/.env, made by
+`python3 -m venv benchmarks/.env && benchmarks/.env/bin/pip install torch==2.13.0 &&
+benchmarks/.env/bin/pip install -c requirements/constraints.txt mergekit==0.1.5`).
+Targets: command time <= 0.5x mergekit's; fusion <= 2x read-once; peak memory above
+baseline <= 3x one model. Prints one JSON line per measurement.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+OURS = {"linear": ("average", {}), "task_arithmetic": ("task_arithmetic", {"normalize": True}),
+        "ties": ("ties", {"density": 0.2, "normalize": True})}
+MB = 1024 * 1024
+
+
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one subprocess."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[:3]} failed:\n{err.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def make_inputs(root: Path, n: int) -> tuple[Path, list[Path]]:
+    from transformers import AutoModel
+
+    from coldfusion.encoder import default_model_dir
+
+    base = root / "base"
+    if not base.exists():
+        shutil.copytree(default_model_dir(), base)
+    model = AutoModel.from_pretrained(base)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dirs = []
+    for i in range(n):
+        d = root / f"ft{i:02d}"
+        dirs.append(d)
+        if (d / "model.safetensors").exists():
+            continue
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                if p.is_floating_point():
+                    p.copy_(state[k] + 0.01 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(d)
+    return base, dirs
+
+
+def write_configs(root: Path, method: str, base: Path, dirs: list[Path]) -> tuple[Path, Path]:
+    ours_method, params = OURS[method]
+    ours = {"method": ours_method, "params": params, "models": [{"model": str(d)} for d in dirs],
+            "output": str(root / "out-ours"), "overwrite": True}
+    theirs = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(d), "parameters": {"weight": 1.0, **({"density": 0.2} if method == "ties"
+                                                                                 else {})}} for d in dirs]}
+    if method != "linear":
+        ours["base_model"] = theirs["base_model"] = str(base)
+        theirs["parameters"] = {"normalize": True}
+    (root / "ours.yaml").write_text(yaml.safe_dump(ours))
+    (root / "mergekit.yaml").write_text(yaml.safe_dump(theirs))
+    return root / "ours.yaml", root / "mergekit.yaml"
+
+
+def read_once(files: list[Path]) -> float:
+    """Every input byte read once (from the page cache, like the merges that just ran)."""
+    start = time.perf_counter()
+    for f in files:
+        f.read_bytes()
+    return time.perf_counter() - start
+
+
+def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
+    from contextlib import ExitStack
+
+    from coldfusion.fusion.streaming import SafetensorsReader, fuse_readers
+
+    ours_method, params = OURS[method]
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        readers = [stack.enter_context(SafetensorsReader([d / "model.safetensors"])) for d in dirs]
+        base_reader = stack.enter_context(SafetensorsReader([base / "model.safetensors"]))
+        fuse_readers(readers, ours_method, base=base_reader, **params)
+    return time.perf_counter() - start
+
+
+def compare(a_dir: Path, b_dir: Path) -> tuple[float, int, int]:
+    """Max absolute difference, tensors compared, entries that differ by more than 1e-5."""
+    a = {k: v for f in a_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in b_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    common = [k for k in a if k in b and a[k].is_floating_point()]
+    diff = max(float((a[k] - b[k]).abs().max()) for k in common)
+    return diff, len(common), sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in common)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--methods", nargs="+", default=list(OURS))
+    p.add_argument("--mergekit", type=Path, default=HERE / ".env", help="the venv that has mergekit")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "coldfusion-fusion-bench")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    ours_cmd = [sys.executable, "-m", "coldfusion", "merge"]
+    # mergekit 0.1.5 needs a one-line fix to plan BERT merges at all (see mergekit_shim.py)
+    theirs_cmd = [str(args.mergekit / "bin" / "python"), str(HERE / "mergekit_shim.py")]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base, all_dirs = make_inputs(args.workdir, max(args.n))
+    one_model_mb = (base / "model.safetensors").stat().st_size / MB
+    baselines = {
+        "coldfusion": measured([sys.executable, "-c", "import coldfusion.cli, coldfusion.merge"], env)[1],
+        "mergekit": measured([str(args.mergekit / "bin" / "python"), "-c",
+                              "import mergekit.scripts.run_yaml, mergekit.merge, mergekit.plan"], env)[1],
+        "naive": measured([sys.executable, "-c", "import torch, safetensors.torch"], env)[1],
+    }
+    print(json.dumps({"kind": "setup", "one_model_mb": round(one_model_mb, 1), "threads": args.threads,
+                      "import_baseline_rss_mb": {k: round(v, 1) for k, v in baselines.items()}}), flush=True)
+    for n in args.n:
+        dirs = all_dirs[:n]
+        files = [d / "model.safetensors" for d in dirs]
+        for method in args.methods:
+            ours_cfg, theirs_cfg = write_configs(args.workdir, method, base, dirs)
+            out_theirs, out_naive = args.workdir / "out-mergekit", args.workdir / "out-naive.safetensors"
+            shutil.rmtree(out_theirs, ignore_errors=True)
+            runs = {
+                "coldfusion": measured([*ours_cmd, str(ours_cfg)], env),
+                "mergekit": measured([*theirs_cmd, str(theirs_cfg), str(out_theirs), "--quiet"], env),
+                "naive": measured([sys.executable, str(HERE / "naive_merge.py"), method, str(out_naive),
+                                   str(base / "model.safetensors"), *map(str, files)], env),
+            }
+            for system, (seconds, rss) in runs.items():
+                above = rss - baselines[system]
+                print(json.dumps({"kind": "command", "n": n, "method": method, "system": system,
+                                  "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
+                                  "peak_above_import_mb": round(above, 1),
+                                  "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
+            read_s = read_once(files + ([base / "model.safetensors"] if method != "linear" else []))
+            fuse_s = our_fusion_seconds(method, base, dirs)
+            diff, compared, differing = compare(args.workdir / "out-ours", out_theirs)
+            ours_mem = (runs["coldfusion"][1] - baselines["coldfusion"]) / one_model_mb
+            summary = {
+                "kind": "summary", "n": n, "method": method,
+                "time_ratio_vs_mergekit": round(runs["coldfusion"][0] / runs["mergekit"][0], 3),
+                "fusion_seconds": round(fuse_s, 3), "read_once_seconds": round(read_s, 3),
+                "fusion_over_read_once": round(fuse_s / read_s, 2),
+                "memory_ratio": round(ours_mem, 2),
+                "max_abs_diff_vs_mergekit": diff, "tensors_compared": compared, "entries_differing": differing,
+            }
+            summary["targets_met"] = {"time<=0.5x": summary["time_ratio_vs_mergekit"] <= 0.5,
+                                      "fusion<=2x_read": summary["fusion_over_read_once"] <= 2,
+                                      "memory<=3x": ours_mem <= 3, "agree<=1e-5": diff <= 1e-5}
+            print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Reading YAML config files and reporting validation errors (light: no ML imports)."""
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from coldfusion.errors import ColdFusionError
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"'{where}': {error['msg']} (got {error.get('input')!r})"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+    return f"{source}: invalid config:\n{lines}"
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ColdFusionError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ColdFusionError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ColdFusionError(f"{path}: a config is a YAML mapping of keys, not a {type(data).__name__}")
+    return data
