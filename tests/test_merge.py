@@ -162,3 +162,15 @@ def test_tokenizer_travels_with_the_merge(tiny_model_dir, tmp_path):
         AutoTokenizer.from_pretrained(tiny_model_dir)("good movie")["input_ids"]
     merged, original = body_of(out), body_of(tiny_model_dir)
     assert all(torch.equal(merged[k], original[k]) for k in original)  # merging a model with itself
+
+
+def test_base_without_tensors_the_inputs_have_is_refused(tmp_path):
+    torch.manual_seed(3)
+    extra = {"pad_token_id": 1}
+    body = RobertaModel(RobertaConfig(**SMALL, **extra))
+    body.save_pretrained(tmp_path / "plain")  # has the pooler
+    classifier_base = RobertaForSequenceClassification(RobertaConfig(**SMALL, num_labels=2, **extra))
+    classifier_base.save_pretrained(tmp_path / "cls-base")  # has no pooler
+    with pytest.raises(ColdFusionError, match=r"lacks body tensors \['pooler.dense.bias'"):
+        merge_checkpoints(MergeConfig(method="task_arithmetic", base_model=str(tmp_path / "cls-base"),
+                                      models=[{"model": str(tmp_path / "plain")}] * 2, output=tmp_path / "o"))

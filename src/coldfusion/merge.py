@@ -11,6 +11,7 @@ import copy
 import json
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
@@ -128,12 +129,17 @@ def merge_checkpoints(config: MergeConfig) -> Path:
     base_dir = _local_dir(config.base_model) if config.base_model else None
     arch = AutoConfig.from_pretrained(base_dir or dirs[0])
     body_keys, prefix, body_class = _body_layout(arch)
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch:
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as hasher:
         files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
+        # checksums for the model card, computed while the fusion runs (hashlib releases the GIL)
+        checksums = {f: hasher.submit(sha256_file, f) for d in dirs for f in files[d]}
         open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, prefix, str(d)))  # noqa: E731
         readers = [open_body(d) for d in dirs]
         base = open_body(base_dir) if base_dir else None
         common = set.intersection(*(r.keys() & body_keys for r in readers))
+        if op.needs_base and common - base.keys():
+            raise ColdFusionError(f"base model {base_dir} lacks body tensors {sorted(common - base.keys())[:5]} "
+                                  "that every input has")
         missing = body_keys - common  # e.g. the pooler, absent from RoBERTa classifiers
         copied = {}
         if missing:
@@ -154,7 +160,7 @@ def merge_checkpoints(config: MergeConfig) -> Path:
         else:  # a plain encoder that AutoModel loads
             tensors, arch = body, copy.deepcopy(arch)
             arch.architectures = [body_class]
-        inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: sha256_file(f) for f in files[d]}}
+        inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: checksums[f].result() for f in files[d]}}
                   for m, d in zip(config.models, dirs, strict=True)]
         record = {"method": config.method, "params": config.params, "base_model": config.base_model,
                   "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(copied)}
