@@ -7,7 +7,6 @@ is a directory transformers loads, with a model card recording the base model, t
 method, its parameters and the checksums of every input.
 """
 
-import copy
 import json
 import shutil
 import tempfile
@@ -20,7 +19,6 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel
 
 from coldfusion.checkpoint import save_tensors, sha256_file
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
@@ -93,24 +91,49 @@ def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Pat
     raise ColdFusionError(f"{model_dir} has no model.safetensors (nor shards): is it a model directory?")
 
 
-def _body_layout(config) -> tuple[set[str], str, str]:
-    """The body's tensor names, its prefix inside task models ("bert.") and its class name."""
+def _config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ColdFusionError(f"{model_dir} has no config.json: is it a model directory?")
+    return json.loads(path.read_text())
+
+
+def _is_plain_encoder(config: dict) -> bool:
+    """Saved by AutoModel (BertModel, RobertaModel, ...) rather than a task model (...ForX)."""
+    archs = config.get("architectures") or []
+    return len(archs) == 1 and archs[0].endswith("Model") and "For" not in archs[0]
+
+
+def _body_layout(dirs: list[Path], files: dict[Path, list[Path]]) -> tuple[set[str], str]:
+    """The body's tensor names and class name.
+
+    Read from the first plain-encoder checkpoint among the models when there is one (no
+    modeling code imported: that import is most of a merge's start-up time); otherwise
+    from the architecture transformers builds for the config, on the meta device.
+    """
+    for d in dirs:
+        config = _config(d)
+        if _is_plain_encoder(config):
+            with SafetensorsReader(files[d]) as reader:
+                return reader.keys(), config["architectures"][0]
+    from transformers import AutoConfig, AutoModel  # only here: the import costs seconds
+
     with torch.device("meta"):  # the layout only: no memory, no initialisation
-        body = AutoModel.from_config(config)
-    return set(body.state_dict()), body.base_model_prefix + ".", type(body).__name__
+        body = AutoModel.from_config(AutoConfig.from_pretrained(dirs[0]))
+    return set(body.state_dict()), type(body).__name__
 
 
-def _open_body(files: list[Path], body_keys: set[str], prefix: str, label: str) -> SafetensorsReader:
-    """Read a checkpoint as a body: try no prefix and the model's prefix ("bert."), keep the better."""
-    candidates = [SafetensorsReader(files, p, label) for p in dict.fromkeys(["", prefix])]
-    best = max(candidates, key=lambda r: len(r.keys() & body_keys))
-    for r in candidates:
-        if r is not best:
-            r.close()
-    if not best.keys() & body_keys:
-        best.close()
+def _open_body(files: list[Path], body_keys: set[str], label: str) -> SafetensorsReader:
+    """Read a checkpoint as a body: with no prefix, or the one that uncovers the most body
+    tensors (a classifier stores its body under "bert.", "roberta.", ...)."""
+    with SafetensorsReader(files, label=label) as raw:
+        prefixes = [""] + sorted({k.split(".", 1)[0] + "." for k in raw.keys() if "." in k})
+    best = max(prefixes, key=lambda p: len({k[len(p):] for k in raw.keys() if k.startswith(p)} & body_keys))
+    reader = SafetensorsReader(files, best, label)
+    if not reader.keys() & body_keys:
+        reader.close()
         raise ColdFusionError(f"{label} has none of the body tensors of this architecture")
-    return best
+    return reader
 
 
 def merge_checkpoints(config: MergeConfig) -> Path:
@@ -127,13 +150,12 @@ def merge_checkpoints(config: MergeConfig) -> Path:
 
     dirs = [_local_dir(m.model) for m in config.models]
     base_dir = _local_dir(config.base_model) if config.base_model else None
-    arch = AutoConfig.from_pretrained(base_dir or dirs[0])
-    body_keys, prefix, body_class = _body_layout(arch)
     with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as hasher:
         files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
+        body_keys, body_class = _body_layout([d for d in [base_dir, *dirs] if d], files)
         # checksums for the model card, computed while the fusion runs (hashlib releases the GIL)
         checksums = {f: hasher.submit(sha256_file, f) for d in dirs for f in files[d]}
-        open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, prefix, str(d)))  # noqa: E731
+        open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, str(d)))  # noqa: E731
         readers = [open_body(d) for d in dirs]
         base = open_body(base_dir) if base_dir else None
         common = set.intersection(*(r.keys() & body_keys for r in readers))
@@ -150,16 +172,17 @@ def merge_checkpoints(config: MergeConfig) -> Path:
         fused = fuse_readers(readers, config.method, [m.weight for m in config.models], base=base,
                              names=common, **config.params)
         body = {**fused, **copied}
+        arch = _config(base_dir or dirs[0])
         if config.heads == "keep_base":  # the base's own checkpoint, its body replaced
+            prefix = base.prefix
             raw = stack.enter_context(SafetensorsReader(files[base_dir], label=str(base_dir)))
             head = {k: raw.get_tensor(k) for k in raw.keys() if not k.startswith(prefix) and k not in body_keys}
-            if not head:
+            if not prefix or not head:
                 raise ColdFusionError(f"base model {base_dir} has no head to keep (it is a plain encoder); "
                                       "use `heads: drop`")
             tensors = {**{prefix + k: v for k, v in body.items()}, **head}
         else:  # a plain encoder that AutoModel loads
-            tensors, arch = body, copy.deepcopy(arch)
-            arch.architectures = [body_class]
+            tensors, arch = body, {**arch, "architectures": [body_class]}
         inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: checksums[f].result() for f in files[d]}}
                   for m, d in zip(config.models, dirs, strict=True)]
         record = {"method": config.method, "params": config.params, "base_model": config.base_model,
@@ -172,13 +195,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def _write_output(out: Path, arch, tensors: dict, tokenizer_source: Path, record: dict) -> None:
+def _write_output(out: Path, arch: dict, tensors: dict, tokenizer_source: Path, record: dict) -> None:
     """config.json + model.safetensors (+ tokenizer files, model card) written to a temporary
     sibling directory, then renamed: never a half-written output, no model instantiated."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        arch.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(arch, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         for name in TOKENIZER_FILES:
             if (tokenizer_source / name).exists():

@@ -38,7 +38,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, files: Sequence[Path], prefix: str = "", label: str | None = None):
-        self.label = label or str(files[0])
+        self.label, self.prefix = label or str(files[0]), prefix
         self._fds, self._where = [], {}
         try:
             for path in files:
