@@ -9,6 +9,7 @@ new operator = one module with one registered function.
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -34,13 +35,14 @@ class Operator:
     needs_stats: str | None
     doc: str
 
-    @property
+    # Cached: the engine asks once per tensor, and a signature never changes.
+    @cached_property
     def parameters(self) -> dict[str, object]:
         """The operator's own parameters and their defaults."""
         sig = inspect.signature(self.fuse).parameters
         return {k: p.default for k, p in sig.items() if k not in ENGINE_ARGUMENTS}
 
-    @property
+    @cached_property
     def wants_name(self) -> bool:
         return "name" in inspect.signature(self.fuse).parameters
 
