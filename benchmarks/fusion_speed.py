@@ -110,7 +110,8 @@ def read_once(files: list[Path]) -> float:
 def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
     from contextlib import ExitStack
 
-    from coldfusion.fusion.streaming import SafetensorsReader, fuse_readers
+    from coldfusion.fusion.streaming import fuse_readers
+    from coldfusion.tensorfile import SafetensorsReader
 
     ours_method, params = OURS[method]
     start = time.perf_counter()

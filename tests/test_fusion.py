@@ -112,7 +112,7 @@ def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
 def test_reader_reads_every_dtype_like_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from coldfusion.fusion.streaming import SafetensorsReader
+    from coldfusion.tensorfile import SafetensorsReader
 
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "b": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
@@ -131,3 +131,75 @@ def test_reader_reads_every_dtype_like_safetensors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
     with pytest.raises(ColdFusionError, match="not a readable safetensors file"):
         SafetensorsReader([tmp_path / "junk.safetensors"])
+
+
+# Parameters that make every elementwise operator exercise its whole path.
+SLICING_PARAMS = {"ties": {"density": 0.3}, "dare": {"density": 0.6, "seed": 3},
+                  "trimmed_mean": {"trim": 0.25}}
+
+
+@pytest.mark.parametrize("method", sorted(m for m, op in REGISTRY.items() if op.elementwise))
+def test_slicing_does_not_change_the_fusion(tmp_path, monkeypatch, method):
+    """The engine fuses big tensors in flat slices; any slice size must give the same result."""
+    from coldfusion.fusion import dare, streaming
+
+    torch.manual_seed(2)
+    shapes = {"w": (13, 7), "v": (5,), "empty": (0, 3)}
+    make = lambda: {k: torch.randint(-4, 5, s).float() / 4 for k, s in shapes.items()}  # noqa: E731 (many ties)
+    paths = [write(tmp_path, str(i), make()) for i in range(4)]
+    base = write(tmp_path, "base", make())
+    stats = [write(tmp_path, f"f{i}", {k: torch.rand(s) for k, s in shapes.items()}) for i in range(4)]
+    kwargs = dict(weights=[1, 2, 3, 4], base=base, stats=stats if REGISTRY[method].needs_stats else None,
+                  **SLICING_PARAMS.get(method, {}))
+    monkeypatch.setattr(dare, "BLOCK", 8)
+    whole = fuse_files(paths, method, **kwargs)
+    for size in (1, 8, 24, 50):
+        monkeypatch.setattr(streaming, "SLICE", size)
+        sliced = fuse_files(paths, method, **kwargs)
+        for k in shapes:
+            assert sliced[k].shape == whole[k].shape
+            assert torch.allclose(sliced[k], whole[k], atol=1e-6), (size, k)
+
+
+def test_same_size_different_shape_is_refused(tmp_path):
+    a = write(tmp_path, "a", {"w": torch.zeros(2, 3)})
+    b = write(tmp_path, "b", {"w": torch.zeros(3, 2)})
+    with pytest.raises(ColdFusionError, match=r"shape \[3, 2\] in .*b.safetensors but \[2, 3\]"):
+        fuse_files([a, b])
+
+
+def test_writer_streams_a_valid_safetensors_file(tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from coldfusion.tensorfile import SafetensorsReader, SafetensorsWriter
+
+    tensors = {"a": torch.randn(10, 3), "b16": torch.randn(7).bfloat16(), "empty": torch.zeros(0, 2),
+               "ids": torch.arange(5), "mask": torch.tensor([True, False, True])}
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    path = tmp_path / "out.safetensors"
+    with SafetensorsWriter(path, layout, metadata={"format": "pt"}) as writer:
+        flat = tensors["a"].flatten()
+        for start in range(0, 30, 8):  # in slices
+            writer.write("a", start, flat[start:start + 8])
+        for k in ("b16", "ids", "mask"):  # the empty tensor needs no write
+            writer.write(k, 0, tensors[k])
+        assert not path.exists()  # nothing visible before the commit
+        sha = writer.commit()
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    with SafetensorsReader([path]) as reader:
+        assert torch.equal(reader.read("a", 4, 9), tensors["a"].flatten()[4:9])
+
+    other = tmp_path / "bad.safetensors"
+    writer = SafetensorsWriter(other, layout)
+    with pytest.raises(ColdFusionError, match=r"wrote b16\[0:\] where a\[0:\] was due"):
+        writer.write("b16", 0, tensors["b16"])
+    writer.write("a", 0, tensors["a"])
+    with pytest.raises(ColdFusionError, match=r"tensors \['b16', 'ids', 'mask'\] were never written"):
+        writer.commit()
+    assert not other.exists() and list(tmp_path.iterdir()) == [path]  # no temporary left behind

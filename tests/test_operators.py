@@ -6,7 +6,7 @@ import torch
 from coldfusion.checkpoint import save_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files, get_operator
-from coldfusion.fusion.task_vectors import keep_top_magnitudes
+from coldfusion.fusion.task_vectors import magnitude_cut
 
 
 @pytest.fixture
@@ -62,11 +62,30 @@ def test_ties_with_density_one_and_one_model_equals_task_arithmetic(files):
                               fused([m], "task_arithmetic", base=b, scale=scale), atol=1e-6)
 
 
-def test_keep_top_magnitudes():
+def kept(d: torch.Tensor, density: float) -> torch.Tensor:
+    return d * magnitude_cut(d, density).keep(d.flatten()).view_as(d)
+
+
+def test_magnitude_cut_keeps_exactly_the_top_k():
     d = torch.tensor([[0.1, -5.0], [3.0, -0.2]])
-    assert torch.equal(keep_top_magnitudes(d, 0.5), torch.tensor([[0.0, -5.0], [3.0, 0.0]]))
-    assert torch.equal(keep_top_magnitudes(d, 1.0), d)
-    assert torch.count_nonzero(keep_top_magnitudes(torch.randn(1000), 0.1)) == 100
+    assert torch.equal(kept(d, 0.5), torch.tensor([[0.0, -5.0], [3.0, 0.0]]))
+    assert torch.equal(kept(d, 1.0), d)
+    assert torch.count_nonzero(kept(torch.randn(1000), 0.1)) == 100
+    assert torch.count_nonzero(kept(torch.randn(7), 0.01)) == 1  # never the whole tensor (mergekit's k >= 1)
+    # ties at the cut: exactly k kept, the lowest positions first
+    ties = torch.tensor([1.0, -2.0, 2.0, 0.5, 2.0, -2.0])
+    assert torch.equal(kept(ties, 0.5), torch.tensor([0.0, -2.0, 2.0, 0.0, 2.0, 0.0]))
+
+
+def test_magnitude_cut_is_the_same_on_any_slicing():
+    """The engine applies one cut slice by slice: every slicing must give the whole-tensor mask."""
+    d = torch.randint(-3, 4, (1000,)).float()  # many ties
+    cut = magnitude_cut(d, 0.3)
+    whole = cut.keep(d)
+    assert int(whole.sum()) == 300
+    for size in (1, 7, 64, 333):
+        sliced = torch.cat([cut.keep(d[s:s + size], offset=s) for s in range(0, 1000, size)])
+        assert torch.equal(sliced, whole), size
 
 
 def test_dare_density_one_is_task_arithmetic_or_ties(files):

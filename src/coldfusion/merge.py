@@ -11,20 +11,20 @@ import json
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import save_file
 
 from coldfusion.checkpoint import save_tensors, sha256_file
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
-from coldfusion.fusion.streaming import SafetensorsReader, fuse_readers
+from coldfusion.fusion.streaming import fuse_stream, output_layout
+from coldfusion.tensorfile import DTYPES, SafetensorsReader, SafetensorsWriter
 
 
 class MergeInput(BaseModel):
@@ -163,31 +163,44 @@ def merge_checkpoints(config: MergeConfig) -> Path:
             raise ColdFusionError(f"base model {base_dir} lacks body tensors {sorted(common - base.keys())[:5]} "
                                   "that every input has")
         missing = body_keys - common  # e.g. the pooler, absent from RoBERTa classifiers
-        copied = {}
-        if missing:
-            if base is None or not missing <= base.keys():
-                raise ColdFusionError(f"body tensors {sorted(missing)[:5]} are not in every input; give a "
-                                      "`base_model` that has them, to copy them from")
-            copied = {k: base.get_tensor(k) for k in missing}
-        fused = fuse_readers(readers, config.method, [m.weight for m in config.models], base=base,
-                             names=common, **config.params)
-        body = {**fused, **copied}
+        if missing and (base is None or not missing <= base.keys()):
+            raise ColdFusionError(f"body tensors {sorted(missing)[:5]} are not in every input; give a "
+                                  "`base_model` that has them, to copy them from")
+        fused = fuse_stream(readers, config.method, [m.weight for m in config.models], base=base, names=common,
+                            **config.params)  # checks the arguments now, fuses while being written
+        # (key in the output, source reader, key there) of every tensor, in the order they are written
+        plan = [(k, None, k) for k in output_layout(readers, common)] + [(k, base, k) for k in sorted(missing)]
         arch = _config(base_dir or dirs[0])
         if config.heads == "keep_base":  # the base's own checkpoint, its body replaced
-            prefix = base.prefix
             raw = stack.enter_context(SafetensorsReader(files[base_dir], label=str(base_dir)))
-            head = {k: raw.get_tensor(k) for k in raw.keys() if not k.startswith(prefix) and k not in body_keys}
-            if not prefix or not head:
+            head = sorted(k for k in raw.keys() if not k.startswith(base.prefix) and k not in body_keys)
+            if not base.prefix or not head:
                 raise ColdFusionError(f"base model {base_dir} has no head to keep (it is a plain encoder); "
                                       "use `heads: drop`")
-            tensors = {**{prefix + k: v for k, v in body.items()}, **head}
+            plan = [(base.prefix + k, src, name) for k, src, name in plan] + [(k, raw, k) for k in head]
         else:  # a plain encoder that AutoModel loads
-            tensors, arch = body, {**arch, "architectures": [body_class]}
-        inputs = [{"model": m.model, "weight": m.weight, "sha256": {f.name: checksums[f].result() for f in files[d]}}
-                  for m, d in zip(config.models, dirs, strict=True)]
-        record = {"method": config.method, "params": config.params, "base_model": config.base_model,
-                  "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(copied)}
-        _write_output(out, arch, tensors, tokenizer_source=base_dir or dirs[0], record=record)
+            arch = {**arch, "architectures": [body_class]}
+        layout = {key: _dtype_shape(src or readers[0], name) for key, src, name in plan}
+        with staged_directory(out) as tmp:
+            (tmp / "config.json").write_text(json.dumps(arch, indent=2, sort_keys=True) + "\n")
+            with SafetensorsWriter(tmp / "model.safetensors", layout, metadata={"format": "pt"}) as writer:
+                fused_key = {name: key for key, src, name in plan if src is None}
+                for name, start, values in fused:
+                    writer.write(fused_key[name], start, values)
+                for key, src, name in plan:
+                    if src is not None:
+                        writer.write(key, 0, src.read(name))
+                writer.commit()
+            for name in TOKENIZER_FILES:
+                if ((base_dir or dirs[0]) / name).exists():
+                    shutil.copy2((base_dir or dirs[0]) / name, tmp / name)
+            inputs = [{"model": m.model, "weight": m.weight,
+                       "sha256": {f.name: checksums[f].result() for f in files[d]}}
+                      for m, d in zip(config.models, dirs, strict=True)]
+            record = {"method": config.method, "params": config.params, "base_model": config.base_model,
+                      "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(missing)}
+            (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
+            (tmp / "README.md").write_text(model_card(record))
     return out
 
 
@@ -195,19 +208,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def _write_output(out: Path, arch: dict, tensors: dict, tokenizer_source: Path, record: dict) -> None:
-    """config.json + model.safetensors (+ tokenizer files, model card) written to a temporary
-    sibling directory, then renamed: never a half-written output, no model instantiated."""
+def _dtype_shape(reader: SafetensorsReader, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    return DTYPES[reader.dtype(name)], reader.shape(name)
+
+
+@contextmanager
+def staged_directory(out: Path):
+    """A temporary sibling directory that replaces `out` only once the block succeeds:
+    never a half-written output."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        (tmp / "config.json").write_text(json.dumps(arch, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name in TOKENIZER_FILES:
-            if (tokenizer_source / name).exists():
-                shutil.copy2(tokenizer_source / name, tmp / name)
-        (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(model_card(record))
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

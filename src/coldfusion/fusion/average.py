@@ -7,7 +7,7 @@ import torch
 from coldfusion.fusion.registry import register, weighted_sum
 
 
-@register("average")
+@register("average", elementwise=True)
 def fuse_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i m_i / sum_i w_i with uniform w_i unless weights are given."""
     return weighted_sum(tensors, weights)

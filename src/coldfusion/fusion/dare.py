@@ -1,8 +1,9 @@
 """DARE (Yu et al. 2024): drop task-vector entries at random, rescale the rest, then merge.
 
 `density` is the keep probability (1 - p of the paper, as mergekit spells it). The mask
-of each (tensor, contributor) pair is drawn from a seed derived from `seed` and the
-tensor's name, so a fusion is reproducible.
+is drawn in blocks of BLOCK entries of the flattened tensor, each from a seed derived
+from `seed`, the tensor's name, the block and the contributor: the same seed gives the
+same fusion however the engine slices the tensor.
 """
 
 from collections.abc import Sequence
@@ -14,29 +15,36 @@ from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import mixing_weights, sign_consensus_merge, task_vectors
 from coldfusion.runtime import derive_seed
 
-
-def drop_and_rescale(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    if density >= 1.0:
-        return delta
-    keep = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed)) < density
-    return delta * keep / density
+BLOCK = 1 << 16
 
 
-@register("dare", needs_base=True)
+def keep_mask(numel: int, offset: int, density: float, seed: int, name: str, contributor: int) -> torch.Tensor:
+    """Which of the flat entries [offset, offset + numel) survive the drop."""
+    if numel == 0:
+        return torch.ones(0, dtype=torch.bool)
+    first, last = offset // BLOCK, (offset + numel - 1) // BLOCK
+    draws = torch.cat([torch.rand(BLOCK, generator=torch.Generator().manual_seed(
+        derive_seed(seed, "dare", name, block, contributor))) for block in range(first, last + 1)])
+    start = offset - first * BLOCK
+    return draws[start:start + numel] < density
+
+
+@register("dare", needs_base=True, elementwise=True)
 def fuse_dare(
-    tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, name: str = "",
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, name: str = "", offset: int = 0,
     density: float = 0.5, variant: str = "linear", scale: float = 1.0, normalize: bool = True, seed: int = 0,
 ) -> torch.Tensor:
     """Random drop + rescale of each task vector, then task arithmetic (linear) or TIES sign consensus."""
     if not 0.0 < density <= 1.0:
         raise ColdFusionError(f"dare: density must be in (0, 1], not {density}")
-    w = mixing_weights(weights, normalize)
-    deltas = torch.stack([drop_and_rescale(d, density, derive_seed(seed, "dare", name, i))
-                          for i, d in enumerate(task_vectors(tensors, base))])
-    if variant == "linear":
-        merged = (w.view(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(0)
-    elif variant == "ties":
-        merged = sign_consensus_merge(deltas, weights, normalize)
-    else:
+    if variant not in ("linear", "ties"):
         raise ColdFusionError(f"dare: variant must be 'linear' or 'ties', not '{variant}'")
-    return base.float() + scale * merged
+    deltas = task_vectors(tensors, base).flatten(1)
+    if density < 1.0:
+        for i, delta in enumerate(deltas):
+            delta.mul_(keep_mask(delta.numel(), offset, density, seed, name, i)).div_(density)
+    if variant == "linear":
+        merged = mixing_weights(weights, normalize) @ deltas
+    else:
+        merged = sign_consensus_merge(deltas, weights, normalize)
+    return base.float() + scale * merged.view_as(base)

@@ -7,7 +7,7 @@ import torch
 from coldfusion.fusion.registry import register
 
 
-@register("fisher", needs_stats="fisher")
+@register("fisher", needs_stats="fisher", elementwise=True)
 def fuse_fisher(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, stats: Sequence[torch.Tensor], floor: float = 1e-6,
 ) -> torch.Tensor:

@@ -4,6 +4,14 @@ An operator fuses one named tensor at a time: it receives the contributed tensor
 lazy sequence (each read from disk when indexed), their weights, the base tensor when it
 needs one, and its own keyword parameters (validated against its signature). Writing a
 new operator = one module with one registered function.
+
+Most operators act entry by entry (`elementwise=True`): the engine then hands them flat
+slices of a few hundred thousand entries of every model at a time (`offset` is where the
+slice starts), so memory stays flat however many models and however large the tensor.
+An operator that needs a whole-tensor quantity of each model first (TIES: the magnitude
+cut-off of each task vector) names a `prepare(tensors, base, **params)` function; the
+engine calls it with whole tensors, one model at a time, and passes its result to every
+slice as `prepared`.
 """
 
 import inspect
@@ -18,7 +26,7 @@ from coldfusion.errors import ColdFusionError
 FuseFn = Callable[..., torch.Tensor]
 
 # Arguments every operator may receive from the engine; everything else is a parameter.
-ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats")
+ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats", "offset", "prepared")
 # Statistics an operator may need from each contributor ("fisher": diagonal Fisher of
 # every tensor; "gram": X^T X of the inputs of every linear layer, keyed by its weight).
 STATISTICS = ("fisher", "gram")
@@ -34,6 +42,8 @@ class Operator:
     needs_base: bool
     needs_stats: str | None
     doc: str
+    elementwise: bool = False  # fusing any slice of the flattened tensors on its own gives that slice
+    prepare: Callable | None = None  # prepare(tensors, base, **params): whole-tensor facts per model
 
     # Cached: the engine asks once per tensor, and a signature never changes.
     @cached_property
@@ -43,8 +53,14 @@ class Operator:
         return {k: p.default for k, p in sig.items() if k not in ENGINE_ARGUMENTS}
 
     @cached_property
-    def wants_name(self) -> bool:
-        return "name" in inspect.signature(self.fuse).parameters
+    def arguments(self) -> frozenset[str]:
+        """The engine arguments the operator takes (e.g. `name` to seed its randomness)."""
+        return frozenset(inspect.signature(self.fuse).parameters) & set(ENGINE_ARGUMENTS)
+
+    def prepare_params(self, params: dict) -> dict:
+        """The parameters that `prepare` takes, defaults filled in from the operator's."""
+        wanted = inspect.signature(self.prepare).parameters
+        return {k: v for k, v in {**self.parameters, **params}.items() if k in wanted}
 
     def check_params(self, params: dict) -> dict:
         """Canonical parameter names; an unknown one is an error that lists the valid ones."""
@@ -59,11 +75,14 @@ class Operator:
 REGISTRY: dict[str, Operator] = {}
 
 
-def register(name: str, *, weighting: str = "uniform", needs_base: bool = False, needs_stats: str | None = None):
+def register(name: str, *, weighting: str = "uniform", needs_base: bool = False, needs_stats: str | None = None,
+             elementwise: bool = False, prepare: Callable | None = None):
     assert needs_stats in (None, *STATISTICS), needs_stats
+    assert prepare is None or elementwise, "prepare only makes sense for an elementwise operator"
+
     def wrap(fn: FuseFn) -> FuseFn:
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc)
+        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc, elementwise, prepare)
         return fn
 
     return wrap

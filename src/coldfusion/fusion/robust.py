@@ -8,7 +8,7 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import register
 
 
-@register("median")
+@register("median", elementwise=True)
 def fuse_median(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Element-wise median (the mean of the two middle values when n is even)."""
     ordered = torch.stack([t.float() for t in tensors]).sort(dim=0).values
@@ -16,7 +16,7 @@ def fuse_median(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-@register("trimmed_mean")
+@register("trimmed_mean", elementwise=True)
 def fuse_trimmed_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor, trim: float = 0.2) -> torch.Tensor:
     """Element-wise mean after dropping the floor(trim * n) largest and smallest values."""
     if not 0.0 <= trim < 0.5:

@@ -1,12 +1,11 @@
-"""Fuse checkpoints name by name, so memory does not grow with the number of models.
+"""Fuse checkpoints name by name, slice by slice, so memory does not grow with the number of models.
 
 Checkpoints are safetensors (one file or shards); each contributed tensor is read from
-disk only when the operator indexes it, and only the fused output is kept.
+disk only when the operator indexes it. `fuse_stream` yields the fused result a slice
+at a time (for writing straight to disk); `fuse_readers` / `fuse_files` collect it.
 """
 
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,79 +13,19 @@ import torch
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
-from coldfusion.fusion.registry import get_operator
+from coldfusion.fusion.registry import Operator, get_operator
+from coldfusion.tensorfile import DTYPES, FLOAT_DTYPES, SafetensorsReader
 
-# safetensors dtype names of the floating-point tensors that operators fuse
-FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-# safetensors dtype names -> torch dtypes
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-class SafetensorsReader:
-    """The tensors of one checkpoint (one file or several shards), read one at a time.
-
-    Tensors are read with pread from the file (the format is an 8-byte header length,
-    a JSON header of dtype / shape / byte range per tensor, then the data), not through
-    a memory map: pages of a mapped file stay in the process's resident memory while it
-    is open, which would make memory grow with the number of models after all.
-    With a `prefix`, only keys under it are seen, with the prefix removed: a
-    classification checkpoint's "bert.encoder..." reads as the body's "encoder...".
-    """
-
-    def __init__(self, files: Sequence[Path], prefix: str = "", label: str | None = None):
-        self.label, self.prefix = label or str(files[0]), prefix
-        self._fds, self._where = [], {}
-        try:
-            for path in files:
-                fd = os.open(path, os.O_RDONLY)
-                self._fds.append(fd)
-                size = int.from_bytes(os.pread(fd, 8, 0), "little")
-                header = json.loads(os.pread(fd, size, 8))
-                for key, info in header.items():
-                    if key != "__metadata__" and key.startswith(prefix):
-                        self._where[key[len(prefix):]] = (fd, 8 + size, info)
-        except (OSError, ValueError) as exc:
-            self.close()
-            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def keys(self) -> set[str]:
-        return set(self._where)
-
-    def dtype(self, name: str) -> str:
-        return self._where[name][2]["dtype"]
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        fd, data_start, info = self._where[name]
-        start, end = info["data_offsets"]
-        data = bytearray(os.pread(fd, end - start, data_start + start))
-        if len(data) != end - start:
-            raise ColdFusionError(f"{self.label}: tensor '{name}' is truncated; the file is corrupt")
-        if not data:
-            return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-        return torch.frombuffer(data, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+# Entries per slice for elementwise operators: 1 MB of float32 per model, which keeps
+# the working set of 16 models in cache and memory flat in the number of models.
+SLICE = 1 << 18
 
 
 class LazyTensors(Sequence):
-    """The same-named tensor of every checkpoint, read from disk on access."""
+    """The same-named tensor (or flat slice [start, stop) of it) of every checkpoint, read on access."""
 
-    def __init__(self, readers, name: str):
-        self.readers, self.name = readers, name
+    def __init__(self, readers, name: str, span: tuple[int, int] | None = None):
+        self.readers, self.name, self.span = readers, name, span
 
     def __len__(self) -> int:
         return len(self.readers)
@@ -97,7 +36,8 @@ class LazyTensors(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return self.readers[i].get_tensor(self.name)
+        reader = self.readers[i]
+        return reader.get_tensor(self.name) if self.span is None else reader.read(self.name, *self.span)
 
 
 def _check_same_keys(readers: Sequence[SafetensorsReader]) -> None:
@@ -110,7 +50,21 @@ def _check_same_keys(readers: Sequence[SafetensorsReader]) -> None:
                                   f"missing {missing[:3]}, extra {extra[:3]}")
 
 
-def fuse_readers(
+def _check_same_shape(name: str, readers: Sequence[SafetensorsReader]) -> None:
+    # Slices are flat: without this, two layouts with the same size would fuse silently.
+    shape = readers[0].shape(name)
+    for reader in readers[1:]:
+        if reader.shape(name) != shape:
+            raise ColdFusionError(f"tensor '{name}' has shape {list(reader.shape(name))} in {reader.label} but "
+                                  f"{list(shape)} in {readers[0].label}; only same-architecture models can be fused")
+
+
+def output_layout(readers: Sequence[SafetensorsReader], names: set[str]) -> dict[str, tuple[torch.dtype, tuple]]:
+    """dtype and shape of every fused tensor, in the order `fuse_stream` yields them."""
+    return {n: (DTYPES[readers[0].dtype(n)], readers[0].shape(n)) for n in sorted(names)}
+
+
+def fuse_stream(
     readers: Sequence[SafetensorsReader],
     method: str = "average",
     weights: Sequence[float] | None = None,
@@ -118,8 +72,12 @@ def fuse_readers(
     stats: Sequence[SafetensorsReader] | None = None,
     names: set[str] | None = None,
     **params,
-) -> Tensors:
-    """Fuse the tensors `names` (default: all; then every checkpoint must have the same ones)."""
+) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """Yield (name, offset, flat fused values) for the tensors `names` (default: all; then
+    every checkpoint must have the same ones), in name order, offsets increasing.
+
+    Arguments are checked before the first slice is fused.
+    """
     if not readers:
         raise ColdFusionError("nothing to fuse: no contributions")
     op = get_operator(method)
@@ -138,25 +96,66 @@ def fuse_readers(
         names = readers[0].keys()
     if stats:
         _check_same_keys(stats)
+    if op.needs_base and set(names) - base.keys():
+        raise ColdFusionError(f"base model {base.label} lacks tensors {sorted(set(names) - base.keys())[:3]}")
+    for name in names:
+        _check_same_shape(name, [*readers, *([base] if op.needs_base else [])])
+    return _fuse(op, readers, w, base, stats, sorted(names), params)
+
+
+def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict):
     stat_names = stats[0].keys() if stats else set()
-    fused = {}
-    for name in sorted(names):
-        tensors = LazyTensors(readers, name)
+    for name in names:
         dtype = FLOAT_DTYPES.get(readers[0].dtype(name))
         if dtype is None:  # integer buffers (ids) must agree; never averaged
-            first = tensors[0]
-            if any(not torch.equal(first, tensors[i]) for i in range(1, len(tensors))):
+            first = readers[0].read(name)
+            if any(not torch.equal(first, r.read(name)) for r in readers[1:]):
                 raise ColdFusionError(f"non-float tensor '{name}' differs between contributions")
-            fused[name] = first
+            yield name, 0, first
             continue
-        extra = {"base": base.get_tensor(name)} if op.needs_base else {}
-        if op.needs_stats:
-            if op.needs_stats == "fisher" and name not in stat_names:
-                raise ColdFusionError(f"{stats[0].label} has no Fisher entry for tensor '{name}'")
-            extra["stats"] = LazyTensors(stats, name) if name in stat_names else None
-        if op.wants_name:
-            extra["name"] = name
-        fused[name] = op.fuse(tensors, w, **extra, **params).to(dtype)
+        if op.needs_stats == "fisher" and name not in stat_names:
+            raise ColdFusionError(f"{stats[0].label} has no Fisher entry for tensor '{name}'")
+        if op.needs_stats == "fisher":
+            _check_same_shape(name, [readers[0], *stats])
+        if not op.elementwise:  # whole tensors (RegMean: a matrix solve per linear layer)
+            yield name, 0, op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
+                                   **params).to(dtype).flatten()
+            continue
+        prepared = {}
+        if op.prepare:
+            full_base = base.get_tensor(name) if op.needs_base else None
+            prepared = {"prepared": op.prepare(LazyTensors(readers, name), full_base, **op.prepare_params(params))}
+            del full_base
+        numel = readers[0].numel(name)
+        for start in range(0, numel, SLICE):
+            span = (start, min(start + SLICE, numel))
+            args = _engine_args(op, base, stats, stat_names, name, span)
+            fused = op.fuse(LazyTensors(readers, name, span), w, **args, **prepared, **params)
+            yield name, start, fused.to(dtype)
+
+
+def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[int, int] | None = None) -> dict:
+    """What the operator takes besides tensors and weights, read for this tensor (or slice)."""
+    args = {}
+    if op.needs_base:
+        args["base"] = base.get_tensor(name) if span is None else base.read(name, *span)
+    if op.needs_stats:
+        args["stats"] = LazyTensors(stats, name, span) if name in stat_names else None
+    if "name" in op.arguments:
+        args["name"] = name
+    if "offset" in op.arguments:
+        args["offset"] = span[0] if span else 0
+    return args
+
+
+def fuse_readers(readers: Sequence[SafetensorsReader], method: str = "average", weights=None, base=None,
+                 stats=None, names: set[str] | None = None, **params) -> Tensors:
+    """The fused tensors, in memory (see `fuse_stream` for the arguments)."""
+    stream = fuse_stream(readers, method, weights, base, stats, names, **params)
+    fused = {n: torch.empty(shape, dtype=dtype) for n, (dtype, shape) in
+             output_layout(readers, names if names is not None else readers[0].keys()).items()}
+    for name, start, values in stream:
+        fused[name].view(-1)[start:start + values.numel()] = values.view(-1)
     return fused
 
 

@@ -8,7 +8,7 @@ from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import mixing_weights
 
 
-@register("task_arithmetic", needs_base=True)
+@register("task_arithmetic", needs_base=True, elementwise=True)
 def fuse_task_arithmetic(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor,
     scale: float = 1.0, normalize: bool = True,

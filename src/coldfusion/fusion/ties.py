@@ -1,18 +1,28 @@
-"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean."""
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
+
+The trim keeps each task vector's largest magnitudes over the whole tensor, so the
+engine first finds each model's cut (`prepare`, one model at a time); the merge itself
+is entry by entry and runs slice by slice.
+"""
 
 from collections.abc import Sequence
 
 import torch
 
 from coldfusion.fusion.registry import register
-from coldfusion.fusion.task_vectors import keep_top_magnitudes, sign_consensus_merge, task_vectors
+from coldfusion.fusion.task_vectors import MagnitudeCut, magnitude_cuts, sign_consensus_merge, task_vectors
 
 
-@register("ties", needs_base=True)
+@register("ties", needs_base=True, elementwise=True, prepare=magnitude_cuts)
 def fuse_ties(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor,
+    offset: int = 0, prepared: Sequence[MagnitudeCut] | None = None,
     density: float = 0.2, scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
-    deltas = torch.stack([keep_top_magnitudes(d, density) for d in task_vectors(tensors, base)])
-    return base.float() + scale * sign_consensus_merge(deltas, weights, normalize)
+    cuts = prepared if prepared is not None else magnitude_cuts(tensors, base, density)
+    deltas = task_vectors(tensors, base).flatten(1)
+    for delta, cut in zip(deltas, cuts, strict=True):
+        delta.mul_(cut.keep(delta, offset))
+    merged = sign_consensus_merge(deltas, weights, normalize).view_as(base)
+    return base.float() + scale * merged

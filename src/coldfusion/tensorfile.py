@@ -1,0 +1,167 @@
+"""safetensors files read and written a tensor, or a slice of one, at a time.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape and
+byte range of every tensor, plus optional `__metadata__`), then the raw data. Reading
+slices with pread and writing sequentially keeps memory independent of the file's size;
+the safetensors library itself only loads or saves whole dictionaries.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from coldfusion.checkpoint import FILE_MODE
+from coldfusion.errors import ColdFusionError
+
+# safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {k: v for k, v in DTYPES.items() if v.is_floating_point}
+
+
+class SafetensorsReader:
+    """The tensors of one checkpoint (one file or several shards), read on demand.
+
+    Tensors are read with pread straight into a fresh torch buffer, not through a memory
+    map: pages of a mapped file stay in the process's resident memory while it is open,
+    which would make memory grow with the number of models after all.
+    With a `prefix`, only keys under it are seen, with the prefix removed: a
+    classification checkpoint's "bert.encoder..." reads as the body's "encoder...".
+    """
+
+    def __init__(self, files: Sequence[Path], prefix: str = "", label: str | None = None):
+        self.label, self.prefix = label or str(files[0]), prefix
+        self._fds, self._where = [], {}
+        try:
+            for path in files:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds.append(fd)
+                size = int.from_bytes(os.pread(fd, 8, 0), "little")
+                header = json.loads(os.pread(fd, size, 8))
+                for key, info in header.items():
+                    if key != "__metadata__" and key.startswith(prefix):
+                        if info["dtype"] not in DTYPES:
+                            raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
+                        self._where[key[len(prefix):]] = (fd, 8 + size, info)
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def dtype(self, name: str) -> str:
+        return self._where[name][2]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][2]["shape"])
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.read(name).reshape(self.shape(name))
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a new 1-D tensor."""
+        fd, data_start, info = self._where[name]
+        dtype = DTYPES[info["dtype"]]
+        stop = self.numel(name) if stop is None else stop
+        size = dtype.itemsize
+        out = torch.empty((stop - start) * size, dtype=torch.uint8)
+        if out.numel():
+            first = info["data_offsets"][0]
+            got = os.preadv(fd, [out.numpy()], data_start + first + start * size)
+            if got != out.numel() or first + stop * size > info["data_offsets"][1]:
+                raise ColdFusionError(f"{self.label}: tensor '{name}' is truncated; the file is corrupt")
+        return out.view(dtype)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose layout is known up front, slice by slice, in order.
+
+    The file appears atomically at `path` on `commit()` (temporary sibling, fsync,
+    rename); `sha256` is its checksum, computed while writing.
+    """
+
+    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, offset, self._order = {}, 0, []
+        if metadata:
+            header["__metadata__"] = metadata
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._order.append((name, math.prod(shape), dtype))
+            offset += size
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self._put(len(head).to_bytes(8, "little") + head)
+        self._at, self._done = 0, 0  # the tensor being written, elements of it written
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Elements [start, start + len) of tensor `name`; slices must come in file order."""
+        while self._at < len(self._order) and self._done == self._order[self._at][1] and \
+                self._order[self._at][0] != name:
+            self._at, self._done = self._at + 1, 0
+        expected, numel, dtype = self._order[self._at] if self._at < len(self._order) else (None, 0, None)
+        if name != expected or start != self._done or start + values.numel() > numel:
+            raise ColdFusionError(f"internal error: wrote {name}[{start}:] where {expected}[{self._done}:] was due")
+        self._put(values.detach().to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
+        self._done += values.numel()
+
+    def commit(self) -> str:
+        """Check every byte was written, make the file visible at `path`; return its sha256."""
+        current, numel, _ = self._order[self._at] if self._at < len(self._order) else (None, 0, None)
+        missing = ([current] if self._done < numel else []) + [n for n, k, _ in self._order[self._at + 1:] if k]
+        if missing:
+            self.abort()
+            raise ColdFusionError(f"internal error: tensors {missing[:3]} were never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self._tmp, FILE_MODE)
+        os.replace(self._tmp, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+        return False
+
