@@ -2,9 +2,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from coldfusion.checkpoint import load_tensors, save_tensors, sha256_file
+from coldfusion.checkpoint import load_tensors, save_tensors
 from coldfusion.encoder import Classifier, Encoder, body_tensors, export_pretrained, load_body_tensors
 from coldfusion.errors import ColdFusionError
+from coldfusion.inputs import sha256_file
 
 
 def test_body_and_head_are_separate(tiny_model_dir):

@@ -17,10 +17,11 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
-from coldfusion.checkpoint import save_tensors, sha256_file
+from coldfusion.checkpoint import save_tensors
 from coldfusion.cli import app
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files
+from coldfusion.inputs import sha256_file
 from coldfusion.merge import MergeConfig, load_merge_config, merge_checkpoints
 
 SMALL = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

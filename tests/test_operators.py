@@ -6,7 +6,7 @@ import torch
 from coldfusion.checkpoint import save_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files, get_operator
-from coldfusion.fusion.task_vectors import magnitude_cut
+from coldfusion.fusion.task_vectors import magnitude_cut, trim
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_ties_with_density_one_and_one_model_equals_task_arithmetic(files):
 
 
 def kept(d: torch.Tensor, density: float) -> torch.Tensor:
-    return d * magnitude_cut(d, density).keep(d.flatten()).view_as(d)
+    return trim(d.flatten().unsqueeze(0).clone(), [magnitude_cut(d, density)]).view_as(d)
 
 
 def test_magnitude_cut_keeps_exactly_the_top_k():
@@ -81,10 +81,11 @@ def test_magnitude_cut_is_the_same_on_any_slicing():
     """The engine applies one cut slice by slice: every slicing must give the whole-tensor mask."""
     d = torch.randint(-3, 4, (1000,)).float()  # many ties
     cut = magnitude_cut(d, 0.3)
-    whole = cut.keep(d)
-    assert int(whole.sum()) == 300
+    whole = trim(d.unsqueeze(0).clone(), [cut])
+    assert int(whole.count_nonzero()) == 300
     for size in (1, 7, 64, 333):
-        sliced = torch.cat([cut.keep(d[s:s + size], offset=s) for s in range(0, 1000, size)])
+        sliced = torch.cat([trim(d[s:s + size].unsqueeze(0).clone(), [cut], offset=s) for s in range(0, 1000, size)],
+                           dim=1)
         assert torch.equal(sliced, whole), size
 
 

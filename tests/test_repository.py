@@ -3,8 +3,8 @@ import sqlite3
 import pytest
 import torch
 
-from coldfusion.checkpoint import sha256_file
 from coldfusion.errors import ColdFusionError
+from coldfusion.inputs import sha256_file
 from coldfusion.repository import Repository
 
 

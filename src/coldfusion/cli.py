@@ -48,6 +48,7 @@ def run(
 @app.command()
 def merge(config: Path = typer.Argument(..., help="merge config (YAML); see configs/merge_example.yaml")) -> None:
     """Fuse finetuned checkpoints you already have into one encoder directory."""
+    _start_hashing_inputs(config)  # the model card's checksums, while torch imports
     from coldfusion.merge import load_merge_config, merge_checkpoints
 
     try:
@@ -55,6 +56,19 @@ def merge(config: Path = typer.Argument(..., help="merge config (YAML); see conf
     except ColdFusionError as exc:
         _fail(exc)
     console.print(f"[green]merged encoder written to[/] {out} (model card: {out / 'README.md'})")
+
+
+def _start_hashing_inputs(config: Path) -> None:
+    """Best effort: the config is validated properly later."""
+    from coldfusion.configfile import read_yaml_mapping
+    from coldfusion.inputs import safetensors_files, start_hashing
+
+    try:
+        models = read_yaml_mapping(config).get("models") or []
+        dirs = [Path(m["model"]) for m in models if isinstance(m, dict) and isinstance(m.get("model"), str)]
+        start_hashing([f for d in dirs if d.is_dir() for f in safetensors_files(d)])
+    except (ColdFusionError, OSError, ValueError, KeyError, TypeError):
+        pass
 
 
 @app.command()

@@ -10,7 +10,6 @@ method, its parameters and the checksums of every input.
 import json
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
@@ -19,11 +18,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coldfusion.checkpoint import save_tensors, sha256_file
+from coldfusion.checkpoint import save_tensors
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import fuse_stream, output_layout
+from coldfusion.inputs import safetensors_files, sha256, start_hashing
 from coldfusion.tensorfile import DTYPES, SafetensorsReader, SafetensorsWriter
 
 
@@ -74,12 +74,9 @@ def _local_dir(model: str) -> Path:
 
 def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:
     """The safetensors files of a checkpoint (sharded or not); a pickle only when allowed."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
-    if (model_dir / "model.safetensors").exists():
-        return [model_dir / "model.safetensors"]
+    files = safetensors_files(model_dir)
+    if files:
+        return files
     pickle = model_dir / "pytorch_model.bin"
     if pickle.exists():
         if not allow_pickle:
@@ -150,11 +147,10 @@ def merge_checkpoints(config: MergeConfig) -> Path:
 
     dirs = [_local_dir(m.model) for m in config.models]
     base_dir = _local_dir(config.base_model) if config.base_model else None
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(1) as hasher:
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as scratch:
         files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
         body_keys, body_class = _body_layout([d for d in [base_dir, *dirs] if d], files)
-        # checksums for the model card, computed while the fusion runs (hashlib releases the GIL)
-        checksums = {f: hasher.submit(sha256_file, f) for d in dirs for f in files[d]}
+        start_hashing([f for d in dirs for f in files[d]])  # for the model card, while the fusion runs
         open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, str(d)))  # noqa: E731
         readers = [open_body(d) for d in dirs]
         base = open_body(base_dir) if base_dir else None
@@ -195,7 +191,7 @@ def merge_checkpoints(config: MergeConfig) -> Path:
                 if ((base_dir or dirs[0]) / name).exists():
                     shutil.copy2((base_dir or dirs[0]) / name, tmp / name)
             inputs = [{"model": m.model, "weight": m.weight,
-                       "sha256": {f.name: checksums[f].result() for f in files[d]}}
+                       "sha256": {f.name: sha256(f) for f in files[d]}}
                       for m, d in zip(config.models, dirs, strict=True)]
             record = {"method": config.method, "params": config.params, "base_model": config.base_model,
                       "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(missing)}

@@ -16,13 +16,15 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import Operator, get_operator
 from coldfusion.tensorfile import DTYPES, FLOAT_DTYPES, SafetensorsReader
 
-# Entries per slice for elementwise operators: 1 MB of float32 per model, which keeps
+# Entries per slice for elementwise operators: 256 KB of float32 per model, which keeps
 # the working set of 16 models in cache and memory flat in the number of models.
-SLICE = 1 << 18
+SLICE = 1 << 16
 
 
 class LazyTensors(Sequence):
     """The same-named tensor (or flat slice [start, stop) of it) of every checkpoint, read on access."""
+
+    fresh = True  # every access reads into a new buffer, which the operator may overwrite
 
     def __init__(self, readers, name: str, span: tuple[int, int] | None = None):
         self.readers, self.name, self.span = readers, name, span

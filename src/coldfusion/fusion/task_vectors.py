@@ -5,7 +5,8 @@ the same flat slice of each).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,56 +37,85 @@ class MagnitudeCut:
     value: float
     last_tie: int
 
-    def keep(self, delta: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Boolean mask over a flat slice of the task vector that starts at `offset`."""
-        magnitude = delta.abs()
-        kept = magnitude > self.value
-        if offset <= self.last_tie:
-            at_cut = magnitude == self.value
-            if offset + delta.numel() - 1 > self.last_tie:
-                at_cut &= torch.arange(offset, offset + delta.numel()) <= self.last_tie
-            kept |= at_cut
-        return kept
-
 
 def magnitude_cut(delta: torch.Tensor, density: float) -> MagnitudeCut:
     """Where to cut one task vector (any shape; positions are those of its flattening)."""
-    n = delta.numel()
+    magnitudes = lambda: delta.detach().float().flatten().abs()  # noqa: E731
+    return _cut(magnitudes(), density, magnitudes)
+
+
+def _cut(magnitude: torch.Tensor, density: float, magnitudes_again: Callable[[], torch.Tensor]) -> MagnitudeCut:
+    """The cut from a flat float32 buffer of magnitudes, which it scrambles. In the rare
+    case that ties straddle the cut, their positions come from `magnitudes_again()`."""
+    n = magnitude.numel()
     if density >= 1.0:
         return MagnitudeCut(-math.inf, n)
     if density <= 0 or n == 0:
         return MagnitudeCut(math.inf, -1)
     k = max(1, int(density * n))
-    magnitude = delta.detach().float().flatten().abs()
-    # numpy's introselect finds the k-th largest in linear time, several times faster than torch.kthvalue
-    value = float(np.partition(magnitude.numpy(), n - k)[n - k])
-    if value == 0.0:  # zero entries never join a sign consensus: keeping them changes nothing
-        return MagnitudeCut(0.0, n)
-    ties_needed = k - int((magnitude > value).sum())
-    ties = torch.nonzero(magnitude == value).flatten()
+    # numpy's introselect finds the k-th largest in linear time, in place (torch.kthvalue is slower and copies)
+    scratch = magnitude.numpy()
+    scratch.partition(n - k)
+    value = float(scratch[n - k])
+    if value == 0.0 or n == k or scratch[: n - k].max() < value:  # every entry at the cut is kept
+        return MagnitudeCut(value, n)
+    ties_needed = k - int(np.count_nonzero(scratch[n - k + 1:] > value))
+    del scratch, magnitude
+    ties = torch.nonzero(magnitudes_again() == value).flatten()
     return MagnitudeCut(value, int(ties[ties_needed - 1]))
 
 
 def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float) -> list[MagnitudeCut]:
-    """The cut of every model's whole task vector, one model in memory at a time."""
-    b = base.float()
-    return [magnitude_cut(t.float() - b, density) for t in tensors]
+    """The cut of every model's whole task vector. The selection is most of TIES's time, so
+    two models are cut at once (torch and numpy release the GIL), each in one buffer: its
+    own read when `tensors` hands out fresh buffers (the engine's lazy reads do)."""
+    b = base.float().flatten()
+    fresh = getattr(tensors, "fresh", False)
+
+    def magnitudes(i: int) -> torch.Tensor:
+        t = tensors[i].flatten()
+        owned = fresh or t.dtype != torch.float32
+        return (t.float().sub_(b) if owned else t - b).abs_()
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda i: _cut(magnitudes(i), density, lambda: magnitudes(i)), range(len(tensors))))
+
+
+def trim(deltas: torch.Tensor, cuts: Sequence[MagnitudeCut], offset: int = 0) -> torch.Tensor:
+    """Zero, in place, the entries of task vectors (n, length) outside their cuts; `offset`
+    is the flat position of column 0 (the engine passes slices)."""
+    length = deltas.shape[1]
+    magnitude = deltas.abs()
+    # One comparison for the whole slice: drop `<= value`, or `< value` (`<= nextafter(value,
+    # -inf)`) where every tie in the slice is kept.
+    value = torch.tensor([c.value for c in cuts]).unsqueeze(1)
+    all_ties = torch.tensor([offset + length - 1 <= c.last_tie for c in cuts]).unsqueeze(1)
+    drop = magnitude <= torch.where(all_ties, torch.nextafter(value, torch.tensor(-math.inf)), value)
+    for i, cut in enumerate(cuts):  # rare: the last kept tie falls inside this slice
+        if offset <= cut.last_tie < offset + length - 1:
+            positions = torch.arange(offset, offset + length)
+            drop[i] &= ~((magnitude[i] == cut.value) & (positions <= cut.last_tie))
+    return deltas.masked_fill_(drop, 0.0)
 
 
 def sign_consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """TIES: elect a sign per entry by total weighted mass, merge the entries that agree.
 
-    `deltas` is (n, ...). The elected sign is + where the weighted sum is >= 0 (ties go
-    to +, as in mergekit). With `normalize`, the result is the weighted mean over the
+    `deltas` is (n, length). The elected sign is + where the weighted sum is >= 0 (ties
+    go to +, as in mergekit). With `normalize`, the result is the weighted mean over the
     contributors whose entry is non-zero with the elected sign (0 where none is);
     without, their weighted sum.
     """
-    w = weights.view(-1, *([1] * (deltas.dim() - 1)))
-    weighted = w * deltas
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(deltas) == elected  # a zero entry has sign 0: never agrees
-    merged = (weighted * agree).sum(0)
+    # Written as matrix-vector products over few full passes: with s = sign(d), the
+    # positive part of d is (d + |d|) / 2 and the indicator of d > 0 is (|s| + s) / 2.
+    w = weights.float()
+    total = w @ deltas
+    positive = (total + w @ deltas.abs()) / 2
+    elected_plus = total >= 0
+    merged = torch.where(elected_plus, positive, total - positive)
     if not normalize:
         return merged
-    mass = (w * agree).sum(0)
+    sign = torch.sign(deltas)
+    signed_mass = w @ sign
+    mass = (w @ sign.abs_() + torch.where(elected_plus, signed_mass, -signed_mass)) / 2
     return torch.where(mass > 0, merged / mass.clamp(min=1e-12), torch.zeros_like(merged))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from coldfusion.fusion.registry import register
-from coldfusion.fusion.task_vectors import MagnitudeCut, magnitude_cuts, sign_consensus_merge, task_vectors
+from coldfusion.fusion.task_vectors import MagnitudeCut, magnitude_cuts, sign_consensus_merge, task_vectors, trim
 
 
 @register("ties", needs_base=True, elementwise=True, prepare=magnitude_cuts)
@@ -21,8 +21,6 @@ def fuse_ties(
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
     cuts = prepared if prepared is not None else magnitude_cuts(tensors, base, density)
-    deltas = task_vectors(tensors, base).flatten(1)
-    for delta, cut in zip(deltas, cuts, strict=True):
-        delta.mul_(cut.keep(delta, offset))
+    deltas = trim(task_vectors(tensors, base).flatten(1), cuts, offset)
     merged = sign_consensus_merge(deltas, weights, normalize).view_as(base)
     return base.float() + scale * merged
