@@ -3,8 +3,9 @@
 N = 2, 4, 8, 16 MiniLM-sized checkpoints (the bundled MiniLM body, each nudged by its
 own noise), methods linear / task_arithmetic / ties, all in the same run:
 
-- whole-command wall time and peak RSS of each tool as a subprocess (os.wait4), and the
-  same tool's idle import footprint, so memory can be read above that baseline;
+- whole-command wall time (median of `--repeats` alternated runs) and peak RSS of each
+  tool as a subprocess (os.wait4), and the same tool's idle import footprint, so memory
+  can be read above that baseline;
 - our fusion itself (in-process, streaming) against the time to just read the inputs once;
 - agreement of our output with mergekit's (max absolute difference; entries beyond 1e-5,
   and for TIES how many of those are not explained by a magnitude tie at the trim cut).
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,6 +163,7 @@ def main() -> None:
     p.add_argument("--mergekit", type=Path, default=HERE / ".env", help="the venv that has mergekit")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "coldfusion-fusion-bench")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each command (median time, max memory)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
@@ -187,16 +190,24 @@ def main() -> None:
             ours_cfg, theirs_cfg = write_configs(args.workdir, method, base, dirs)
             out_theirs, out_naive = args.workdir / "out-mergekit", args.workdir / "out-naive.safetensors"
             shutil.rmtree(out_theirs, ignore_errors=True)
-            runs = {
-                "coldfusion": measured([*ours_cmd, str(ours_cfg)], env),
-                "mergekit": measured([*theirs_cmd, str(theirs_cfg), str(out_theirs), "--quiet"], env),
-                "naive": measured([sys.executable, str(HERE / "naive_merge.py"), method, str(out_naive),
-                                   str(base / "model.safetensors"), *map(str, files)], env),
+            commands = {
+                "coldfusion": [*ours_cmd, str(ours_cfg)],
+                "mergekit": [*theirs_cmd, str(theirs_cfg), str(out_theirs), "--quiet"],
+                "naive": [sys.executable, str(HERE / "naive_merge.py"), method, str(out_naive),
+                          str(base / "model.safetensors"), *map(str, files)],
             }
+            # The tools take turns, `--repeats` times: the machine's load drifts, so each
+            # tool's median time is compared with the others' from the same rounds.
+            samples = {system: [] for system in commands}
+            for _ in range(args.repeats):
+                for system, cmd in commands.items():
+                    samples[system].append(measured(cmd, env))
+            runs = {system: (statistics.median(t for t, _ in got), max(m for _, m in got))
+                    for system, got in samples.items()}
             for system, (seconds, rss) in runs.items():
                 above = rss - baselines[system]
                 print(json.dumps({"kind": "command", "n": n, "method": method, "system": system,
-                                  "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
+                                  "seconds": round(seconds, 2), "runs": [round(t, 2) for t, _ in samples[system]], "peak_rss_mb": round(rss, 1),
                                   "peak_above_import_mb": round(above, 1),
                                   "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
             read_s = read_once(files + ([base / "model.safetensors"] if method != "linear" else []))

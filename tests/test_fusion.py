@@ -203,3 +203,30 @@ def test_writer_streams_a_valid_safetensors_file(tmp_path):
     with pytest.raises(ColdFusionError, match=r"tensors \['b16', 'ids', 'mask'\] were never written"):
         writer.commit()
     assert not other.exists() and list(tmp_path.iterdir()) == [path]  # no temporary left behind
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "median"])
+def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
+    """Memory does not grow with the number of models: an elementwise operator only ever
+    sees one slice per model; whole tensors are read one model at a time, by `prepare`."""
+    from coldfusion.fusion import streaming
+    from coldfusion.tensorfile import SafetensorsReader
+
+    torch.manual_seed(3)
+    paths = [write(tmp_path, str(i), {"w": torch.randn(40, 5)}) for i in range(6)]
+    base = write(tmp_path, "base", {"w": torch.randn(40, 5)})
+    sizes = []
+    original = SafetensorsReader.read
+
+    def recording(self, name, start=0, stop=None):
+        out = original(self, name, start, stop)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(SafetensorsReader, "read", recording)
+    monkeypatch.setattr(streaming, "SLICE", 16)
+    fuse_files(paths, method, base=base)
+    whole = [s for s in sizes if s > 16]
+    assert all(s == 200 for s in whole)
+    # TIES reads each model's whole tensor once (and the base's) to find its cut; nobody else does
+    assert len(whole) == (7 if method == "ties" else 0)
