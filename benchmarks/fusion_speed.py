@@ -207,7 +207,8 @@ def main() -> None:
             for system, (seconds, rss) in runs.items():
                 above = rss - baselines[system]
                 print(json.dumps({"kind": "command", "n": n, "method": method, "system": system,
-                                  "seconds": round(seconds, 2), "runs": [round(t, 2) for t, _ in samples[system]], "peak_rss_mb": round(rss, 1),
+                                  "seconds": round(seconds, 2), "runs": [round(t, 2) for t, _ in samples[system]],
+                                  "peak_rss_mb": round(rss, 1),
                                   "peak_above_import_mb": round(above, 1),
                                   "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
             read_s = read_once(files + ([base / "model.safetensors"] if method != "linear" else []))
