@@ -46,3 +46,12 @@ def test_summary_verdicts():
     assert "is not distinguishable from the pretrained one" in noise
     loss = summary_markdown(rows_with("1" * n, "0" * (n // 4) + "1" * (3 * n // 4)), "run")
     assert "is worse than the pretrained one" in loss
+
+
+def test_bootstrap_over_seeds_covers_seed_variance():
+    zeros, ones = np.zeros(400), np.ones(400)
+    # every seed agrees: no uncertainty
+    assert paired_bootstrap_gain([np.stack([zeros, zeros])], [np.stack([ones, ones])]) == (1.0, 1.0, 1.0)
+    # seeds disagree completely (one seed all right, the other all wrong): the interval spans it
+    gain, lo, hi = paired_bootstrap_gain([np.stack([zeros, zeros])], [np.stack([ones, zeros])])
+    assert gain == 0.5 and lo == 0.0 and hi == 1.0

@@ -46,6 +46,25 @@ def run(
 
 
 @app.command()
+def evaluate(
+    config: Path = typer.Argument(..., help="evaluation config (YAML); see configs/evaluate_example.yaml"),
+    run_dir: Path | None = typer.Option(None, help="output directory (default: <output_dir>/<name>)"),
+) -> None:
+    """Score bodies on tasks by finetune / linear probe / few-shot over seeds; resumable."""
+    from coldfusion.evaluation import load_eval_config, run_evaluation
+    from coldfusion.progress import RichProgress
+
+    try:
+        cfg = load_eval_config(config)
+        with RichProgress() as progress:
+            out = run_evaluation(cfg, run_dir=run_dir, progress=progress)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(Markdown((out / "summary.md").read_text()))
+    console.print(f"[green]results:[/] {out / 'results.jsonl'}")
+
+
+@app.command()
 def merge(config: Path = typer.Argument(..., help="merge config (YAML); see configs/merge_example.yaml")) -> None:
     """Fuse finetuned checkpoints you already have into one encoder directory."""
     _start_hashing_inputs(config)  # the model card's checksums, while torch imports

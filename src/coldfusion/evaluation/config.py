@@ -1,0 +1,68 @@
+"""Evaluation configs: which bodies, on which tasks, by which protocols, over which seeds."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coldfusion.configfile import format_validation_error, read_yaml_mapping
+from coldfusion.errors import ColdFusionError
+from coldfusion.evaluation.protocols import ProtocolSettings
+from coldfusion.tasks import TaskSpec
+
+
+class BodySpec(BaseModel):
+    """A body to evaluate: a model (directory, hub id, 'default') or a repository version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str | None = Field(None, description="'default', a model directory or a hub id")
+    repository: Path | None = Field(None, description="a coldfusion repository directory")
+    version: str = Field("latest", description="with `repository`: 'latest', 'v3', 3 or a checksum prefix")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.repository is None):
+            raise ValueError(f"body '{self.name}': give exactly one of `model` or `repository`")
+        return self
+
+
+class EvalConfig(ProtocolSettings):
+    name: str = "evaluation"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    threads: int = Field(2, ge=1)
+    max_length: int = Field(64, ge=8)
+    pooling: Literal["mean", "cls"] = "mean"
+    bodies: list[BodySpec] = Field(min_length=1)
+    reference: str | None = Field(None, description="the body gains are measured against; default the first")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    protocols: list[Literal["linear_probe", "finetune", "few_shot"]] = Field(
+        default_factory=lambda: ["linear_probe"], min_length=1)
+    train_examples: int | None = Field(None, ge=1, description="cap on training examples (finetune, probe)")
+    validation_examples: int | None = Field(500, ge=1)
+    test_examples: int | None = Field(None, ge=1, description="cap on test examples; default all of them")
+    output_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [b.name for b in self.bodies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"body names must be unique: {names}")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"reference '{self.reference}' is not one of the bodies {names}")
+        tasks = [t.name for t in self.tasks]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique: {tasks}")
+        return self
+
+    @property
+    def reference_body(self) -> str:
+        return self.reference or self.bodies[0].name
+
+
+def load_eval_config(path: Path) -> EvalConfig:
+    try:
+        return EvalConfig.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        raise ColdFusionError(format_validation_error(exc, str(path))) from None

@@ -1,0 +1,83 @@
+"""Evaluate bodies x tasks x protocols x seeds into one tidy results.jsonl, then report.
+
+Rows already in results.jsonl are skipped, so an interrupted evaluation resumes where it
+stopped (each row is written atomically as soon as it is measured).
+"""
+
+import time
+from pathlib import Path
+
+import yaml
+
+from coldfusion.checkpoint import atomic_write_bytes
+from coldfusion.encoder import Encoder
+from coldfusion.errors import ColdFusionError
+from coldfusion.evaluation.config import BodySpec, EvalConfig
+from coldfusion.evaluation.protocols import run_protocol
+from coldfusion.evaluation.report import write_eval_report
+from coldfusion.progress import SilentProgress
+from coldfusion.repository import Repository
+from coldfusion.results import ResultsLog
+from coldfusion.runtime import set_threads
+from coldfusion.tasks import load_task
+from coldfusion.training import encode
+
+
+def resolve_body(spec: BodySpec) -> tuple[str, dict | None, str]:
+    """(model source of the architecture, body tensors or None for its own, provenance)."""
+    if spec.model is not None:
+        return spec.model, None, spec.model
+    repo_dir = Path(spec.repository)
+    if not (repo_dir / "index.sqlite").exists():
+        raise ColdFusionError(f"body '{spec.name}': {repo_dir} is not a coldfusion repository (no index.sqlite)")
+    repo = Repository(repo_dir)
+    versions = repo.versions()
+    if not versions:
+        raise ColdFusionError(f"body '{spec.name}': repository {repo_dir} has no versions")
+    ref = versions[-1].id if spec.version == "latest" else spec.version
+    version = repo.version(ref)
+    return version.model_source, repo.load(version.sha256), f"{repo_dir} v{version.id} ({version.sha256[:12]})"
+
+
+def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=None) -> Path:
+    progress = progress or SilentProgress()
+    set_threads(config.threads)
+    run_dir = Path(run_dir or config.output_dir / config.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml",
+                       yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    log = ResultsLog(run_dir / "results.jsonl")
+    done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in log.rows()}
+    bodies = {b.name: resolve_body(b) for b in config.bodies}
+    encoders = {source: Encoder.load(source) for source, _, _ in bodies.values()}
+    todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in config.seeds
+            if (b, t.name, p, s) not in done]
+    progress.phase(f"evaluating ({len(todo)} runs)", len(todo))
+    for spec in config.tasks:
+        if not any(t is spec for t, *_ in todo):
+            continue
+        task = load_task(spec)
+        splits_by_tokenizer = {}
+        for body_name, (source, tensors, provenance) in bodies.items():
+            encoder = encoders[source]
+            if source not in splits_by_tokenizer:  # tokenize each split once per tokenizer
+                splits_by_tokenizer[source] = {
+                    split: encode(getattr(task, split).head(n), encoder.tokenizer, config.max_length)
+                    for split, n in (("train", config.train_examples), ("validation", config.validation_examples),
+                                     ("test", config.test_examples))}
+            splits = splits_by_tokenizer[source]
+            for protocol in config.protocols:
+                for seed in config.seeds:
+                    if (body_name, task.name, protocol, seed) in done:
+                        continue
+                    start = time.perf_counter()
+                    score = run_protocol(protocol, lambda e=encoder, t=tensors: e.new_body(t), task, splits, seed,
+                                         config, encoder.tokenizer, config.max_length, config.pooling)
+                    log.extend([{
+                        "body": body_name, "task": task.name, "protocol": protocol, "seed": seed,
+                        **score.metrics, "n_test": len(score.correct), "seconds": round(time.perf_counter() - start, 2),
+                        "source": provenance, **score.details,
+                        "test_correct": "".join("1" if c else "0" for c in score.correct)}])
+                    progress.advance()
+    write_eval_report(run_dir, config)
+    return run_dir
