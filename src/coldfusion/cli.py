@@ -65,6 +65,21 @@ def evaluate(
 
 
 @app.command()
+def multitask(config: Path = typer.Argument(..., help="multitask config (YAML); see configs/multitask.yaml")) -> None:
+    """Train the multitask baseline (one body, a head per task) and store its body in a repository."""
+    from coldfusion.multitask.run import load_multitask_config, run_multitask
+    from coldfusion.progress import RichProgress
+
+    try:
+        cfg = load_multitask_config(config)
+        with RichProgress() as progress:
+            out = run_multitask(cfg, progress=progress)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(Markdown((out / "summary.md").read_text()))
+
+
+@app.command()
 def merge(config: Path = typer.Argument(..., help="merge config (YAML); see configs/merge_example.yaml")) -> None:
     """Fuse finetuned checkpoints you already have into one encoder directory."""
     _start_hashing_inputs(config)  # the model card's checksums, while torch imports

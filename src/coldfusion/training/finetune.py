@@ -44,14 +44,15 @@ class FinetuneResult:
         return self.examples_seen / max(self.seconds, 1e-9)
 
 
-def _optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.AdamW:
+def make_optimizer(body: torch.nn.Module, heads: list[torch.nn.Module], s: FinetuneSettings) -> torch.optim.AdamW:
+    """AdamW: the body at `lr` (no decay on biases and LayerNorm), the heads at `head_lr`."""
     decay, no_decay = [], []
-    for p in model.body.parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases and LayerNorm
+    for p in body.parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
     groups = [
         {"params": decay, "lr": s.lr, "weight_decay": s.weight_decay},
         {"params": no_decay, "lr": s.lr, "weight_decay": 0.0},
-        {"params": list(model.head.parameters()), "lr": s.head_lr, "weight_decay": s.weight_decay},
+        {"params": [p for h in heads for p in h.parameters()], "lr": s.head_lr, "weight_decay": s.weight_decay},
     ]
     return torch.optim.AdamW(groups)
 
@@ -71,7 +72,7 @@ def finetune(
     steps_per_epoch = math.ceil(len(train) / s.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * s.epochs))
     eval_every = s.eval_every or steps_per_epoch
-    optimizer = _optimizer(model, s)
+    optimizer = make_optimizer(model.body, [model.head], s)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total_steps), total_steps)
     loss_fn = torch.nn.CrossEntropyLoss()
 

@@ -1,0 +1,124 @@
+"""Multitask training: one shared body, one head per task, each step's batch chosen by a sampler.
+
+Task samplers (proportional, uniform, temperature, adaptive) pick the task of the next
+batch; `uncertainty` (CA-MTL) instead scores a candidate batch from every task and trains
+on the most uncertain examples, whatever their task. `adaptive` is rewarded after each
+step by the drop of the loss on a small held-out sample of every task.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import get_linear_schedule_with_warmup
+
+from coldfusion.encoder import Classifier
+from coldfusion.multitask.samplers import make_sampler, most_uncertain
+from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.finetune import FinetuneSettings, make_optimizer
+
+
+class MultitaskSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "adaptive"] = "temperature"
+    sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`")
+    steps: int = Field(300, ge=1, description="optimizer steps (the training budget)")
+    candidates_per_task: int | None = Field(
+        None, ge=1, description="`uncertainty`: candidate examples drawn from every task per step; default batch size")
+    heldout_per_task: int = Field(8, ge=1, description="`adaptive`: validation examples per task for the reward")
+    optimizer: FinetuneSettings = FinetuneSettings()
+
+
+@dataclass
+class MultitaskResult:
+    steps: int
+    examples_seen: int
+    seconds: float
+    examples_per_task: dict[str, int]
+    history: list[dict] = field(default_factory=list)
+
+
+def _batches(data: Encoded, batch_size: int, rng: np.random.RandomState) -> Iterator[np.ndarray]:
+    """Length-bucketed batches of one task, epoch after epoch, forever."""
+    while True:
+        yield from length_bucketed_batches(data.lengths, batch_size, rng)
+
+
+def _loss(model: Classifier, data: Encoded, idx: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(**collate(data, idx)), data.labels[idx], reduction="sum")
+
+
+@torch.no_grad()
+def _heldout_loss(models: dict[str, Classifier], heldout: dict[str, Encoded]) -> float:
+    losses = [(_loss(models[t], d, np.arange(len(d))) / len(d)).item() for t, d in heldout.items()]
+    return float(np.mean(losses))
+
+
+def train_multitask(
+    body: torch.nn.Module,
+    heads: dict[str, Classifier],
+    train: dict[str, Encoded],
+    validation: dict[str, Encoded],
+    settings: MultitaskSettings,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+) -> MultitaskResult:
+    """Train `body` (shared by the `heads` classifiers, one per task) in place."""
+    s, opt = settings, settings.optimizer
+    names = list(train)
+    torch.manual_seed(seed)
+    rng = np.random.RandomState(seed)
+    draw_rng = np.random.default_rng(seed)
+    streams = {t: _batches(train[t], opt.batch_size if s.sampler != "uncertainty" else
+                           (s.candidates_per_task or opt.batch_size), rng) for t in names}
+    sampler = None if s.sampler == "uncertainty" else make_sampler(s.sampler, [len(train[t]) for t in names],
+                                                                   **s.sampler_params)
+    heldout = {t: validation[t].take(range(min(s.heldout_per_task, len(validation[t])))) for t in names}
+    optimizer = make_optimizer(body, [m.head for m in heads.values()], opt)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(opt.warmup_ratio * s.steps), s.steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    counts, history, seen, start = dict.fromkeys(names, 0), [], 0, time.perf_counter()
+    previous = _heldout_loss(heads, heldout) if s.sampler == "adaptive" else None
+    for step in range(1, s.steps + 1):
+        if sampler is None:  # uncertainty: the most uncertain examples among every task's candidates
+            candidates = {t: next(streams[t]) for t in names}
+            for m in heads.values():
+                m.eval()
+            with torch.no_grad():
+                logits = [heads[t](**collate(train[t], candidates[t])).numpy() for t in names]
+            chosen = most_uncertain(logits, opt.batch_size)
+            picked = {t: candidates[t][[r for ti, r in chosen if names[ti] == t]] for t in names}
+            picked = {t: idx for t, idx in picked.items() if len(idx)}
+        else:
+            task = names[sampler.draw(draw_rng)]
+            picked = {task: next(streams[task])}
+        for m in heads.values():
+            m.train()
+        total = sum(len(idx) for idx in picked.values())
+        loss = sum(_loss(heads[t], train[t], idx) for t, idx in picked.items()) / total
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for t, idx in picked.items():
+            counts[t] += len(idx)
+        seen += total
+        row = {"step": step, "loss": loss.item(), "examples": {t: len(idx) for t, idx in picked.items()}}
+        if s.sampler == "adaptive":
+            current = _heldout_loss(heads, heldout)
+            sampler.update(names.index(next(iter(picked))), previous - current)
+            previous = current
+            row["heldout_loss"] = current
+            row["probabilities"] = dict(zip(names, np.round(sampler.probabilities(), 4).tolist(), strict=True))
+        history.append(row)
+        if on_step:
+            on_step(total)
+    for m in heads.values():
+        m.eval()
+    return MultitaskResult(s.steps, seen, time.perf_counter() - start, counts, history)
