@@ -97,5 +97,6 @@ def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress
         f"{result.examples_seen} examples in {result.seconds:.0f} s. Body stored as version v{version.id} "
         f"({version.sha256[:12]}) of {repo.root}.\n\n| task | train examples | examples trained on | share |\n"
         f"|---|---:|---:|---:|\n{lines}\n").encode())
-    atomic_write_bytes(run_dir / "state.json", json.dumps({"version": version.id, "repository": str(repo.root)}).encode())
+    state = {"version": version.id, "repository": str(repo.root)}
+    atomic_write_bytes(run_dir / "state.json", json.dumps(state).encode())
     return run_dir
