@@ -39,6 +39,11 @@ def resolve_body(spec: BodySpec) -> tuple[str, dict | None, str]:
     return version.model_source, repo.load(version.sha256), f"{repo_dir} v{version.id} ({version.sha256[:12]})"
 
 
+def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
+    """A linear probe is deterministic (frozen features, L-BFGS from zeros): one seed says it all."""
+    return config.seeds[:1] if protocol == "linear_probe" else config.seeds
+
+
 def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=None) -> Path:
     progress = progress or SilentProgress()
     set_threads(config.threads)
@@ -50,7 +55,7 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
     done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in log.rows()}
     bodies = {b.name: resolve_body(b) for b in config.bodies}
     encoders = {source: Encoder.load(source) for source, _, _ in bodies.values()}
-    todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in config.seeds
+    todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in seeds_of(p, config)
             if (b, t.name, p, s) not in done]
     progress.phase(f"evaluating ({len(todo)} runs)", len(todo))
     for spec in config.tasks:
@@ -67,7 +72,7 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
                                      ("test", config.test_examples))}
             splits = splits_by_tokenizer[source]
             for protocol in config.protocols:
-                for seed in config.seeds:
+                for seed in seeds_of(protocol, config):
                     if (body_name, task.name, protocol, seed) in done:
                         continue
                     start = time.perf_counter()
