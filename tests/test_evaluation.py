@@ -59,6 +59,10 @@ def test_evaluation_is_deterministic_and_resumable(tiny_model_dir, toy_task_file
     run_evaluation(cfg, run_dir=run_dir)
     resumed = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted(map(json.dumps, map(strip, resumed))) == sorted(map(json.dumps, map(strip, rows)))
+    # ... but not with other settings: the rows would not be comparable
+    changed = eval_config(tiny_model_dir, toy_task_files, tmp_path, test_examples=40)
+    with pytest.raises(ColdFusionError, match=r"other settings of \['test_examples'\]"):
+        run_evaluation(changed, run_dir=run_dir)
 
 
 def test_report_compares_bodies_with_paired_intervals(tiny_model_dir, toy_task_files, tmp_path):

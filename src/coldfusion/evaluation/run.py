@@ -39,6 +39,21 @@ def resolve_body(spec: BodySpec) -> tuple[str, dict | None, str]:
     return version.model_source, repo.load(version.sha256), f"{repo_dir} v{version.id} ({version.sha256[:12]})"
 
 
+# What may change between runs into the same directory: more bodies, tasks, seeds or
+# protocols add rows; anything else would mix rows measured under different settings.
+EXTENSIBLE = {"name", "bodies", "tasks", "seeds", "protocols", "reference", "output_dir"}
+
+
+def _check_same_settings(saved: Path, config: EvalConfig) -> None:
+    if not saved.exists():
+        return
+    old, new = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
+    changed = sorted(k for k in (old.keys() | new.keys()) - EXTENSIBLE if old.get(k) != new.get(k))
+    if changed:
+        raise ColdFusionError(f"{saved.parent} holds results measured with other settings of {changed}; "
+                              "evaluate into a new directory (a new `name`), or restore those settings")
+
+
 def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
     """A linear probe is deterministic (frozen features, L-BFGS from zeros): one seed says it all."""
     return config.seeds[:1] if protocol == "linear_probe" else config.seeds
@@ -47,13 +62,14 @@ def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
 def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=None) -> Path:
     progress = progress or SilentProgress()
     set_threads(config.threads)
+    bodies = {b.name: resolve_body(b) for b in config.bodies}
     run_dir = Path(run_dir or config.output_dir / config.name)
+    _check_same_settings(run_dir / "config.yaml", config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml",
                        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
     log = ResultsLog(run_dir / "results.jsonl")
     done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in log.rows()}
-    bodies = {b.name: resolve_body(b) for b in config.bodies}
     encoders = {source: Encoder.load(source) for source, _, _ in bodies.values()}
     todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in seeds_of(p, config)
             if (b, t.name, p, s) not in done]
