@@ -6,7 +6,8 @@ From configs/benchmark.yaml (seen tasks, unseen tasks, budgets):
    with the same number of training examples, side by side (one thread each);
 2. `coldfusion evaluate` of pretrained / ColD Fusion / multitask on the seen tasks
    (linear probe, finetune) and on the unseen tasks (finetune, few-shot), and a linear
-   probe of every ColD Fusion iteration on the unseen tasks, in two parallel jobs;
+   probe of every ColD Fusion iteration on the unseen tasks, in two parallel jobs
+   (about equally long);
 3. report.md in the style of the publication's Table 1 (a row per task, a column per
    model, averages, gains with 95% paired-bootstrap intervals, share of tasks beating
    the base), the targets of the issue checked plainly, and plots/iterations.png.
@@ -81,7 +82,7 @@ def iterations_config(bench_configs: dict, out: Path) -> dict:
     """Linear probe of every ColD Fusion version on the unseen tasks (for the per-iteration plot)."""
     repo_dir = out / "runs" / "coldfusion" / "repository"
     versions = [v for v in Repository(repo_dir).versions() if v.run == "coldfusion"]
-    return {**bench_configs["unseen"], "name": "iterations", "protocols": ["linear_probe"],
+    return {**bench_configs["unseen"], "name": "iterations", "protocols": ["linear_probe"], "reference": "iteration 0",
             "bodies": [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
                        for v in versions]}
 
@@ -140,10 +141,10 @@ def main() -> None:
     phase("train: coldfusion run || multitask", start)
 
     paths["iterations"] = write(out / "configs" / "iterations.yaml", iterations_config(cfgs, out))
-    run_side_by_side([[("evaluate-seen", ["evaluate", str(paths["seen"])])],
-                      [("evaluate-unseen", ["evaluate", str(paths["unseen"])]),
-                       ("evaluate-iterations", ["evaluate", str(paths["iterations"])])]], out)
-    phase("evaluate: seen || unseen + iterations", start)
+    run_side_by_side([[("evaluate-seen", ["evaluate", str(paths["seen"])]),
+                       ("evaluate-iterations", ["evaluate", str(paths["iterations"])])],
+                      [("evaluate-unseen", ["evaluate", str(paths["unseen"])])]], out)
+    phase("evaluate: seen + iterations || unseen", start)
     report(bench, out, minutes=(time.perf_counter() - start) / 60)
 
 

@@ -51,7 +51,7 @@ def protocol_table(rows: list[dict], protocol: str, bodies: list[str], reference
         before = [np.stack([bits[(t, reference)][s] for s in seeds]) for t, seeds in paired]
         after = [np.stack([bits[(t, b)][s] for s in seeds]) for t, seeds in paired]
         gain, lo, hi = paired_bootstrap_gain(before, after)
-        wins = sum(np.mean([acc[(t, b)][s] for s in seeds]) > np.mean([acc[(t, reference)][s] for s in seeds])
+        wins = sum(bool(np.mean([acc[(t, b)][s] for s in seeds]) > np.mean([acc[(t, reference)][s] for s in seeds]))
                    for t, seeds in paired)
         numbers[b] = {"gain": gain, "low": lo, "high": hi, "wins": wins, "tasks": len(paired)}
         gain_cells.append(f"{_signed(gain)} [{_signed(lo)}, {_signed(hi)}]")
