@@ -122,11 +122,15 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark.yaml")
     p.add_argument("--out", type=Path, default=HERE / "results" / "cold_fusion")
     p.add_argument("--quick", action="store_true", help="a few dozen examples: checks the pipeline, not the claim")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from the rows measured so far")
     args = p.parse_args()
     bench = yaml.safe_load(args.config.read_text())
     if args.quick:
         bench = shrink(bench)
     out = args.out
+    if args.report_only:
+        report(bench, out, minutes=None)
+        return
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cfgs = configs(bench, out)
     paths = {k: write(out / "configs" / f"{k}.yaml", v) for k, v in cfgs.items()}
@@ -148,10 +152,17 @@ def main() -> None:
     report(bench, out, minutes=(time.perf_counter() - start) / 60)
 
 
-def report(bench: dict, out: Path, minutes: float) -> None:
+def report(bench: dict, out: Path, minutes: float | None) -> None:
     """report.md: Table 1, the issue's targets checked, the per-iteration plot."""
     ev = out / "evaluations"
     rows = {name: ResultsLog(ev / name / "results.jsonl").rows() for name in ("seen", "unseen", "iterations")}
+    expected = {"seen": len(bench["seen"]) * len(BODIES) * sum(
+                    1 if p == "linear_probe" else len(bench["evaluation"]["seeds"])
+                    for p in bench["evaluation"]["seen_protocols"]),
+                "unseen": len(bench["unseen"]) * len(BODIES) * sum(
+                    1 if p == "linear_probe" else len(bench["evaluation"]["seeds"])
+                    for p in bench["evaluation"]["unseen_protocols"])}
+    missing = {k: n - len(rows[k]) for k, n in expected.items() if len(rows[k]) < n}
     sections, numbers = [], {}
     for group, protocols in (("seen", bench["evaluation"]["seen_protocols"]),
                              ("unseen", bench["evaluation"]["unseen_protocols"])):
@@ -171,13 +182,15 @@ def report(bench: dict, out: Path, minutes: float) -> None:
         f"sampler, the same number of training examples. Accuracy (%) on each test split, mean ± sd over seeds "
         f"{bench['evaluation']['seeds']} (the linear probe is deterministic: one seed). Gains are paired (same "
         f"seeds and test examples) with 95% bootstrap intervals over test examples and seeds. "
-        f"Wall time: {minutes:.0f} minutes on this machine.\n\n"
+        + (f"Wall time: {minutes:.0f} minutes on this machine.\n\n" if minutes is not None else "\n\n")
+        + (f"**Incomplete**: rows still to measure {missing}; rerun the script to finish (it resumes).\n\n"
+           if missing else "") +
         f"## Targets\n\n{checks}\n\n## Results\n\n" + "\n".join(sections) +
         f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n")
     (out / "report.md").write_text(text)
     headline = {f"{g}/{p}": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in n.items()}
                              for b, n in nums.items()} for (g, p), nums in numbers.items()}
-    print(json.dumps({"kind": "summary", "minutes": round(minutes, 1), "gains_over_pretrained": headline}),
+    print(json.dumps({"kind": "summary", "minutes": None if minutes is None else round(minutes, 1), "gains_over_pretrained": headline}),
           flush=True)
 
 
