@@ -190,8 +190,8 @@ def report(bench: dict, out: Path, minutes: float | None) -> None:
     (out / "report.md").write_text(text)
     headline = {f"{g}/{p}": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in n.items()}
                              for b, n in nums.items()} for (g, p), nums in numbers.items()}
-    print(json.dumps({"kind": "summary", "minutes": None if minutes is None else round(minutes, 1), "gains_over_pretrained": headline}),
-          flush=True)
+    minutes = None if minutes is None else round(minutes, 1)
+    print(json.dumps({"kind": "summary", "minutes": minutes, "gains_over_pretrained": headline}), flush=True)
 
 
 def targets(numbers: dict, rows: dict) -> str:
