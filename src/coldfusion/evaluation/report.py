@@ -37,8 +37,11 @@ def protocol_table(rows: list[dict], protocol: str, bodies: list[str], reference
             values = list(acc[(t, b)].values())
             cells.append(f"{_fmt(np.mean(values))} ± {_fmt(np.std(values))}" if values else "-")
         lines.append(f"| {t} | {' | '.join(cells)} |")
-    means = {b: [np.mean(list(acc[(t, b)].values())) for t in tasks if acc[(t, b)]] for b in bodies}
-    lines.append(f"| **average** | {' | '.join(_fmt(np.mean(means[b])) if means[b] else '-' for b in bodies)} |")
+    # averages over the tasks every body has results for, so the columns are comparable
+    common = [t for t in tasks if all(acc[(t, b)] for b in bodies)]
+    means = {b: [np.mean(list(acc[(t, b)].values())) for t in common] for b in bodies}
+    label = "**average**" if len(common) == len(tasks) else f"**average** ({len(common)} tasks all bodies have)"
+    lines.append(f"| {label} | {' | '.join(_fmt(np.mean(means[b])) if means[b] else '-' for b in bodies)} |")
     gain_cells, win_cells = [], []
     for b in bodies:
         # paired: tasks and seeds both bodies have
