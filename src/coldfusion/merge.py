@@ -24,7 +24,7 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import fuse_stream, output_layout
 from coldfusion.inputs import safetensors_files, sha256, start_hashing
-from coldfusion.tensorfile import DTYPES, SafetensorsReader, SafetensorsWriter
+from coldfusion.tensorfile import SafetensorsReader, SafetensorsWriter
 
 
 class MergeInput(BaseModel):
@@ -176,7 +176,7 @@ def merge_checkpoints(config: MergeConfig) -> Path:
             plan = [(base.prefix + k, src, name) for k, src, name in plan] + [(k, raw, k) for k in head]
         else:  # a plain encoder that AutoModel loads
             arch = {**arch, "architectures": [body_class]}
-        layout = {key: _dtype_shape(src or readers[0], name) for key, src, name in plan}
+        layout = {key: (src or readers[0]).layout(name) for key, src, name in plan}
         with staged_directory(out) as tmp:
             (tmp / "config.json").write_text(json.dumps(arch, indent=2, sort_keys=True) + "\n")
             with SafetensorsWriter(tmp / "model.safetensors", layout, metadata={"format": "pt"}) as writer:
@@ -202,10 +202,6 @@ def merge_checkpoints(config: MergeConfig) -> Path:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
-
-
-def _dtype_shape(reader: SafetensorsReader, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-    return DTYPES[reader.dtype(name)], reader.shape(name)
 
 
 @contextmanager

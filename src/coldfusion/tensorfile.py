@@ -76,6 +76,10 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][2]["shape"])
 
+    def layout(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(torch dtype, shape) of a tensor, from the header alone."""
+        return DTYPES[self.dtype(name)], self.shape(name)
+
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 

@@ -20,8 +20,6 @@ from coldfusion.training.evaluate import classification_metrics, predict_logits
 from coldfusion.training.finetune import finetune
 from coldfusion.training.probe import linear_probe
 
-PROTOCOLS = ("linear_probe", "finetune", "few_shot")
-
 
 class FewShotSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -14,7 +14,7 @@ import torch
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import Operator, get_operator
-from coldfusion.tensorfile import DTYPES, FLOAT_DTYPES, SafetensorsReader
+from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
 
 # Entries per slice for elementwise operators: 256 KB of float32 per model, which keeps
 # the working set of 16 models in cache and memory flat in the number of models.
@@ -63,7 +63,7 @@ def _check_same_shape(name: str, readers: Sequence[SafetensorsReader]) -> None:
 
 def output_layout(readers: Sequence[SafetensorsReader], names: set[str]) -> dict[str, tuple[torch.dtype, tuple]]:
     """dtype and shape of every fused tensor, in the order `fuse_stream` yields them."""
-    return {n: (DTYPES[readers[0].dtype(n)], readers[0].shape(n)) for n in sorted(names)}
+    return {n: readers[0].layout(n) for n in sorted(names)}
 
 
 def fuse_stream(
