@@ -3,11 +3,12 @@
 From configs/benchmark.yaml (seen tasks, unseen tasks, budgets):
 
 1. `coldfusion run` on the seen tasks and `coldfusion multitask` on the same seen data
-   with the same number of training examples, side by side (one thread each);
+   with the same number of training examples;
 2. `coldfusion evaluate` of pretrained / ColD Fusion / multitask on the seen tasks
-   (linear probe, finetune) and on the unseen tasks (finetune, few-shot), and a linear
-   probe of every ColD Fusion iteration on the unseen tasks, in two parallel jobs
-   (about equally long);
+   (linear probe, finetune) and on the unseen tasks (finetune, few-shot), one evaluation
+   per (group, body), and a linear probe of every ColD Fusion iteration on the unseen
+   tasks. All of it runs on two single-threaded workers, each taking the next step whose
+   body exists (the multitask body's evaluations start while ColD Fusion still trains);
 3. report.md in the style of the publication's Table 1 (a row per task, a column per
    model, averages, gains with 95% paired-bootstrap intervals, share of tasks beating
    the base), the targets of the issue checked plainly, and plots/iterations.png.
@@ -22,8 +23,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from coldfusion.evaluation.config import EvalConfig  # noqa: E402
 from coldfusion.evaluation.report import protocol_table  # noqa: E402
+from coldfusion.evaluation.run import seeds_of  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 from coldfusion.results import ResultsLog  # noqa: E402
 
@@ -87,21 +93,69 @@ def iterations_config(bench_configs: dict, out: Path) -> dict:
                        for v in versions]}
 
 
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _call(name: str, cmd: list[str], out: Path) -> str | None:
+    log = out / "logs" / f"{name}.log"
+    with open(log, "a") as f:
+        if subprocess.call([sys.executable, "-m", "coldfusion", *cmd], stdout=f, stderr=subprocess.STDOUT, env=_env()):
+            return f"{name} failed: see {log}"
+    return None
+
+
 def run_side_by_side(jobs: list[list[tuple[str, list[str]]]], out: Path) -> None:
     """Each job is a list of (name, coldfusion arguments) run in order; jobs run in parallel."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-
     def run_job(job) -> str | None:
-        for name, cmd in job:
-            log = out / "logs" / f"{name}.log"
-            with open(log, "a") as f:
-                if subprocess.call([sys.executable, "-m", "coldfusion", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                   env=env):
-                    return f"{name} failed: see {log}"
-        return None
+        return next((f for f in (_call(name, cmd, out) for name, cmd in job) if f), None)
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         failures = [f for f in pool.map(run_job, jobs) if f]
+    if failures:
+        sys.exit("; ".join(failures))
+
+
+@dataclass
+class Step:
+    name: str
+    args: Callable[[], list[str] | None]  # built when the step starts (it may need what earlier steps made); None: done
+    needs: tuple[str, ...] = ()
+
+
+def run_queue(steps: list[Step], out: Path, workers: int = 2) -> None:
+    """Run steps on `workers` single-threaded processes: each free worker takes the first
+    step whose needs are done, so nothing waits on a fixed phase. Stops at the first failure."""
+    done, taken, failures = set(), set(), []
+    lock = threading.Condition()
+
+    def next_step() -> Step | None:
+        with lock:
+            while True:
+                pending = [s for s in steps if s.name not in taken]
+                if failures or not pending:
+                    return None
+                ready = next((s for s in pending if set(s.needs) <= done), None)
+                if ready:
+                    taken.add(ready.name)
+                    return ready
+                lock.wait()
+
+    def worker() -> None:
+        while (step := next_step()) is not None:
+            args = step.args()
+            failure = _call(step.name, args, out) if args is not None else None
+            with lock:
+                failures.extend([failure] if failure else [])
+                done.add(step.name)
+                lock.notify_all()
+            print(json.dumps({"kind": "step", "step": step.name, "failed": bool(failure)}), flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if failures:
         sys.exit("; ".join(failures))
 
@@ -135,33 +189,46 @@ def main() -> None:
     cfgs = configs(bench, out)
     paths = {k: write(out / "configs" / f"{k}.yaml", v) for k, v in cfgs.items()}
     start = time.perf_counter()
-
-    run_dir = out / "runs" / "coldfusion"
-    run_args = ["run", str(paths["run"])] + (["--resume"] if (run_dir / "config.yaml").exists() else [])
-    jobs = [[("coldfusion-run", run_args)]]
-    if not (out / "runs" / "multitask" / "state.json").exists():
-        jobs.append([("multitask", ["multitask", str(paths["multitask"])])])
-    run_side_by_side(jobs, out)
-    phase("train: coldfusion run || multitask", start)
-
-    paths["iterations"] = write(out / "configs" / "iterations.yaml", iterations_config(cfgs, out))
-    run_side_by_side([[("evaluate-seen", ["evaluate", str(paths["seen"])]),
-                       ("evaluate-iterations", ["evaluate", str(paths["iterations"])])],
-                      [("evaluate-unseen", ["evaluate", str(paths["unseen"])])]], out)
-    phase("evaluate: seen + iterations || unseen", start)
+    run_queue(steps(cfgs, paths, out), out)
+    phase("train and evaluate", start)
     report(bench, out, minutes=(time.perf_counter() - start) / 60)
+
+
+def evaluation_name(group: str, body: str) -> str:
+    return f"{group}-{body}"
+
+
+def steps(cfgs: dict, paths: dict, out: Path) -> list[Step]:
+    """Training, then one evaluation per (group, body), so each starts as soon as its body
+    exists and the pretrained base's evaluations fill the wait for the others."""
+    run_dir = out / "runs" / "coldfusion"
+    trained_by = {"pretrained": (), "coldfusion": ("coldfusion-run",), "multitask": ("multitask",)}
+    resume = lambda: ["--resume"] if (run_dir / "config.yaml").exists() else []  # noqa: E731
+    queue = [Step("coldfusion-run", lambda: ["run", str(paths["run"]), *resume()]),
+             Step("multitask", lambda: None if (out / "runs" / "multitask" / "state.json").exists()
+                  else ["multitask", str(paths["multitask"])])]
+    for body in ("multitask", "coldfusion", "pretrained"):  # bodies ready first go first
+        for group in ("seen", "unseen"):
+            spec = next(b for b in cfgs[group]["bodies"] if b["name"] == body)
+            name = evaluation_name(group, body)
+            path = write(out / "configs" / f"{name}.yaml",
+                         {**cfgs[group], "name": name, "bodies": [spec], "reference": None})
+            queue.append(Step(f"evaluate-{name}", lambda p=path: ["evaluate", str(p)], trained_by[body]))
+    queue.append(Step("evaluate-iterations", lambda: ["evaluate", str(write(
+        out / "configs" / "iterations.yaml", iterations_config(cfgs, out)))], ("coldfusion-run",)))
+    return queue
 
 
 def report(bench: dict, out: Path, minutes: float | None) -> None:
     """report.md: Table 1, the issue's targets checked, the per-iteration plot."""
-    ev = out / "evaluations"
-    rows = {name: ResultsLog(ev / name / "results.jsonl").rows() for name in ("seen", "unseen", "iterations")}
-    expected = {"seen": len(bench["seen"]) * len(BODIES) * sum(
-                    1 if p == "linear_probe" else len(bench["evaluation"]["seeds"])
-                    for p in bench["evaluation"]["seen_protocols"]),
-                "unseen": len(bench["unseen"]) * len(BODIES) * sum(
-                    1 if p == "linear_probe" else len(bench["evaluation"]["seeds"])
-                    for p in bench["evaluation"]["unseen_protocols"])}
+    ev, cfgs = out / "evaluations", configs(bench, out)
+    logs = lambda group: [ResultsLog(ev / evaluation_name(group, b) / "results.jsonl") for b in BODIES]  # noqa: E731
+    rows = {group: [r for log in logs(group) for r in log.rows()] for group in ("seen", "unseen")}
+    rows["iterations"] = ResultsLog(ev / "iterations" / "results.jsonl").rows()
+    expected = {}
+    for group in ("seen", "unseen"):
+        config = EvalConfig.model_validate(cfgs[group])
+        expected[group] = len(config.tasks) * len(BODIES) * sum(len(seeds_of(p, config)) for p in config.protocols)
     missing = {k: n - len(rows[k]) for k, n in expected.items() if len(rows[k]) < n}
     sections, numbers = [], {}
     for group, protocols in (("seen", bench["evaluation"]["seen_protocols"]),

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.evaluation import EvalConfig, few_shot, run_evaluation
@@ -63,6 +64,11 @@ def test_evaluation_is_deterministic_and_resumable(tiny_model_dir, toy_task_file
     changed = eval_config(tiny_model_dir, toy_task_files, tmp_path, test_examples=40)
     with pytest.raises(ColdFusionError, match=r"other settings of \['test_examples'\]"):
         run_evaluation(changed, run_dir=run_dir)
+    # a setting added since the rows were measured counts as its default
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["held_out"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    run_evaluation(cfg, run_dir=run_dir)
 
 
 def test_report_compares_bodies_with_paired_intervals(tiny_model_dir, toy_task_files, tmp_path):
@@ -98,3 +104,25 @@ def test_eval_config_errors_are_clear(tmp_path):
     bad.write_text("bodies: [{name: a, model: default}]\ntasks: [bbc_topic]\nreference: b\n")
     with pytest.raises(ColdFusionError, match="reference 'b' is not one of the bodies"):
         load_eval_config(bad)
+
+
+def test_tuning_scores_on_validation_and_never_touches_test(tiny_model_dir, toy_task_files, tmp_path):
+    """held_out: validation scores the validation split; early stopping uses the end of train."""
+    from coldfusion.tasks import TaskSpec, load_task
+
+    name, path = next(iter(toy_task_files.items()))
+    task = load_task(TaskSpec(name=name, path=str(path)))
+    tuning = task.for_tuning(10)
+    assert tuning.test == task.validation
+    assert tuning.validation == task.train.take(range(len(task.train) - 10, len(task.train)))
+    assert set(tuning.train.texts).isdisjoint(tuning.validation.texts)
+    assert len(tuning.train) + len(tuning.validation) == len(task.train)
+    assert not set(task.test.texts) & (set(tuning.train.texts) | set(tuning.validation.texts) | set(tuning.test.texts))
+
+    cfg = eval_config(tiny_model_dir, toy_task_files, tmp_path, name="tune", held_out="validation",
+                      protocols=["linear_probe"], test_examples=None)
+    run_dir = run_evaluation(cfg)
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    by_task = {r["task"]: r for r in rows}
+    assert by_task[name]["n_test"] == len(task.validation)
+    assert "validation split (a tuning run" in (run_dir / "summary.md").read_text()

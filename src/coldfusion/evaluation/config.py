@@ -42,6 +42,9 @@ class EvalConfig(ProtocolSettings):
     train_examples: int | None = Field(None, ge=1, description="cap on training examples (finetune, probe)")
     validation_examples: int | None = Field(500, ge=1)
     test_examples: int | None = Field(None, ge=1, description="cap on test examples; default all of them")
+    held_out: Literal["test", "validation"] = Field(
+        "test", description="the split bodies are scored on; 'validation' for tuning (early-stopping examples "
+        "then come from the end of train), so that settings are never chosen on test")
     output_dir: Path = Path("runs")
 
     @model_validator(mode="after")

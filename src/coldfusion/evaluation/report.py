@@ -64,11 +64,17 @@ def protocol_table(rows: list[dict], protocol: str, bodies: list[str], reference
     return header + "\n".join(lines) + "\n", numbers
 
 
+def _held_out(config) -> str:
+    if config.held_out == "validation":
+        return "validation split (a tuning run: test splits untouched; early stopping on the end of train)"
+    return "test split"
+
+
 def write_eval_report(run_dir: Path, config) -> Path:
     rows = ResultsLog(run_dir / "results.jsonl").rows()
     bodies = [b.name for b in config.bodies]
     parts = [f"# Evaluation: {config.name}\n",
-             f"Accuracy (%) on each task's test split, mean ± standard deviation over seeds {config.seeds}. "
+             f"Accuracy (%) on each task's {_held_out(config)}, mean ± standard deviation over seeds {config.seeds}. "
              f"Gains are paired (same seeds, same test examples) and their intervals come from a bootstrap over "
              f"test examples and seeds.\n"]
     for protocol in config.protocols:

@@ -48,7 +48,9 @@ def _check_same_settings(saved: Path, config: EvalConfig) -> None:
     if not saved.exists():
         return
     old, new = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
-    changed = sorted(k for k in (old.keys() | new.keys()) - EXTENSIBLE if old.get(k) != new.get(k))
+    # a setting added to coldfusion since those rows were measured counts as its default
+    default = lambda k: EvalConfig.model_fields[k].default if k in EvalConfig.model_fields else None  # noqa: E731
+    changed = sorted(k for k in (old.keys() | new.keys()) - EXTENSIBLE if old.get(k, default(k)) != new.get(k))
     if changed:
         raise ColdFusionError(f"{saved.parent} holds results measured with other settings of {changed}; "
                               "evaluate into a new directory (a new `name`), or restore those settings")
@@ -78,6 +80,8 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
         if not any(t is spec for t, *_ in todo):
             continue
         task = load_task(spec)
+        if config.held_out == "validation":
+            task = task.for_tuning(config.validation_examples or len(task.validation))
         splits_by_tokenizer = {}
         for body_name, (source, tensors, provenance) in bodies.items():
             encoder = encoders[source]

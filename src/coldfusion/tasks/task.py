@@ -50,6 +50,14 @@ class Task:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def for_tuning(self, validation_examples: int) -> "Task":
+        """The task with its test split replaced by the validation split, and a new validation
+        split carved from the end of train: for choosing settings without seeing test."""
+        n = len(self.train)
+        cut = max(1, min(validation_examples, n // 2))
+        return Task(self.name, self.label_names, train=self.train.take(range(n - cut)),
+                    validation=self.train.take(range(n - cut, n)), test=self.validation, source=self.source)
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
