@@ -132,7 +132,7 @@ def compare(a_dir: Path, b_dir: Path, method: str, base: Path, dirs: list[Path])
     differing entries that are NOT where some model's task-vector magnitude ties with its
     cut: at such a tie mergekit keeps an arbitrary subset (its argsort is unstable), ours
     the lowest positions, so those entries legitimately differ."""
-    from coldfusion.fusion.task_vectors import magnitude_cut
+    from coldfusion.fusion.ties_kernel import magnitude_cut
 
     a = {k: v for f in a_dir.glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in b_dir.glob("*.safetensors") for k, v in load_file(f).items()}
@@ -211,8 +211,12 @@ def main() -> None:
                                   "peak_rss_mb": round(rss, 1),
                                   "peak_above_import_mb": round(above, 1),
                                   "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
-            read_s = read_once(files + ([base / "model.safetensors"] if method != "linear" else []))
-            fuse_s = our_fusion_seconds(method, base, dirs)
+            # In-process, alternating, median of `--repeats`; after one untimed fusion, which
+            # loads the compiled TIES loops (their load is in the command times above).
+            our_fusion_seconds(method, base, dirs[:1])
+            inputs = files + ([base / "model.safetensors"] if method != "linear" else [])
+            pairs = [(read_once(inputs), our_fusion_seconds(method, base, dirs)) for _ in range(args.repeats)]
+            read_s, fuse_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
             agreement = compare(args.workdir / "out-ours", out_theirs, method, base, dirs)
             ours_mem = (runs["coldfusion"][1] - baselines["coldfusion"]) / one_model_mb
             summary = {

@@ -123,6 +123,12 @@ def test_reader_reads_every_dtype_like_safetensors(tmp_path):
         for k, v in expected.items():
             got = reader.get_tensor(k)
             assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+            if v.numel():  # a slice read into a caller's buffer, which must match it
+                buffer = torch.empty(v.numel() - 1, dtype=v.dtype)
+                assert reader.read(k, 1, v.numel(), out=buffer) is buffer
+                assert torch.equal(buffer, v.flatten()[1:]), k
+        with pytest.raises(ValueError, match="contiguous torch.float32 buffer of 11 entries"):
+            reader.read("f32", 1, 12, out=torch.empty(11, dtype=torch.float16))
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-8])
     with SafetensorsReader([tmp_path / "cut.safetensors"]) as reader, pytest.raises(ColdFusionError, match="truncated"):
@@ -218,8 +224,8 @@ def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
     sizes = []
     original = SafetensorsReader.read
 
-    def recording(self, name, start=0, stop=None):
-        out = original(self, name, start, stop)
+    def recording(self, name, start=0, stop=None, out=None):
+        out = original(self, name, start, stop, out)
         sizes.append(out.numel())
         return out
 

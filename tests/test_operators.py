@@ -1,12 +1,16 @@
 """Known answers and properties of the task-vector and robust operators."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from coldfusion.checkpoint import save_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files, get_operator
-from coldfusion.fusion.task_vectors import magnitude_cut, trim
+from coldfusion.fusion.task_vectors import sign_consensus_merge
+from coldfusion.fusion.ties_kernel import MagnitudeCut, magnitude_cut, ties_merge
 
 
 @pytest.fixture
@@ -62,6 +66,17 @@ def test_ties_with_density_one_and_one_model_equals_task_arithmetic(files):
                               fused([m], "task_arithmetic", base=b, scale=scale), atol=1e-6)
 
 
+def trim(deltas: torch.Tensor, cuts, offset: int = 0) -> torch.Tensor:
+    """Reference trim, entry by entry: zero the entries of task vectors (n, length) outside
+    their cuts (flat positions start at `offset`)."""
+    positions = torch.arange(offset, offset + deltas.shape[1])
+    for i, cut in enumerate(cuts):
+        magnitude = deltas[i].abs()
+        keep = (magnitude > cut.value) | ((magnitude == cut.value) & (positions <= cut.last_tie))
+        deltas[i] = torch.where(keep, deltas[i], torch.zeros(()))
+    return deltas
+
+
 def kept(d: torch.Tensor, density: float) -> torch.Tensor:
     return trim(d.flatten().unsqueeze(0).clone(), [magnitude_cut(d, density)]).view_as(d)
 
@@ -87,6 +102,51 @@ def test_magnitude_cut_is_the_same_on_any_slicing():
         sliced = torch.cat([trim(d[s:s + size].unsqueeze(0).clone(), [cut], offset=s) for s in range(0, 1000, size)],
                            dim=1)
         assert torch.equal(sliced, whole), size
+
+
+def test_sampled_magnitude_cut_is_exact(monkeypatch):
+    """Large task vectors are cut via a sampled bracket; the answer is the full selection's,
+    whether the bracket holds (normal values) or misses and falls back (huge tie groups)."""
+    from coldfusion.fusion import ties_kernel
+
+    exact_calls = []
+    exact = ties_kernel._exact_cut
+    monkeypatch.setattr(ties_kernel, "_exact_cut", lambda *a: exact_calls.append(1) or exact(*a))
+    g = torch.Generator().manual_seed(1)
+    n = 5 * ties_kernel.SAMPLE
+    smooth = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    coarse = torch.randint(-3, 4, (n,), generator=g).float()  # a seventh of the entries tie at every level
+    rounded = (torch.randn(n, generator=g) * 50).round() / 50  # ties straddle the cut
+    for data, sampled in ((smooth, True), (rounded, True), (coarse, False)):
+        base = torch.randn(n, generator=g)
+        x = (base + data).numpy()
+        for density in (0.01, 0.2, 0.5, 0.9):
+            exact_calls.clear()
+            got = ties_kernel.model_cut(x, base.numpy(), density)
+            assert (not exact_calls) == sampled, density
+            magnitudes = lambda x=x, b=base.numpy(): np.abs(x - b)  # noqa: E731
+            assert got == exact(magnitudes(), max(1, int(density * n)), magnitudes), density
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_compiled_ties_merge_equals_its_definition(normalize):
+    """The compiled loop = trim, then sign election and disjoint mean written as torch
+    operations, on every slicing, with ties at the cuts and uneven weights."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-2, 3, (500,), generator=g).float() / 2
+    models = base + torch.randint(-3, 4, (5, 500), generator=g).float() / 4  # many ties, many zeros
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5])
+    for density in (0.0, 0.15, 0.5, 1.0):
+        cuts = [magnitude_cut(m - base, density) for m in models]
+        expected = base + 0.7 * sign_consensus_merge(trim(models - base, cuts), weights, normalize)
+        for size in (1, 33, 500):
+            got = torch.cat([ties_merge(models[:, s:s + size].contiguous(), base[s:s + size], cuts, weights,
+                                        offset=s, normalize=normalize, scale=0.7) for s in range(0, 500, size)])
+            assert torch.allclose(got, expected, atol=1e-6), (density, size)
+    # a magnitude cut of -inf keeps everything; +inf nothing
+    everything = [MagnitudeCut(-math.inf, 500)] * 5
+    assert torch.allclose(ties_merge(models, base, everything, weights, normalize=normalize),
+                          base + sign_consensus_merge(models - base, weights, normalize), atol=1e-6)
 
 
 def test_dare_density_one_is_task_arithmetic_or_ties(files):

@@ -86,19 +86,25 @@ class SafetensorsReader:
     def get_tensor(self, name: str) -> torch.Tensor:
         return self.read(name).reshape(self.shape(name))
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, as a new 1-D tensor."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a new 1-D tensor, or into `out`
+        (contiguous, 1-D, of the tensor's dtype and the slice's length)."""
         fd, data_start, info = self._where[name]
         dtype = DTYPES[info["dtype"]]
         stop = self.numel(name) if stop is None else stop
         size = dtype.itemsize
-        out = torch.empty((stop - start) * size, dtype=torch.uint8)
-        if out.numel():
+        if out is None:
+            out = torch.empty(stop - start, dtype=dtype)
+        elif out.dtype != dtype or out.shape != (stop - start,) or not out.is_contiguous():
+            raise ValueError(f"read into a contiguous {dtype} buffer of {stop - start} entries, "
+                             f"not {out.dtype} {list(out.shape)}")
+        target = out.view(torch.uint8)
+        if target.numel():
             first = info["data_offsets"][0]
-            got = os.preadv(fd, [out.numpy()], data_start + first + start * size)
-            if got != out.numel() or first + stop * size > info["data_offsets"][1]:
+            got = os.preadv(fd, [target.numpy()], data_start + first + start * size)
+            if got != target.numel() or first + stop * size > info["data_offsets"][1]:
                 raise ColdFusionError(f"{self.label}: tensor '{name}' is truncated; the file is corrupt")
-        return out.view(dtype)
+        return out
 
 
 class SafetensorsWriter:

@@ -35,6 +35,22 @@ class LazyTensors(Sequence):
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def read_into(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        """Model i's tensor (or slice), flat, as float32 in `out` (read straight into it
+        when the file stores float32): a reused buffer saves allocating and faulting pages."""
+        reader = self.readers[i]
+        if reader.dtype(self.name) == "F32":
+            return reader.read(self.name, *(self.span or (0, None)), out=out)
+        return out.copy_(self[i].view(-1))
+
+    def stacked(self) -> torch.Tensor:
+        """All of them in one float32 (n, ...) tensor."""
+        shape = self.readers[0].shape(self.name) if self.span is None else (self.span[1] - self.span[0],)
+        out = torch.empty((len(self), *shape))
+        for i in range(len(self)):
+            self.read_into(i, out[i].view(-1))
+        return out
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
