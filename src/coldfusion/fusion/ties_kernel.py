@@ -92,7 +92,7 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
     if n <= 4 * SAMPLE:
         return _exact_cut(magnitudes(), k, magnitudes)
     # The k-th largest magnitude is the (1 - k/n) quantile: bracket it by a sample's
-    # quantiles some standard deviations either side, so the pass collects ~1% of entries.
+    # quantiles six standard errors either side, so the pass collects a few percent of entries.
     at = np.random.default_rng(n).integers(0, n, SAMPLE)
     sample = np.sort(np.abs(x[at] - base[at]))
     rank, spread = (1 - k / n) * (SAMPLE - 1), 6 * math.sqrt(SAMPLE * k / n * (1 - k / n)) + 8
