@@ -104,11 +104,15 @@ def test_magnitude_cut_is_the_same_on_any_slicing():
         assert torch.equal(sliced, whole), size
 
 
-def test_sampled_magnitude_cut_is_exact(monkeypatch):
-    """Large task vectors are cut via a sampled bracket; the answer is the full selection's,
-    whether the bracket holds (normal values) or misses and falls back (huge tie groups)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sampled_magnitude_cut_is_exact(monkeypatch, threads):
+    """Large task vectors are cut via a sampled bracket (on one thread, or two halves on
+    two); the answer is the full selection's, whether the bracket holds (normal values) or
+    misses and falls back (huge tie groups)."""
     from coldfusion.fusion import ties_kernel
 
+    monkeypatch.setattr(ties_kernel.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(ties_kernel, "PARALLEL_MIN", 1000)
     exact_calls = []
     exact = ties_kernel._exact_cut
     monkeypatch.setattr(ties_kernel, "_exact_cut", lambda *a: exact_calls.append(1) or exact(*a))
