@@ -127,6 +127,15 @@ def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def fusion_and_read_once(method: str, base: Path, dirs: list[Path], repeats: int) -> tuple[float, float]:
+    """Median read-once and fusion seconds, measured alternately in this process, after one
+    untimed fusion that loads the compiled TIES loops (their load is in the command times)."""
+    our_fusion_seconds(method, base, dirs[:1])
+    inputs = [d / "model.safetensors" for d in dirs] + ([base / "model.safetensors"] if method != "linear" else [])
+    pairs = [(read_once(inputs), our_fusion_seconds(method, base, dirs)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
 def compare(a_dir: Path, b_dir: Path, method: str, base: Path, dirs: list[Path]) -> dict:
     """Max absolute difference and entries that differ by more than 1e-5. For TIES, also the
     differing entries that are NOT where some model's task-vector magnitude ties with its
@@ -164,6 +173,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "coldfusion-fusion-bench")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each command (median time, max memory)")
+    p.add_argument("--fusion-only", action="store_true", help="only our fusion against reading the inputs once")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
@@ -187,6 +197,12 @@ def main() -> None:
         dirs = all_dirs[:n]
         files = [d / "model.safetensors" for d in dirs]
         for method in args.methods:
+            if args.fusion_only:
+                read_s, fuse_s = fusion_and_read_once(method, base, dirs, args.repeats)
+                print(json.dumps({"kind": "fusion", "n": n, "method": method, "fusion_seconds": round(fuse_s, 3),
+                                  "read_once_seconds": round(read_s, 3),
+                                  "fusion_over_read_once": round(fuse_s / read_s, 2)}), flush=True)
+                continue
             ours_cfg, theirs_cfg = write_configs(args.workdir, method, base, dirs)
             out_theirs, out_naive = args.workdir / "out-mergekit", args.workdir / "out-naive.safetensors"
             shutil.rmtree(out_theirs, ignore_errors=True)
@@ -211,12 +227,7 @@ def main() -> None:
                                   "peak_rss_mb": round(rss, 1),
                                   "peak_above_import_mb": round(above, 1),
                                   "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
-            # In-process, alternating, median of `--repeats`; after one untimed fusion, which
-            # loads the compiled TIES loops (their load is in the command times above).
-            our_fusion_seconds(method, base, dirs[:1])
-            inputs = files + ([base / "model.safetensors"] if method != "linear" else [])
-            pairs = [(read_once(inputs), our_fusion_seconds(method, base, dirs)) for _ in range(args.repeats)]
-            read_s, fuse_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+            read_s, fuse_s = fusion_and_read_once(method, base, dirs, args.repeats)
             agreement = compare(args.workdir / "out-ours", out_theirs, method, base, dirs)
             ours_mem = (runs["coldfusion"][1] - baselines["coldfusion"]) / one_model_mb
             summary = {
