@@ -236,3 +236,29 @@ def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
     assert all(s == 200 for s in whole)
     # TIES reads each model's whole tensor once (and the base's) to find its cut; nobody else does
     assert len(whole) == (7 if method == "ties" else 0)
+
+
+def test_slices_are_fused_on_one_thread_and_the_setting_is_restored(tmp_path, monkeypatch):
+    """A 64K-entry slice gains nothing from torch's second thread, and on a busy machine
+    the hand-offs made averaging several times slower: slices run on one thread."""
+    import dataclasses
+
+    from coldfusion.fusion import registry
+
+    seen = []
+    average = registry.get_operator("average")
+
+    def spy(tensors, weights):
+        seen.append(torch.get_num_threads())
+        return average.fuse(tensors, weights)
+
+    monkeypatch.setitem(registry.REGISTRY, "average", dataclasses.replace(average, fuse=spy))
+    paths = [write(tmp_path, str(i), {"w": torch.randn(10)}) for i in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fuse_files(paths, "average")
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

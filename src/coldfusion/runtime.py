@@ -2,6 +2,7 @@
 
 import random
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -10,6 +11,17 @@ import torch
 def set_threads(threads: int) -> None:
     """Pin torch's intra-op threads; the machine is shared, so never use 'all cores'."""
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run a block with `threads` intra-op threads, then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def derive_seed(*parts: object) -> int:
