@@ -182,8 +182,10 @@ def main() -> None:
     if args.quick:
         bench = shrink(bench)
     out = args.out
-    if args.report_only:
-        report(bench, out, minutes=None)
+    if args.report_only:  # the wall time of the last full run, if it finished
+        log = out / "benchmark.jsonl"
+        phases = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        report(bench, out, minutes=next((p["minutes"] for p in phases if p.get("kind") == "phase"), None))
         return
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cfgs = configs(bench, out)
@@ -252,13 +254,25 @@ def report(bench: dict, out: Path, minutes: float | None) -> None:
         + (f"Wall time: {minutes:.0f} minutes on this machine.\n\n" if minutes is not None else "\n\n")
         + (f"**Incomplete**: rows still to measure {missing}; rerun the script to finish (it resumes).\n\n"
            if missing else "") +
-        f"## Targets\n\n{checks}\n\n## Results\n\n" + "\n".join(sections) +
+        f"## Targets\n\n{checks}\n\n{tried(out)}## Results\n\n" + "\n".join(sections) +
         f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n")
     (out / "report.md").write_text(text)
     headline = {f"{g}/{p}": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in n.items()}
                              for b, n in nums.items()} for (g, p), nums in numbers.items()}
     minutes = None if minutes is None else round(minutes, 1)
     print(json.dumps({"kind": "summary", "minutes": minutes, "gains_over_pretrained": headline}), flush=True)
+
+
+def tried(out: Path) -> str:
+    """What benchmarks/cold_fusion_tuning.py tried for the unseen few-shot target (validation only)."""
+    tuning = out.parent / "cold_fusion_tuning" / "report.md"
+    if not tuning.exists():
+        return ""
+    lines = [line for line in tuning.read_text().splitlines() if line.startswith("- `")]
+    return ("## What was tried for the few-shot target\n\nOn the unseen tasks' validation splits (never test), "
+            "variants stopped after 3 iterations, few-shot gain over the base "
+            "(../cold_fusion_tuning/report.md):\n\n" + "\n".join(lines) +
+            "\n\nNone is distinguishable from the base or from the others, so the benchmark keeps its settings.\n\n")
 
 
 def targets(numbers: dict, rows: dict) -> str:
