@@ -9,19 +9,15 @@ from collections.abc import Sequence
 import torch
 
 
-def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """t_i = m_i - b as float32, shape (n, *base.shape), computed straight into one buffer."""
-    b = base.float()
-    out = torch.empty((len(tensors), *b.shape))
-    for i, t in enumerate(tensors):
-        torch.sub(t.float(), b, out=out[i])
-    return out
-
-
 def stack_float(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The tensors as one float32 (n, *shape) tensor; the engine's lazy reads go straight into it."""
     stacked = getattr(tensors, "stacked", None)
     return stacked() if stacked else torch.stack([t.float() for t in tensors])
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """t_i = m_i - b as float32, shape (n, *base.shape), in the one stacked buffer."""
+    return stack_float(tensors).sub_(base.float())
 
 
 def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
