@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,17 +102,6 @@ def _call(name: str, cmd: list[str], out: Path) -> str | None:
         if subprocess.call([sys.executable, "-m", "coldfusion", *cmd], stdout=f, stderr=subprocess.STDOUT, env=_env()):
             return f"{name} failed: see {log}"
     return None
-
-
-def run_side_by_side(jobs: list[list[tuple[str, list[str]]]], out: Path) -> None:
-    """Each job is a list of (name, coldfusion arguments) run in order; jobs run in parallel."""
-    def run_job(job) -> str | None:
-        return next((f for f in (_call(name, cmd, out) for name, cmd in job) if f), None)
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        failures = [f for f in pool.map(run_job, jobs) if f]
-    if failures:
-        sys.exit("; ".join(failures))
 
 
 @dataclass

@@ -6,7 +6,7 @@ base are then few-shot finetuned on the unseen tasks and scored on their validat
 splits (`held_out: validation`), over the benchmark's seeds. The report ranks the
 variants by their paired gain over the base; the benchmark's test splits are never read.
 
-Two single-threaded jobs run side by side; every step resumes. The baseline variant
+Two single-threaded jobs run side by side (`run_queue`); every step resumes. The baseline variant
 reuses the benchmark's own run when that run exists (its iteration-k version is what a
 k-iteration run with the same settings produces). Prints JSON lines.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import yaml
-from cold_fusion import ROOT, configs, phase, run_side_by_side, write
+from cold_fusion import ROOT, Step, configs, phase, run_queue, write
 
 from coldfusion.config import RunConfig
 from coldfusion.evaluation.report import protocol_table
@@ -101,7 +101,9 @@ def main() -> None:
                                                                           cfg))]))
             names.append(f"job{j}")
     start = time.perf_counter()
-    run_side_by_side([j for j in jobs if j], out)
+    # each job's commands in order (a step needs the one before it); the two jobs side by side
+    run_queue([Step(name, lambda c=cmd: c, (job[i - 1][0],) if i else ())
+               for job in jobs for i, (name, cmd) in enumerate(job)], out)
     phase("tuning: variant runs, then few-shot on validation", start)
     report(tuning, bench, out, names, minutes=(time.perf_counter() - start) / 60)
 
