@@ -107,8 +107,9 @@ def test_magnitude_cut_is_the_same_on_any_slicing():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sampled_magnitude_cut_is_exact(monkeypatch, threads):
     """Large task vectors are cut via a sampled bracket (on one thread, or two halves on
-    two); the answer is the full selection's, whether the bracket holds (normal values) or
-    misses and falls back (huge tie groups)."""
+    two); the answer is the full selection's, whether the bracket holds (normal values,
+    ties across the cut) or is abandoned for a full selection (huge tie groups; a sample
+    blind to the data)."""
     from coldfusion.fusion import ties_kernel
 
     monkeypatch.setattr(ties_kernel.torch, "get_num_threads", lambda: threads)
@@ -121,7 +122,9 @@ def test_sampled_magnitude_cut_is_exact(monkeypatch, threads):
     smooth = torch.randn(n, generator=g) * torch.rand(n, generator=g)
     coarse = torch.randint(-3, 4, (n,), generator=g).float()  # a seventh of the entries tie at every level
     rounded = (torch.randn(n, generator=g) * 50).round() / 50  # ties straddle the cut
-    for data, sampled in ((smooth, True), (rounded, True), (coarse, False)):
+    hidden = torch.randn(n, generator=g)
+    hidden[::ties_kernel.sample_step(n)] = 0  # every sampled entry is unchanged: the bracket is [0, 0]
+    for data, sampled in ((smooth, True), (rounded, True), (coarse, False), (hidden, False)):
         base = torch.randn(n, generator=g)
         x = (base + data).numpy()
         for density in (0.01, 0.2, 0.5, 0.9):

@@ -140,15 +140,14 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
             yield name, 0, op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
                                    **params).to(dtype).flatten()
             continue
-        prepared = {}
-        if op.prepare:
-            full_base = base.get_tensor(name) if op.needs_base else None
+        prepared, full_base = {}, None
+        if op.prepare:  # the whole base it reads is kept for the slices: one read fewer, same peak memory
+            full_base = base.get_tensor(name).reshape(-1) if op.needs_base else None
             prepared = {"prepared": op.prepare(LazyTensors(readers, name), full_base, **op.prepare_params(params))}
-            del full_base
         numel = readers[0].numel(name)
         for start in range(0, numel, SLICE):
             span = (start, min(start + SLICE, numel))
-            args = _engine_args(op, base, stats, stat_names, name, span)
+            args = _engine_args(op, base, stats, stat_names, name, span, full_base)
             # A slice is too small for torch to gain from a second thread; on a busy machine
             # the threads' hand-offs made averaging 3-4x slower.
             with torch_threads(1):
@@ -156,10 +155,14 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
             yield name, start, fused.to(dtype)
 
 
-def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[int, int] | None = None) -> dict:
-    """What the operator takes besides tensors and weights, read for this tensor (or slice)."""
+def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[int, int] | None = None,
+                 full_base: torch.Tensor | None = None) -> dict:
+    """What the operator takes besides tensors and weights, read for this tensor (or slice);
+    the base from `full_base` (flat) when it is already in memory."""
     args = {}
-    if op.needs_base:
+    if op.needs_base and full_base is not None:
+        args["base"] = full_base if span is None else full_base[span[0]:span[1]]
+    elif op.needs_base:
         args["base"] = base.get_tensor(name) if span is None else base.read(name, *span)
     if op.needs_stats:
         args["stats"] = LazyTensors(stats, name, span) if name in stat_names else None

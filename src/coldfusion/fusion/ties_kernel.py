@@ -1,12 +1,12 @@
 """TIES's two hot loops, compiled with numba: each model's magnitude cut, and the merge.
 
 Written as torch and numpy operations, TIES made about a dozen passes over the data and
-took 5-8x as long as reading its inputs. Here the cut of a task vector is found in one
-pass (a random sample brackets the k-th largest magnitude; the pass counts the entries
-above the bracket and collects the few inside it), and the trim, sign election and
-disjoint mean are one vectorised pass per model over a slice. Both give exactly what
-their definitions in METHODS.md give (tests/test_operators.py checks them against torch
-spellings). Compiled once per machine and cached next to this file (`cache=True`);
+took 5-8x as long as reading its inputs. Here the cut of a task vector takes one
+vectorised pass (a sample brackets the k-th largest magnitude; the pass counts the
+entries above the bracket and flags the few inside it, which are then collected), and
+the trim, sign election and disjoint mean are one vectorised pass per model over a
+slice. Both give exactly what their definitions in METHODS.md give
+(tests/test_operators.py checks them against torch spellings). Compiled once per machine and cached next to this file (`cache=True`);
 ties.py imports this module only when TIES runs.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from numba import njit
 
-SAMPLE = 1 << 14  # magnitudes sampled to bracket the cut; smaller tensors are cut exactly
+SAMPLE, SAMPLE_MAX = 1 << 14, 1 << 18  # magnitudes sampled to bracket a cut: n/16 within these bounds
 PARALLEL_MIN = 1 << 20  # from this many entries, the bracketing pass runs on two threads
 
 
@@ -37,20 +37,35 @@ class MagnitudeCut:
 
 
 @njit(cache=True, nogil=True)
-def _bracket(x, base, low, high, values, positions):  # pragma: no cover (compiled)
-    """Count |x - base| > high; collect the magnitudes in [low, high] and their positions,
-    in order, into the buffers (all but their last slot, which takes the overflow).
-    Returns (count above, count inside), the latter possibly beyond the buffers' size."""
-    above, inside, last = 0, 0, values.size - 1
+def _mark(x, base, low, high, mask):  # pragma: no cover (compiled)
+    """Flag the entries with |x - base| in [low, high] (a byte each); count those above
+    high and those flagged. Branch-free, so it compiles to vector instructions."""
+    above, inside = 0, 0
     for j in range(x.size):
         a = abs(x[j] - base[j])
+        hit = (a >= low) & (a <= high)
         above += a > high
-        # branch-free: write every entry to the next free slot, advance only past a keeper
-        slot = min(inside, last)
-        values[slot] = a
-        positions[slot] = j
-        inside += (a >= low) & (a <= high)
+        inside += hit
+        mask[j] = hit
     return above, inside
+
+
+@njit(cache=True, nogil=True)
+def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
+    """The flagged magnitudes and their positions, in order. Flags are few, so it skips
+    eight unflagged entries at a time (one 64-bit word of the mask)."""
+    found, whole = 0, mask.size // 8 * 8
+    words = mask[:whole].view(np.uint64)
+    for w in range(words.size):
+        if words[w] != 0:
+            for j in range(8 * w, 8 * w + 8):
+                if mask[j]:
+                    values[found], positions[found] = abs(x[j] - base[j]), j
+                    found += 1
+    for j in range(whole, mask.size):
+        if mask[j]:
+            values[found], positions[found] = abs(x[j] - base[j]), j
+            found += 1
 
 
 @njit(cache=True, nogil=True)
@@ -92,23 +107,22 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
         return MagnitudeCut(math.inf, -1)
     k = max(1, int(density * n))
     magnitudes = lambda: np.abs(x - base)  # noqa: E731
-    if n <= 4 * SAMPLE:
+    if n <= 4 * SAMPLE:  # small: select exactly
         return _exact_cut(magnitudes(), k, magnitudes)
     # The k-th largest magnitude is the (1 - k/n) quantile: bracket it by a sample's
-    # quantiles five standard errors either side, so the pass collects a few percent of entries.
+    # quantiles four standard errors either side, so the pass collects 1-3% of the entries
+    # (collecting costs more than flagging) and a miss, i.e. a fallback, has odds ~1e-4.
     # An evenly strided sample (a random one costs more to draw than the pass it saves); an
     # odd stride walks across the columns of a matrix. A biased sample only costs a fallback.
-    step = (n // SAMPLE) | 1
-    sample = np.sort(np.abs(x[::step][:SAMPLE] - base[::step][:SAMPLE]))
+    step = sample_step(n)
+    sample = np.sort(np.abs(x[::step] - base[::step]))  # numpy's vectorised sort beats two selections
     m = sample.size
-    rank, spread = (1 - k / n) * (m - 1), 5 * math.sqrt(m * k / n * (1 - k / n)) + 8
+    rank, spread = (1 - k / n) * (m - 1), 4 * math.sqrt(m * k / n * (1 - k / n)) + 8
     low, high = sample[max(0, int(rank - spread))], sample[min(m - 1, int(math.ceil(rank + spread)))]
-    capacity = int(n * (2 * spread + 2) / m * 2) + 1024
-    found = _bracket_in_parts(x, base, low, high, capacity)
-    need = k - found[0]  # how many of the bracketed entries are among the k largest
-    if found[1] is None or not 1 <= need <= found[1].size:  # the sample missed (rare): select over everything
+    above, values, positions = _bracket(x, base, low, high)
+    need = k - above  # how many of the bracketed entries are among the k largest
+    if values is None or not 1 <= need <= values.size:  # the sample missed (rare): select over everything
         return _exact_cut(magnitudes(), k, magnitudes)
-    _, values, positions = found
     inside = values.size
     value = np.partition(values.copy(), inside - need)[inside - need]
     ties = positions[values == value]
@@ -118,22 +132,32 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
     return MagnitudeCut(float(value), int(ties[ties_needed - 1]))
 
 
-def _bracket_in_parts(x: np.ndarray, base: np.ndarray, low, high, capacity: int):
-    """`_bracket` over the whole of x, in two halves on two threads when torch may use two
-    (numba releases the GIL): (count above, values inside, their positions), or
-    (count above, None, None) when more than `capacity` are inside."""
+def sample_step(n: int) -> int:
+    """Every how many entries the bracketing sample takes one (n/16 samples, within bounds)."""
+    return (n // min(max(n // 16, SAMPLE), SAMPLE_MAX)) | 1
+
+
+def _bracket(x: np.ndarray, base: np.ndarray, low, high) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """(how many |x - base| are above high, those in [low, high], their positions), in two
+    halves on two threads when torch may use two (numba releases the GIL). The latter two
+    are None when over an eighth of the entries are inside (huge tie groups): collecting
+    them would cost more memory than a full selection."""
     parts = 2 if torch.get_num_threads() > 1 and x.size >= PARALLEL_MIN else 1
     bounds = [(x.size * p // parts, x.size * (p + 1) // parts) for p in range(parts)]
 
     def part(bound):
-        start, stop = bound
-        values, positions = np.empty(capacity + 1, np.float32), np.empty(capacity + 1, np.int64)
-        above, inside = _bracket(x[start:stop], base[start:stop], low, high, values, positions)
-        return above, values[:inside], positions[:inside] + start, inside <= capacity
+        xs, bs = x[bound[0]:bound[1]], base[bound[0]:bound[1]]
+        mask = np.empty(xs.size, np.bool_)
+        above, inside = _mark(xs, bs, low, high, mask)
+        if inside > xs.size // 8:
+            return above, None, None
+        values, positions = np.empty(inside, np.float32), np.empty(inside, np.int64)
+        _collect(xs, bs, mask, values, positions)
+        return above, values, positions + bound[0]
 
     found = list(_threads().map(part, bounds)) if parts > 1 else [part(bounds[0])]
     above = sum(f[0] for f in found)
-    if not all(f[3] for f in found) or sum(f[1].size for f in found) > capacity:
+    if any(f[1] is None for f in found):
         return above, None, None
     return above, np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
 
