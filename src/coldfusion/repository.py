@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS versions (
     sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
     parent INTEGER REFERENCES versions(id),
     model_source TEXT NOT NULL,
-    fusion TEXT,              -- JSON: {"method": ..., "params": {...}}; NULL for a pretrained root
+    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?}; NULL for a root
     run TEXT, iteration INTEGER, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS contributions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -202,8 +202,10 @@ class Repository:
     def fuse(
         self, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
         params: dict | None = None, run: str | None = None, iteration: int | None = None,
+        missing: dict[str, str] | None = None,
     ) -> Version:
-        """Fuse contributions into a new version whose parent is `base_version`."""
+        """Fuse contributions into a new version whose parent is `base_version`. `missing`
+        (contributor -> reason) records the chosen contributors that sent nothing."""
         params = params or {}
         base = self.version(base_version)
         with self._db() as db:
@@ -221,7 +223,8 @@ class Repository:
             [self.path_of(c.sha256) for c in contribs], method, weights,
             base=self.path_of(base.sha256) if op.needs_base else None, stats=stats, **params,
         )
-        fusion = {"method": method, "params": params, "contributions": [c.id for c in contribs]}
+        fusion = {"method": method, "params": params, "contributions": [c.id for c in contribs],
+                  **({"missing": missing} if missing else {})}
         with self._db() as db:
             sha = self._store(db, fused)
             version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration)

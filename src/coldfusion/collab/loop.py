@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from coldfusion.checkpoint import atomic_write_bytes, load_tensors, save_tensors
-from coldfusion.collab.contributor import ContributionResult, Contributor
+from coldfusion.checkpoint import atomic_write_bytes
 from coldfusion.collab.local_engine import LocalEngine
+from coldfusion.collab.round import RoundResult
 from coldfusion.config import RunConfig, dump_config
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.errors import ColdFusionError
-from coldfusion.fusion import get_operator
 from coldfusion.progress import SilentProgress
 from coldfusion.report import write_report
 from coldfusion.repository import Repository
@@ -113,8 +112,13 @@ def _changed_keys(old, new, prefix: str = "") -> set[str]:
 
 
 def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                    progress=None) -> Path:
-    """Run (or resume) a ColD Fusion experiment; return its run directory."""
+                    progress=None, engine=None) -> Path:
+    """Run (or resume) a ColD Fusion experiment; return its run directory.
+
+    `engine` runs the contributors (default: a LocalEngine over the config's tasks); it
+    has `contributor_names`, `run_round(base, iteration, names, progress) -> RoundResult`
+    and `save_heads(dir)`.
+    """
     progress = progress or SilentProgress()
     run_dir = Path(run_dir or config.output_dir / config.name)
     state = _prepare_run_dir(config, run_dir, resume)
@@ -125,7 +129,7 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
     encoder = Encoder.load(config.model)
     tasks = [load_task(spec) for spec in config.tasks]
     done = state.completed_iterations if state else 0
-    contributors = _make_contributors(config, tasks, encoder, _heads_dir(run_dir, done))
+    engine = engine or LocalEngine(config, tasks, encoder, _heads_dir(run_dir, done))
     probe = SeenTaskProbe(tasks, encoder, config)
     progress.start_run(config.loop.iterations, done)
 
@@ -140,24 +144,18 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         log.keep_until(state.completed_iterations)
         progress.log(f"resuming {run_dir} after iteration {state.completed_iterations}")
 
-    engine = LocalEngine()
     for iteration in range(state.completed_iterations + 1, config.loop.iterations + 1):
-        chosen = _choose_contributors(contributors, config, iteration)
-        progress.phase(f"iteration {iteration}: finetuning {len(chosen)} contributors",
-                       sum(len(c.examples_for(iteration)) for c in chosen))
+        chosen = _choose_contributors(engine.contributor_names, config, iteration)
         started = time.perf_counter()
-        results = engine.run_round(chosen, repo.load_version(state.version), iteration, on_step=progress.advance)
+        round_ = engine.run_round(repo.load_version(state.version), iteration, chosen, progress)
         train_seconds = time.perf_counter() - started
-        rows, version = _fuse_round(repo, config, state.version, iteration, results)
+        rows, version = _fuse_round(repo, config, state.version, iteration, round_)
         rows[-1]["train_seconds"] = round(train_seconds, 2)
         progress.phase(f"iteration {iteration}: probing the fused base", probe.num_examples())
         scores = probe.score(repo.load_version(version), progress)
         rows += _probe_rows(repo, version, iteration, scores, config.name)
-        # Heads are contributor state: snapshot them per iteration, so a crash before
-        # state.json is written resumes with the heads of the last finished iteration.
-        for c in contributors:
-            if c.head is not None:
-                save_tensors(_heads_dir(run_dir, iteration) / f"{c.name}.safetensors", c.head)
+        # A crash before state.json is written resumes with the heads of the last finished iteration.
+        engine.save_heads(_heads_dir(run_dir, iteration))
         log.extend(rows)
         state = RunState(completed_iterations=iteration, version=version)
         state.write(run_dir)
@@ -171,27 +169,10 @@ def _heads_dir(run_dir: Path, iteration: int) -> Path:
     return run_dir / "heads" / f"iter{iteration:03d}"
 
 
-def _make_contributors(config: RunConfig, tasks: list[Task], encoder: Encoder, heads_dir: Path) -> list[Contributor]:
-    """One contributor per seen task, with the head it had after the last finished iteration."""
-    statistics = get_operator(config.fusion.method).needs_stats  # what the fusion needs them to send
-    def head(task: Task):
-        path = heads_dir / f"{task.name}.safetensors"
-        return load_tensors(path) if path.exists() else None
-
-    return [
-        Contributor(t, encoder, finetune_settings=config.finetune, max_length=config.max_length,
-                    pooling=config.pooling, examples_per_iteration=config.loop.examples_per_contributor,
-                    validation_examples=config.loop.validation_examples, keep_head=config.loop.keep_head,
-                    seed=config.seed, head=head(t), statistics=statistics,
-                    statistics_examples=config.fusion.statistics_examples)
-        for t in tasks
-    ]
-
-
 def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteration: int,
-                results: list[ContributionResult]) -> tuple[list[dict], int]:
+                round_: RoundResult) -> tuple[list[dict], int]:
     """Store the contributions, fuse them into a new version; return result rows and its id."""
-    rows, ids = [], []
+    rows, ids, results = [], [], round_.results
     for r in results:
         c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor,
                                   task=r.task, num_examples=r.num_examples, metrics=r.metrics, stats=r.stats)
@@ -200,19 +181,19 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
-                        run=config.name, iteration=iteration)
+                        run=config.name, iteration=iteration, missing=round_.missing)
     rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,
                  "method": config.fusion.method, "contributors": [r.task for r in results],
-                 "fuse_seconds": round(time.perf_counter() - started, 2)})
+                 "missing": round_.missing, "fuse_seconds": round(time.perf_counter() - started, 2)})
     return rows, version.id
 
 
-def _choose_contributors(contributors: list[Contributor], config: RunConfig, iteration: int) -> list[Contributor]:
+def _choose_contributors(names: list[str], config: RunConfig, iteration: int) -> list[str]:
     k = config.loop.contributors_per_iteration
-    if k is None or k >= len(contributors):
-        return contributors
+    if k is None or k >= len(names):
+        return names
     rng = np.random.RandomState(derive_seed(config.seed, "sample", iteration))
-    return [contributors[i] for i in sorted(rng.choice(len(contributors), size=k, replace=False))]
+    return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
 
 def _probe_rows(repo: Repository, version: int, iteration: int, scores: dict, run: str) -> list[dict]:
