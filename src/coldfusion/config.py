@@ -43,6 +43,22 @@ class FusionSettings(Strict):
         128, ge=1, description="examples each contributor computes Fisher / Gram statistics on (fisher, regmean)")
 
 
+class FlowerSettings(Strict):
+    """How the loop runs on Flower (engine: flower)."""
+
+    mode: Literal["simulation", "deployment"] = Field(
+        "simulation", description="simulation: every contributor on this machine (Flower's simulation runtime); "
+                                  "deployment: contributors are SuperNodes connected to a SuperLink")
+    min_contributors: int | None = Field(
+        None, ge=1, description="fuse a round when at least this many chosen contributors replied; "
+                                "default: all of them")
+    round_timeout: float = Field(3600, gt=0, description="seconds to wait for a round's replies")
+    discovery_timeout: float = Field(600, gt=0, description="seconds to wait for the contributors' SuperNodes")
+    client_cpus: int | None = Field(
+        None, ge=1, description="simulation: CPUs per contributor (default: `threads`, so contributors train "
+                                "one at a time on a machine of that many cores)")
+
+
 class RunConfig(Strict):
     name: str = "coldfusion"
     seed: int = 0
@@ -51,7 +67,9 @@ class RunConfig(Strict):
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"
     tasks: list[TaskSpec] = Field(min_length=1, description="the seen tasks: one contributor each")
-    engine: Literal["local"] = "local"
+    engine: Literal["local", "flower"] = Field(
+        "local", description="local: contributors train in this process; flower: on Flower (see `flower`)")
+    flower: FlowerSettings = FlowerSettings()
     loop: LoopSettings = LoopSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     evaluation: EvaluationSettings = EvaluationSettings()

@@ -6,6 +6,7 @@ Its data never leaves it; what it sends is the finetuned body and its example co
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.encoder import Classifier, Encoder, body_tensors
@@ -56,7 +57,11 @@ class Contributor:
         return np.take(self.order, range(start, start + n), mode="wrap")
 
     def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
-        model = Classifier(self.encoder.new_body(base), self.task.num_labels, pooling=self.pooling)
+        # A fresh head depends only on these names, not on what else ran in this process:
+        # engines that run contributors elsewhere, and resumed runs, give the same result.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "head", self.name, iteration))
+            model = Classifier(self.encoder.new_body(base), self.task.num_labels, pooling=self.pooling)
         if self.keep_head and self.head is not None:
             model.head.load_state_dict(self.head)
         data = self.train.take(self.examples_for(iteration))

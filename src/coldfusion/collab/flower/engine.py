@@ -1,0 +1,82 @@
+"""`FlowerEngine`: the loop's engine on a Flower Grid. One loop iteration = one Flower round.
+
+At start it asks every connected SuperNode which contributor it is (a `query` message),
+so rounds address contributors by name. A chosen contributor that sends nothing (its
+node died, failed or timed out) is recorded as missing with the reason; the round is
+fused when at least `flower.min_contributors` replied.
+"""
+
+import time
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from coldfusion.checkpoint import Tensors
+from coldfusion.collab.flower.messages import CONFIG, settings_record, to_record
+from coldfusion.collab.flower.strategy import ColdFusionStrategy
+from coldfusion.collab.round import RoundResult
+from coldfusion.config import RunConfig
+from coldfusion.errors import ColdFusionError
+
+
+class FlowerEngine:
+    name = "flower"
+
+    def __init__(self, grid: Grid, config: RunConfig, strategy: ColdFusionStrategy | None = None):
+        self.grid, self.config, self.settings = grid, config, config.flower
+        self.contributor_names = [t.name for t in config.tasks]
+        self.minimum = self.settings.min_contributors or len(self.contributor_names)
+        self.strategy = strategy or ColdFusionStrategy(config.fusion.method, config.fusion.params, self.minimum)
+        self.nodes = self._discover()
+
+    def _discover(self) -> dict[str, int]:
+        """Contributor name -> node id, once all contributors (at least the minimum, after
+        `discovery_timeout`) are connected."""
+        deadline = time.monotonic() + self.settings.discovery_timeout
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= len(self.contributor_names) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        content = RecordDict({CONFIG: settings_record(self.config, 0)})
+        replies = self.grid.send_and_receive(
+            [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+            timeout=self.settings.discovery_timeout)
+        found: dict[str, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue  # counted below as a contributor without a node
+            name = str(reply.content.config_records["contributor"]["name"])
+            if name in found:
+                raise ColdFusionError(f"two SuperNodes ({found[name]} and {reply.metadata.src_node_id}) hold "
+                                      f"the task '{name}'; give each SuperNode its own task")
+            found[name] = reply.metadata.src_node_id
+        known = {n: found[n] for n in self.contributor_names if n in found}
+        if len(known) < self.minimum:
+            raise ColdFusionError(
+                f"only {len(known)} of the run's {len(self.contributor_names)} contributors have a SuperNode "
+                f"({sorted(known) or 'none'}; other nodes hold {sorted(set(found) - set(known)) or 'nothing'}); "
+                f"the minimum is {self.minimum} (flower.min_contributors)")
+        return known
+
+    def run_round(self, base: Tensors, iteration: int, names: list[str], progress) -> RoundResult:
+        targets = {n: self.nodes[n] for n in names if n in self.nodes}
+        missing = {n: "no SuperNode holds this task" for n in names if n not in self.nodes}
+        progress.phase(f"iteration {iteration}: {len(targets)} contributors training on Flower", 0)
+        self.strategy.targets = list(targets.values())
+        messages = self.strategy.configure_train(iteration, to_record(base), settings_record(self.config, iteration),
+                                                 self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
+        results, failures = self.strategy.contributions(replies)
+        for name, node in targets.items():
+            if node not in results:
+                missing[name] = failures.get(node, f"no reply within {self.settings.round_timeout:g} s")
+        if len(results) < min(self.minimum, len(names)):
+            raise ColdFusionError(
+                f"iteration {iteration}: {len(results)} of {len(names)} chosen contributors sent a contribution "
+                f"(missing: {missing}); the minimum is {self.minimum} (flower.min_contributors)")
+        # in the order the loop chose them, as the local engine returns them
+        return RoundResult([results[targets[n]] for n in names if n in targets and targets[n] in results], missing)
+
+    def save_heads(self, heads_dir) -> None:
+        """Heads live in each SuperNode's state; the ServerApp never sees them."""

@@ -1,0 +1,35 @@
+"""Run a ColD Fusion experiment on Flower's simulation runtime, on this machine.
+
+Each contributor is a simulated SuperNode whose partition id is its task's position in
+the config. Contributors get `flower.client_cpus` CPUs each (default: `threads`), so on a
+machine of that many cores they train one at a time, as with the local engine.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from coldfusion.config import RunConfig
+
+
+def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress=None) -> Path:
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")  # never let Flower pip-install
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from coldfusion.collab.flower.client_app import app as client_app
+    from coldfusion.collab.flower.server_app import server_app_for
+
+    outcome: dict = {}
+    cpus = config.flower.client_cpus or config.threads
+    run_simulation(
+        server_app=server_app_for(config, run_dir, resume, progress, outcome), client_app=client_app,
+        num_supernodes=len(config.tasks),
+        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": max(cpus, os.cpu_count() or 1), "include_dashboard": False,
+                                      "logging_level": logging.ERROR}})
+    if "error" in outcome:
+        raise outcome["error"]
+    if "run_dir" not in outcome:
+        raise RuntimeError("Flower's simulation ended without running the ServerApp; see the log above")
+    return outcome["run_dir"]
