@@ -1,10 +1,13 @@
 """ColD Fusion on Flower: the same loop, with contributors as Flower ClientApps."""
 
 import json
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import make_sentiment_rows
 from test_loop import final_body, tiny_config
@@ -12,7 +15,10 @@ from test_loop import final_body, tiny_config
 flwr = pytest.importorskip("flwr")
 
 from coldfusion.collab import run_cold_fusion  # noqa: E402
+from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
 from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
+from coldfusion.config import FlowerSettings, dump_config  # noqa: E402
+from coldfusion.repository import Repository  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +41,66 @@ def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_task
     rows = [json.loads(line) for line in (flower / "results.jsonl").read_text().splitlines()]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [f["contributors"] for f in fusions] == [list(three_tasks)] * 2 and all(not f["missing"] for f in fusions)
+
+
+def _task_specs(tasks: dict, root) -> dict[str, str]:
+    """Each contributor's node config: a task-spec YAML only its SuperNode reads."""
+    specs = {}
+    for name, path in tasks.items():
+        specs[name] = str(root / f"{name}.task.yaml")
+        (root / f"{name}.task.yaml").write_text(yaml.safe_dump({"name": name, "path": str(path)}))
+    return specs
+
+
+def _deployment(tiny_model_dir, tasks, tmp_path, **flower):
+    config = tiny_config(tiny_model_dir, tasks, tmp_path / "flower").model_copy(
+        update={"engine": "flower", "flower": FlowerSettings(mode="deployment", **flower)})
+    (tmp_path / "run.yaml").write_text(dump_config(config))
+    return write_app(tmp_path / "run.yaml", tmp_path / "app"), tmp_path / "flower" / "runs" / config.name
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except OSError:
+        return True
+
+
+def test_deployment_on_loopback_fuses_what_the_local_engine_fuses(tiny_model_dir, three_tasks, tmp_path):
+    """A SuperLink and three SuperNodes as processes on 127.0.0.1, two rounds via `flwr run`."""
+    local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local"))
+    app, run_dir = _deployment(tiny_model_dir, three_tasks, tmp_path)
+    with LocalFederation(tmp_path / "federation", _task_specs(three_tasks, tmp_path)) as federation:
+        finished = federation.run(app, timeout=900)
+        started = [p.pid for p in federation.processes.values()]
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    # the SuperLink, three SuperNodes and the SuperExecs they started: all stopped
+    assert len(started) == 4 and set(started) < federation.stopped
+    assert all(_stopped(pid) for pid in federation.stopped)
+    a, b = final_body(local), final_body(run_dir)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_a_supernode_killed_mid_round_is_recorded_missing(tiny_model_dir, three_tasks, tmp_path):
+    app, run_dir = _deployment(tiny_model_dir, three_tasks, tmp_path, min_contributors=2, round_timeout=240)
+    with LocalFederation(tmp_path / "federation", _task_specs(three_tasks, tmp_path)) as federation:
+        started = federation.run(app, stream=False)
+        assert started.returncode == 0, started.stdout + started.stderr
+        log = tmp_path / "federation" / "supernode-mood.log"
+        deadline = time.monotonic() + 300
+        while "Receiving: train message" not in log.read_text():
+            assert time.monotonic() < deadline, "the first round never reached the SuperNode"
+            time.sleep(0.5)
+        federation.kill_node("mood")  # while it trains
+        deadline = time.monotonic() + 900
+        while not (run_dir / "state.json").exists() or json.loads((run_dir / "state.json").read_text())[
+                "completed_iterations"] < 2:
+            assert time.monotonic() < deadline, (tmp_path / "federation" / "superlink.log").read_text()[-3000:]
+            time.sleep(1)
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    fusions = [r for r in rows if r["kind"] == "fusion"]
+    assert [f["contributors"] for f in fusions] == [["sentiment", "topic"]] * 2
+    assert all(set(f["missing"]) == {"mood"} for f in fusions)
+    lineage = Repository(run_dir / "repository").lineage(fusions[-1]["version"])
+    assert [set(v.fusion.get("missing", {})) for v in lineage[:2]] == [{"mood"}, {"mood"}]

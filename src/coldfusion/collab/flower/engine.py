@@ -33,35 +33,47 @@ class FlowerEngine:
         """Contributor name -> node id, once all contributors (at least the minimum, after
         `discovery_timeout`) are connected."""
         deadline = time.monotonic() + self.settings.discovery_timeout
-        while True:
-            nodes = list(self.grid.get_node_ids())
-            if len(nodes) >= len(self.contributor_names) or time.monotonic() > deadline:
-                break
+        while len(list(self.grid.get_node_ids())) < len(self.contributor_names) and time.monotonic() < deadline:
             time.sleep(1)
+        self._foreign: set[int] = set()  # nodes that hold no task of this run
+        known = self._identify(set(self.grid.get_node_ids()))
+        if len(known) < self.minimum:
+            raise ColdFusionError(
+                f"only {len(known)} of the run's {len(self.contributor_names)} contributors have a SuperNode "
+                f"({sorted(known) or 'none'}); the minimum is {self.minimum} (flower.min_contributors). Start one "
+                f"SuperNode per task with --node-config \"task='NAME_OR_SPEC.yaml'\"")
+        return known
+
+    def _identify(self, nodes: set[int]) -> dict[str, int]:
+        """Ask these nodes which contributor they are (a `query` message)."""
         content = RecordDict({CONFIG: settings_record(self.config, 0)})
         replies = self.grid.send_and_receive(
-            [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+            [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)],
             timeout=self.settings.discovery_timeout)
         found: dict[str, int] = {}
         for reply in replies:
             if reply.has_error():
-                continue  # counted below as a contributor without a node
-            name = str(reply.content.config_records["contributor"]["name"])
+                continue  # asked again at the next round
+            name, node = str(reply.content.config_records["contributor"]["name"]), reply.metadata.src_node_id
             if name in found:
-                raise ColdFusionError(f"two SuperNodes ({found[name]} and {reply.metadata.src_node_id}) hold "
-                                      f"the task '{name}'; give each SuperNode its own task")
-            found[name] = reply.metadata.src_node_id
-        known = {n: found[n] for n in self.contributor_names if n in found}
-        if len(known) < self.minimum:
-            raise ColdFusionError(
-                f"only {len(known)} of the run's {len(self.contributor_names)} contributors have a SuperNode "
-                f"({sorted(known) or 'none'}; other nodes hold {sorted(set(found) - set(known)) or 'nothing'}); "
-                f"the minimum is {self.minimum} (flower.min_contributors)")
-        return known
+                raise ColdFusionError(f"two SuperNodes ({found[name]} and {node}) hold the task '{name}'; "
+                                      f"give each SuperNode its own task")
+            found[name] = node
+        self._foreign |= {node for name, node in found.items() if name not in self.contributor_names}
+        return {n: found[n] for n in self.contributor_names if n in found}
+
+    def _refresh(self) -> None:
+        """Forget contributors whose SuperNode left; identify nodes that joined (a restarted one)."""
+        connected = set(self.grid.get_node_ids())
+        self.nodes = {name: node for name, node in self.nodes.items() if node in connected}
+        joined = connected - set(self.nodes.values()) - self._foreign
+        if joined:
+            self.nodes.update({n: node for n, node in self._identify(joined).items() if n not in self.nodes})
 
     def run_round(self, base: Tensors, iteration: int, names: list[str], progress) -> RoundResult:
+        self._refresh()
         targets = {n: self.nodes[n] for n in names if n in self.nodes}
-        missing = {n: "no SuperNode holds this task" for n in names if n not in self.nodes}
+        missing = {n: "its SuperNode is not connected" for n in names if n not in self.nodes}
         progress.phase(f"iteration {iteration}: {len(targets)} contributors training on Flower", 0)
         self.strategy.targets = list(targets.values())
         messages = self.strategy.configure_train(iteration, to_record(base), settings_record(self.config, iteration),
