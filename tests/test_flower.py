@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import make_sentiment_rows
 from test_loop import final_body, tiny_config
+from typer.testing import CliRunner
 
 flwr = pytest.importorskip("flwr")
 
+from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
 from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
-from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
 from coldfusion.config import FlowerSettings, dump_config  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 
@@ -31,9 +31,13 @@ def three_tasks(toy_task_files, tmp_path_factory):
 
 
 def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_tasks, tmp_path):
+    """`coldfusion run` with engine: flower runs Flower's simulation runtime."""
     local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local"))
     config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower").model_copy(update={"engine": "flower"})
-    flower = run_on_simulation(config)
+    (tmp_path / "run.yaml").write_text(dump_config(config))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    flower = config.output_dir / config.name
     a, b = final_body(local), final_body(flower)
     assert a.keys() == b.keys()
     for k in a:
@@ -41,6 +45,16 @@ def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_task
     rows = [json.loads(line) for line in (flower / "results.jsonl").read_text().splitlines()]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [f["contributors"] for f in fusions] == [list(three_tasks)] * 2 and all(not f["missing"] for f in fusions)
+
+
+def test_deployment_configs_get_the_flower_app_not_a_silent_local_run(tiny_model_dir, three_tasks, tmp_path):
+    app_dir, _ = _deployment(tiny_model_dir, three_tasks, tmp_path)
+    refused = CliRunner().invoke(app, ["run", str(tmp_path / "run.yaml")])
+    assert refused.exit_code == 2 and "coldfusion flower app" in refused.output
+    written = CliRunner().invoke(app, ["flower", "app", str(tmp_path / "run.yaml"), str(tmp_path / "cli-app")])
+    assert written.exit_code == 0, written.output
+    toml = (tmp_path / "cli-app" / "pyproject.toml").read_text()
+    assert 'serverapp = "coldfusion.collab.flower.server_app:app"' in toml and str(tmp_path / "run.yaml") in toml
 
 
 def _task_specs(tasks: dict, root) -> dict[str, str]:

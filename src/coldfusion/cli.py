@@ -29,15 +29,25 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the run from its last finished iteration"),
     run_dir: Path | None = typer.Option(None, help="run directory (default: <output_dir>/<name>)"),
 ) -> None:
-    """Run a ColD Fusion experiment (local engine) and write its run directory."""
+    """Run a ColD Fusion experiment and write its run directory (engine: local, or flower simulation)."""
     from coldfusion.collab import run_cold_fusion
     from coldfusion.config import load_config
     from coldfusion.progress import RichProgress
 
     try:
         cfg = load_config(config)
+        if cfg.engine == "flower" and cfg.flower.mode == "deployment":
+            raise ColdFusionError(
+                f"{config} runs on a Flower deployment: write its Flower app with `coldfusion flower app {config} "
+                f"APP_DIR` and submit it with `flwr run APP_DIR`, or try it on this machine with "
+                f"`coldfusion flower local {config}` (see the README, 'Across machines on Flower')")
         with RichProgress() as progress:
-            out = run_cold_fusion(cfg, run_dir=run_dir, resume=resume, progress=progress)
+            if cfg.engine == "flower":
+                from coldfusion.collab.flower.simulation import run_on_simulation
+
+                out = run_on_simulation(cfg, run_dir=run_dir, resume=resume, progress=progress)
+            else:
+                out = run_cold_fusion(cfg, run_dir=run_dir, resume=resume, progress=progress)
     except ColdFusionError as exc:
         _fail(exc)
     summary = (out / "summary.md").read_text()
@@ -162,6 +172,63 @@ def export(
     except ColdFusionError as exc:
         _fail(exc)
     console.print(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
+
+
+flower = typer.Typer(no_args_is_help=True, help="Run ColD Fusion on a Flower deployment (SuperLink + SuperNodes).")
+app.add_typer(flower, name="flower")
+
+
+@flower.command("app")
+def flower_app(
+    config: Path = typer.Argument(..., help="run config (YAML) with engine: flower"),
+    out_dir: Path = typer.Argument(..., help="directory to write the Flower app to"),
+    run_dir: Path | None = typer.Option(None, help="run directory on the SuperLink's machine"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run from its last finished iteration"),
+) -> None:
+    """Write the Flower app that `flwr run` submits to a SuperLink."""
+    from coldfusion.collab.flower.deployment import write_app
+
+    try:
+        out = write_app(config, out_dir, run_dir, resume)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(f"[green]Flower app written to[/] {out}\nsubmit it with: "
+                  f"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run {out} <connection> --stream")
+
+
+@flower.command("local")
+def flower_local(
+    config: Path = typer.Argument(..., help="run config (YAML) with engine: flower"),
+    workdir: Path | None = typer.Option(None, help="logs, Flower home and app (default: <run dir>-flower)"),
+) -> None:
+    """Run the experiment on a real Flower deployment on this machine.
+
+    A SuperLink and one SuperNode per task run as separate processes on 127.0.0.1; all are
+    stopped at the end.
+    """
+    import yaml
+
+    from coldfusion.collab.flower.deployment import LocalFederation, write_app
+    from coldfusion.config import load_config
+
+    try:
+        cfg = load_config(config)
+        root = (workdir or cfg.output_dir / f"{cfg.name}-flower").resolve()
+        specs = {}
+        for task in cfg.tasks:  # each SuperNode reads its own task spec, as on its own machine
+            specs[task.name] = str(root / "tasks" / f"{task.name}.yaml")
+            (root / "tasks").mkdir(parents=True, exist_ok=True)
+            Path(specs[task.name]).write_text(yaml.safe_dump(task.model_dump(mode="json", exclude_none=True)))
+        app_dir = write_app(config, root / "app")
+        with LocalFederation(root, specs) as federation:
+            console.print(f"SuperLink on {federation.address}, {len(specs)} SuperNodes; logs in {root}")
+            finished = federation.run(app_dir, timeout=7 * 24 * 3600)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(finished.stdout[-4000:])
+    if finished.returncode != 0:
+        _fail(ColdFusionError(f"flwr run failed ({finished.returncode}): {finished.stderr[-2000:]}"))
+    console.print(f"[green]run directory:[/] {cfg.output_dir / cfg.name}")
 
 
 def main() -> None:  # pragma: no cover

@@ -6,8 +6,9 @@ vectorised pass (a sample brackets the k-th largest magnitude; the pass counts t
 entries above the bracket and flags the few inside it, which are then collected), and
 the trim, sign election and disjoint mean are one vectorised pass per model over a
 slice. Both give exactly what their definitions in METHODS.md give
-(tests/test_operators.py checks them against torch spellings). Compiled once per machine and cached next to this file (`cache=True`);
-ties.py imports this module only when TIES runs.
+(tests/test_operators.py checks them against torch spellings). Compiled once per machine
+and cached next to this file (`cache=True`); ties.py imports this module only when TIES
+runs.
 """
 
 import functools

@@ -11,7 +11,14 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from coldfusion.collab.flower.messages import ARRAYS, CONFIG, contribution_content, from_record, read_settings, to_record
+from coldfusion.collab.flower.messages import (
+    ARRAYS,
+    CONFIG,
+    contribution_content,
+    from_record,
+    read_settings,
+    to_record,
+)
 from coldfusion.collab.local_engine import make_contributor
 from coldfusion.config import RunConfig
 from coldfusion.encoder import Encoder
