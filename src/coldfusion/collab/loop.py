@@ -146,14 +146,16 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
 
     for iteration in range(state.completed_iterations + 1, config.loop.iterations + 1):
         chosen = _choose_contributors(engine.contributor_names, config, iteration)
-        started = time.perf_counter()
+        started = time.perf_counter()  # the iteration's wall time: contributors, fusion, probes
         round_ = engine.run_round(repo.load_version(state.version), iteration, chosen, progress)
         train_seconds = time.perf_counter() - started
         rows, version = _fuse_round(repo, config, state.version, iteration, round_)
-        rows[-1]["train_seconds"] = round(train_seconds, 2)
+        fusion_row = rows[-1]
+        fusion_row["train_seconds"] = round(train_seconds, 2)
         progress.phase(f"iteration {iteration}: probing the fused base", probe.num_examples())
         scores = probe.score(repo.load_version(version), progress)
         rows += _probe_rows(repo, version, iteration, scores, config.name)
+        fusion_row["iteration_seconds"] = round(time.perf_counter() - started, 2)
         # A crash before state.json is written resumes with the heads of the last finished iteration.
         engine.save_heads(_heads_dir(run_dir, iteration))
         log.extend(rows)

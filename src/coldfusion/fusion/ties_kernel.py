@@ -23,6 +23,7 @@ from numba import njit
 
 SAMPLE, SAMPLE_MAX = 1 << 14, 1 << 18  # magnitudes sampled to bracket a cut: n/16 within these bounds
 PARALLEL_MIN = 1 << 20  # from this many entries, the bracketing pass runs on two threads
+BLOCK = 1 << 20  # entries the bracketing pass flags before collecting them
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class MagnitudeCut:
     last_tie: int
 
 
-@njit(cache=True, nogil=True)
+# The two loops that run on worker threads are compiled for their one signature at import
+# (loaded from the cache after the first time): workers never wait on the compiler, and a
+# wrong dtype or layout fails loudly instead of compiling a slow variant.
+@njit("UniTuple(int64, 2)(float32[::1], float32[::1], float32, float32, boolean[::1])", cache=True, nogil=True)
 def _mark(x, base, low, high, mask):  # pragma: no cover (compiled)
     """Flag the entries with |x - base| in [low, high] (a byte each); count those above
     high and those flagged. Branch-free, so it compiles to vector instructions."""
@@ -51,7 +55,7 @@ def _mark(x, base, low, high, mask):  # pragma: no cover (compiled)
     return above, inside
 
 
-@njit(cache=True, nogil=True)
+@njit("void(float32[::1], float32[::1], boolean[::1], float32[::1], int64[::1])", cache=True, nogil=True)
 def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
     """The flagged magnitudes and their positions, in order. Flags are few, so it skips
     eight unflagged entries at a time (one 64-bit word of the mask)."""
@@ -147,14 +151,21 @@ def _bracket(x: np.ndarray, base: np.ndarray, low, high) -> tuple[int, np.ndarra
     bounds = [(x.size * p // parts, x.size * (p + 1) // parts) for p in range(parts)]
 
     def part(bound):
-        xs, bs = x[bound[0]:bound[1]], base[bound[0]:bound[1]]
-        mask = np.empty(xs.size, np.bool_)
-        above, inside = _mark(xs, bs, low, high, mask)
-        if inside > xs.size // 8:
-            return above, None, None
-        values, positions = np.empty(inside, np.float32), np.empty(inside, np.int64)
-        _collect(xs, bs, mask, values, positions)
-        return above, values, positions + bound[0]
+        # block by block, so the flags stay in cache and take 1 MB, not a byte per entry
+        start, stop = bound
+        mask, above, values, positions = np.empty(min(BLOCK, stop - start), np.bool_), 0, [], []
+        for s in range(start, stop, BLOCK):
+            e = min(s + BLOCK, stop)
+            xs, bs, flags = x[s:e], base[s:e], mask[:e - s]
+            block_above, inside = _mark(xs, bs, low, high, flags)
+            above += block_above
+            if inside + sum(v.size for v in values) > (stop - start) // 8:
+                return above, None, None
+            values.append(np.empty(inside, np.float32))
+            positions.append(np.empty(inside, np.int64))
+            _collect(xs, bs, flags, values[-1], positions[-1])
+            positions[-1] += s
+        return above, np.concatenate(values), np.concatenate(positions)
 
     found = list(_threads().map(part, bounds)) if parts > 1 else [part(bounds[0])]
     above = sum(f[0] for f in found)

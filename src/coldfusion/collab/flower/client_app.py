@@ -29,9 +29,10 @@ from coldfusion.tasks import TaskSpec, load_task
 HEAD = "head"
 app = ClientApp()
 
-# Contributors built in this process, by (run, node): a simulation keeps its ClientApp
-# processes across rounds, so the task is loaded and tokenized once.
-_contributors: dict = {}
+# What this process built for the current run: a simulation keeps its ClientApp processes
+# across rounds (each may serve several nodes), so every task is tokenized once and the
+# encoder is loaded once.
+_built: dict = {"run": None, "encoder": None, "contributors": {}}
 
 
 def node_task(context: Context, config: RunConfig) -> TaskSpec:
@@ -51,11 +52,13 @@ def node_task(context: Context, config: RunConfig) -> TaskSpec:
 
 
 def _contributor(config: RunConfig, context: Context):
-    key = (context.run_id, context.node_id)
-    if key not in _contributors:
-        _contributors.clear()  # one run at a time per process
-        _contributors[key] = make_contributor(config, load_task(node_task(context, config)), Encoder.load(config.model))
-    return _contributors[key]
+    if _built["run"] != context.run_id:  # one run at a time per process
+        _built.update(run=context.run_id, encoder=Encoder.load(config.model), contributors={})
+    contributors = _built["contributors"]
+    if context.node_id not in contributors:
+        contributors[context.node_id] = make_contributor(config, load_task(node_task(context, config)),
+                                                         _built["encoder"])
+    return contributors[context.node_id]
 
 
 @app.query()
