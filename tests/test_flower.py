@@ -17,6 +17,7 @@ flwr = pytest.importorskip("flwr")
 from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
 from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
+from coldfusion.collab.flower.security import make_certificates  # noqa: E402
 from coldfusion.config import FlowerSettings, dump_config  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 
@@ -118,3 +119,21 @@ def test_a_supernode_killed_mid_round_is_recorded_missing(tiny_model_dir, three_
     assert all(set(f["missing"]) == {"mood"} for f in fusions)
     lineage = Repository(run_dir / "repository").lineage(fusions[-1]["version"])
     assert [set(v.fusion.get("missing", {})) for v in lineage[:2]] == [{"mood"}, {"mood"}]
+
+
+def test_tls_and_supernode_authentication_on_loopback(tiny_model_dir, three_tasks, tmp_path):
+    """HTTPS against a CA, and a SuperLink that admits only registered SuperNode keys."""
+    config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower", iterations=1).model_copy(
+        update={"engine": "flower", "flower": FlowerSettings(mode="deployment")})
+    (tmp_path / "run.yaml").write_text(dump_config(config))
+    app_dir = write_app(tmp_path / "run.yaml", tmp_path / "app")
+    certificates = make_certificates(tmp_path / "certs")
+    with LocalFederation(tmp_path / "federation", _task_specs(three_tasks, tmp_path), tls=certificates,
+                         authenticate=True) as federation:
+        finished = federation.run(app_dir, timeout=900)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    log = (tmp_path / "federation" / "superlink.log").read_text()
+    assert "TLS disabled" not in log and "authentication is disabled" not in log
+    assert len(list((tmp_path / "federation" / "keys").glob("*.pub"))) == 3
+    state = json.loads((config.output_dir / config.name / "state.json").read_text())
+    assert state["completed_iterations"] == 1

@@ -123,11 +123,16 @@ class LocalFederation:
 
     `tasks` maps a name to its node config `task` (a built-in task name or a task-spec
     YAML). With `tls=(ca, cert, key)` the SuperLink serves HTTPS and the SuperNodes and
-    the CLI verify it against the CA.
+    the CLI verify it against the CA. With `authenticate`, the SuperLink accepts only
+    SuperNodes whose public key was registered (`flwr supernode register`) and each
+    SuperNode signs its requests with its private key.
     """
 
-    def __init__(self, root: Path, tasks: dict[str, str], tls: tuple[Path, Path, Path] | None = None):
-        self.root, self.tasks, self.tls = Path(root), tasks, tls
+    def __init__(self, root: Path, tasks: dict[str, str], tls: tuple[Path, Path, Path] | None = None,
+                 authenticate: bool = False):
+        if authenticate and tls is None:
+            raise ColdFusionError("SuperNode authentication needs TLS: pass tls=make_certificates(...)")
+        self.root, self.tasks, self.tls, self.authenticate = Path(root), tasks, tls, authenticate
         self.home = self.root / "flwr-home"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -161,6 +166,7 @@ class LocalFederation:
         write_connection(self.home, "local", self.address, self.tls[0] if self.tls else None)
         try:
             link = self._start("superlink", [self._bin("flower-superlink"), *self._security(True),
+                                             *(["--enable-supernode-auth"] if self.authenticate else []),
                                              "--disable-runtime-dependency-installation",
                                              "--host", "127.0.0.1", "--port", str(self.port)])
             _wait_for_port(self.port, link, self.root / "superlink.log")
@@ -171,11 +177,25 @@ class LocalFederation:
             raise
         return self
 
+    def register(self, public_key: Path) -> None:
+        """Allow the SuperNode with this public key in (`flwr supernode register`)."""
+        done = subprocess.run([self._bin("flwr"), "supernode", "register", str(public_key), "local"], env=self.env,
+                              cwd=self.root, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise ColdFusionError(f"flwr supernode register failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
     def start_node(self, name: str) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of contributor `name`."""
-        port = free_port()
+        """Start (or restart) the SuperNode of contributor `name` (registering its key first
+        when SuperNodes must authenticate)."""
+        port, auth = free_port(), []
+        if self.authenticate:
+            from coldfusion.collab.flower.security import make_supernode_key
+
+            private, public = make_supernode_key(self.root / "keys", name)
+            self.register(public)
+            auth = ["--auth-supernode-private-key", str(private)]
         node = self._start(f"supernode-{name}", [
-            self._bin("flower-supernode"), *self._security(False), "--superlink", self.address,
+            self._bin("flower-supernode"), *self._security(False), *auth, "--superlink", self.address,
             "--host", "127.0.0.1", "--port", str(port), "--node-config", f"task='{self.tasks[name]}'"])
         _wait_for_port(port, node, self.root / f"supernode-{name}.log")
         return node
