@@ -16,10 +16,47 @@ flwr = pytest.importorskip("flwr")
 
 from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
+from coldfusion.collab.contributor import ContributionResult  # noqa: E402
 from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
+from coldfusion.collab.flower.messages import (  # noqa: E402
+    contribution_content,
+    from_record,
+    read_settings,
+    settings_record,
+    to_record,
+)
 from coldfusion.collab.flower.security import make_certificates  # noqa: E402
-from coldfusion.config import FlowerSettings, dump_config  # noqa: E402
+from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
+from coldfusion.config import FlowerSettings, FusionSettings, dump_config, parse_config  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
+
+
+def test_strategy_fuses_the_replies_with_our_operators_and_reports_failures(monkeypatch):
+    """aggregate_train = `weighted` over the bodies (by example counts); an error reply is a failure."""
+    from flwr.app import Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as inside a ServerApp
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    strategy = ColdFusionStrategy("weighted", min_contributors=2)
+    strategy.targets = [11, 12, 13]
+    base = {"w": torch.zeros(3), "ids": torch.arange(3)}
+    sent = list(strategy.configure_train(4, to_record(base), settings_record(parse_config({"tasks": ["x"]})), None))
+    assert [m.metadata.dst_node_id for m in sent] == [11, 12, 13]
+    assert read_settings(sent[0].content.config_records["config"])[1] == 4  # the round travels as server-round
+    bodies = [{"w": torch.tensor([1.0, -2.0, 4.0]), "ids": torch.arange(3)},
+              {"w": torch.tensor([4.0, 1.0, -2.0]), "ids": torch.arange(3)}]
+    replies = [Message(contribution_content(ContributionResult(f"c{i}", f"c{i}", body, 10 * (i + 1))), reply_to=m)
+               for i, (m, body) in enumerate(zip(sent, bodies, strict=False))]
+    replies.append(Message(Error(code=5, reason="node went away"), reply_to=sent[2]))
+    results, failures = strategy.contributions(replies)
+    assert sorted(results) == [11, 12] and failures == {13: "node went away"}
+    arrays, metrics = strategy.aggregate_train(4, replies)
+    fused = from_record(arrays)
+    assert torch.allclose(fused["w"], torch.tensor([3.0, 0.0, 0.0]))  # (10 a + 20 b) / 30
+    assert torch.equal(fused["ids"], torch.arange(3)) and metrics["contributors"] == 2
+    strategy.min_contributors = 3
+    assert strategy.aggregate_train(4, replies) == (None, None)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +69,12 @@ def three_tasks(toy_task_files, tmp_path_factory):
 
 
 def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_tasks, tmp_path):
-    """`coldfusion run` with engine: flower runs Flower's simulation runtime."""
-    local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local"))
-    config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower").model_copy(update={"engine": "flower"})
+    """`coldfusion run` with engine: flower runs Flower's simulation runtime. RegMean: the
+    contributors' Gram matrices travel with their bodies."""
+    regmean = {"fusion": FusionSettings(method="regmean")}
+    local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local").model_copy(update=regmean))
+    config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower").model_copy(
+        update={"engine": "flower", **regmean})
     (tmp_path / "run.yaml").write_text(dump_config(config))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "run.yaml")])
     assert result.exit_code == 0, result.output
@@ -46,6 +86,7 @@ def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_task
     rows = [json.loads(line) for line in (flower / "results.jsonl").read_text().splitlines()]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [f["contributors"] for f in fusions] == [list(three_tasks)] * 2 and all(not f["missing"] for f in fusions)
+    assert all(f["method"] == "regmean" for f in fusions)
 
 
 def test_deployment_configs_get_the_flower_app_not_a_silent_local_run(tiny_model_dir, three_tasks, tmp_path):

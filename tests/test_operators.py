@@ -150,6 +150,8 @@ def test_compiled_ties_merge_equals_its_definition(normalize):
             got = torch.cat([ties_merge(models[:, s:s + size].contiguous(), base[s:s + size], cuts, weights,
                                         offset=s, normalize=normalize, scale=0.7) for s in range(0, 500, size)])
             assert torch.allclose(got, expected, atol=1e-6), (density, size)
+        blocked = ties_merge(models, base, cuts, weights, normalize=normalize, scale=0.7, block=7)
+        assert torch.allclose(blocked, expected, atol=1e-6), density  # running sums 7 columns at a time
     # a magnitude cut of -inf keeps everything; +inf nothing
     everything = [MagnitudeCut(-math.inf, 500)] * 5
     assert torch.allclose(ties_merge(models, base, everything, weights, normalize=normalize),

@@ -11,7 +11,8 @@ slice starts), so memory stays flat however many models and however large the te
 An operator that needs a whole-tensor quantity of each model first (TIES: the magnitude
 cut-off of each task vector) names a `prepare(tensors, base, **params)` function; the
 engine calls it with whole tensors, one model at a time, and passes its result to every
-slice as `prepared`.
+slice as `prepared`. When all models' tensors fit in `streaming.HOLD_BYTES`, it passes
+them whole instead, without `prepared` (one read of each model).
 """
 
 import inspect

@@ -20,6 +20,9 @@ from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
 # Entries per slice for elementwise operators: 256 KB of float32 per model, which keeps
 # the working set of 16 models in cache and memory flat in the number of models.
 SLICE = 1 << 16
+# An operator with a `prepare` step (TIES) gets a tensor whole, all models at once, when
+# they fit in this much memory: then each model is read once, not twice.
+HOLD_BYTES = 64 << 20
 
 
 class LazyTensors(Sequence):
@@ -136,15 +139,18 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
             raise ColdFusionError(f"{stats[0].label} has no Fisher entry for tensor '{name}'")
         if op.needs_stats == "fisher":
             _check_same_shape(name, [readers[0], *stats])
-        if not op.elementwise:  # whole tensors (RegMean: a matrix solve per linear layer)
-            yield name, 0, op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
-                                   **params).to(dtype).flatten()
+        numel = readers[0].numel(name)
+        if not op.elementwise or (op.prepare and len(readers) * numel * 4 <= HOLD_BYTES):
+            # whole tensors: RegMean solves per linear layer; TIES reads each model once
+            with torch_threads(1 if op.elementwise else torch.get_num_threads()):
+                fused = op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
+                                **params)
+            yield name, 0, fused.to(dtype).flatten()
             continue
         prepared, full_base = {}, None
         if op.prepare:  # the whole base it reads is kept for the slices: one read fewer, same peak memory
             full_base = base.get_tensor(name).reshape(-1) if op.needs_base else None
             prepared = {"prepared": op.prepare(LazyTensors(readers, name), full_base, **op.prepare_params(params))}
-        numel = readers[0].numel(name)
         for start in range(0, numel, SLICE):
             span = (start, min(start + SLICE, numel))
             args = _engine_args(op, base, stats, stat_names, name, span, full_base)

@@ -1,8 +1,9 @@
 """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
-The trim keeps each task vector's largest magnitudes over the whole tensor, so the
-engine first finds each model's cut (`prepare`, one model at a time); the merge itself
-is entry by entry and runs slice by slice. Both loops are compiled (ties_kernel.py),
+The trim keeps each task vector's largest magnitudes over the whole tensor, so for a
+large tensor the engine first finds each model's cut (`prepare`, one model at a time)
+and the merge, entry by entry, then runs slice by slice; when all models' tensors fit in
+the engine's budget, each is read once, cut, and merged from memory. Both loops are compiled (ties_kernel.py),
 which is imported here only when TIES runs, so other commands do not load numba.
 """
 
@@ -28,8 +29,10 @@ def fuse_ties(
     density: float = 0.2, scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
-    from coldfusion.fusion.ties_kernel import ties_merge
+    from coldfusion.fusion.ties_kernel import model_cut, ties_merge
 
-    cuts = prepared if prepared is not None else magnitude_cuts(tensors, base, density)
-    merged = ties_merge(stack_float(tensors).flatten(1), base.flatten(), cuts, weights, offset, normalize, scale)
-    return merged.view_as(base)
+    models, flat_base = stack_float(tensors).flatten(1), base.flatten()
+    if prepared is None:  # whole tensors, all in memory: cut each from the same read
+        b = flat_base.float().contiguous().numpy()
+        prepared = [model_cut(row.numpy(), b, density) for row in models]
+    return ties_merge(models, flat_base, prepared, weights, offset, normalize, scale).view_as(base)

@@ -74,27 +74,35 @@ def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
 
 
 @njit(cache=True, nogil=True)
-def _merge(models, base, tie_kept_below, drop_ties_from, last_tie, weights, normalize, scale, out):  # pragma: no cover
+def _merge(models, base, tie_kept_below, drop_ties_from, last_tie, weights, normalize, scale, block,
+           out):  # pragma: no cover (compiled)
+    """Trim, sign election and disjoint mean, `block` columns at a time (the four running
+    sums of a block stay in cache however long the rows are)."""
     n, length = models.shape
     zero = np.float32(0.0)
-    plus, plus_mass = np.zeros(length, np.float32), np.zeros(length, np.float32)
-    minus, minus_mass = np.zeros(length, np.float32), np.zeros(length, np.float32)
-    for i in range(n):
-        w, row, lo, hi, last = weights[i], models[i], tie_kept_below[i], drop_ties_from[i], last_tie[i]
-        for j in range(length):
-            d = row[j] - base[j]
-            kept = abs(d) > (lo if j <= last else hi)  # the trim: beyond this model's magnitude cut
-            up, down = kept & (d > zero), kept & (d < zero)
-            plus[j] += w * d if up else zero
-            plus_mass[j] += w if up else zero
-            minus[j] += w * d if down else zero
-            minus_mass[j] += w if down else zero
-    for j in range(length):
-        elected_plus = plus[j] + minus[j] >= zero  # the sign with more mass; a tie goes to +, as in mergekit
-        total = plus[j] if elected_plus else minus[j]
-        mass = plus_mass[j] if elected_plus else minus_mass[j]
-        merged = (total / mass if mass > zero else zero) if normalize else total
-        out[j] = base[j] + scale * merged
+    size = min(block, length)
+    plus, plus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
+    minus, minus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        plus[:], plus_mass[:], minus[:], minus_mass[:] = zero, zero, zero, zero
+        for i in range(n):
+            w, row, lo, hi, last = weights[i], models[i], tie_kept_below[i], drop_ties_from[i], last_tie[i]
+            for j in range(start, stop):
+                d = row[j] - base[j]
+                kept = abs(d) > (lo if j <= last else hi)  # the trim: beyond this model's magnitude cut
+                up, down, k = kept & (d > zero), kept & (d < zero), j - start
+                plus[k] += w * d if up else zero
+                plus_mass[k] += w if up else zero
+                minus[k] += w * d if down else zero
+                minus_mass[k] += w if down else zero
+        for j in range(start, stop):
+            k = j - start
+            elected_plus = plus[k] + minus[k] >= zero  # the sign with more mass; a tie goes to +, as in mergekit
+            total = plus[k] if elected_plus else minus[k]
+            mass = plus_mass[k] if elected_plus else minus_mass[k]
+            merged = (total / mass if mass > zero else zero) if normalize else total
+            out[j] = base[j] + scale * merged
 
 
 def magnitude_cut(delta: torch.Tensor, density: float) -> MagnitudeCut:
@@ -203,7 +211,7 @@ def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density:
 
 
 def ties_merge(models: torch.Tensor, base: torch.Tensor, cuts: Sequence[MagnitudeCut], weights: torch.Tensor,
-               offset: int = 0, normalize: bool = True, scale: float = 1.0) -> torch.Tensor:
+               offset: int = 0, normalize: bool = True, scale: float = 1.0, block: int = 1 << 16) -> torch.Tensor:
     """base + scale * TIES-merge of the task vectors `models[i] - base` (float32 (n, length)
     and (length,), flat slices starting at flat position `offset`), each trimmed by its cut."""
     n, length = models.shape
@@ -213,5 +221,5 @@ def ties_merge(models: torch.Tensor, base: torch.Tensor, cuts: Sequence[Magnitud
     last = np.array([min(max(c.last_tie - offset, -1), length) for c in cuts], dtype=np.int64)
     out = np.empty(length, dtype=np.float32)
     _merge(np.ascontiguousarray(models.numpy()), np.ascontiguousarray(base.float().numpy()), kept_below, value, last,
-           weights.float().numpy(), normalize, np.float32(scale), out)
+           weights.float().numpy(), normalize, np.float32(scale), block, out)
     return torch.from_numpy(out)

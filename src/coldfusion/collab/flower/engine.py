@@ -46,7 +46,7 @@ class FlowerEngine:
 
     def _identify(self, nodes: set[int]) -> dict[str, int]:
         """Ask these nodes which contributor they are (a `query` message)."""
-        content = RecordDict({CONFIG: settings_record(self.config, 0)})
+        content = RecordDict({CONFIG: settings_record(self.config)})
         replies = self.grid.send_and_receive(
             [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)],
             timeout=self.settings.discovery_timeout)
@@ -76,7 +76,7 @@ class FlowerEngine:
         missing = {n: "its SuperNode is not connected" for n in names if n not in self.nodes}
         progress.phase(f"iteration {iteration}: {len(targets)} contributors training on Flower", 0)
         self.strategy.targets = list(targets.values())
-        messages = self.strategy.configure_train(iteration, to_record(base), settings_record(self.config, iteration),
+        messages = self.strategy.configure_train(iteration, to_record(base), settings_record(self.config),
                                                  self.grid)
         replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
         results, failures = self.strategy.contributions(replies)

@@ -1,7 +1,7 @@
 """What travels between the ServerApp and the ClientApps, as Flower records.
 
 Out: the base body (`arrays`) and the run's settings (`config`: the run config as YAML
-plus the iteration). Back: the finetuned body, the statistics the fusion method needs,
+and the round). Back: the finetuned body, the statistics the fusion method needs,
 the example count (`metrics["num-examples"]`, Flower's convention) and the contributor's
 name and training metrics. Tensors keep their names and dtypes exactly.
 """
@@ -27,17 +27,15 @@ def from_record(record: ArrayRecord) -> Tensors:
     return dict(record.to_torch_state_dict())
 
 
-def settings_record(config: RunConfig, iteration: int) -> ConfigRecord:
-    return ConfigRecord({"run-config": dump_config(config), "iteration": iteration})
+def settings_record(config: RunConfig) -> ConfigRecord:
+    """The run's settings; the round (= iteration) is added as `server-round`, as FedAvg does."""
+    return ConfigRecord({"run-config": dump_config(config)})
 
 
 def read_settings(record: ConfigRecord) -> tuple[RunConfig, int]:
+    """(run config, round) from a message's config record (round 0 outside training)."""
     config = parse_config(yaml.safe_load(str(record["run-config"])), "the run config the ServerApp sent")
-    return config, int(record["iteration"])
-
-
-def train_content(base: Tensors, config: RunConfig, iteration: int) -> RecordDict:
-    return RecordDict({ARRAYS: to_record(base), CONFIG: settings_record(config, iteration)})
+    return config, int(record.get("server-round", 0))
 
 
 def contribution_content(result: ContributionResult) -> RecordDict:
