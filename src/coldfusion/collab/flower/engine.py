@@ -27,6 +27,7 @@ class FlowerEngine:
         self.contributor_names = [t.name for t in config.tasks]
         self.minimum = self.settings.min_contributors or len(self.contributor_names)
         self.strategy = strategy or ColdFusionStrategy(config.fusion.method, config.fusion.params, self.minimum)
+        self._foreign: set[int] = set()  # nodes that hold no task of this run
         self.nodes = self._discover()
 
     def _discover(self) -> dict[str, int]:
@@ -35,7 +36,6 @@ class FlowerEngine:
         deadline = time.monotonic() + self.settings.discovery_timeout
         while len(list(self.grid.get_node_ids())) < len(self.contributor_names) and time.monotonic() < deadline:
             time.sleep(1)
-        self._foreign: set[int] = set()  # nodes that hold no task of this run
         known = self._identify(set(self.grid.get_node_ids()))
         if len(known) < self.minimum:
             raise ColdFusionError(
