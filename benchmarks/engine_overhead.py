@@ -64,7 +64,7 @@ def main() -> None:
                     lines.append(line)
                     if row["iteration"] > 1:
                         rounds[engine].append(line)
-    median = {e: {k: statistics.median(r[k] for r in rs) for k in ("train_seconds", "iteration_seconds")}
+    median = {e: {k: round(statistics.median(r[k] for r in rs), 2) for k in ("train_seconds", "iteration_seconds")}
               for e, rs in rounds.items()}
     summary = {"kind": "summary", "tasks": TASKS, "examples_per_contributor": args.examples,
                "threads": args.threads, "rounds_measured_per_engine": len(rounds["local"]),
