@@ -52,20 +52,22 @@ clientapp = "coldfusion.collab.flower.client_app:app"
 
 [tool.flwr.app.config]
 config = "{config}"  # the run's YAML, as the ServerApp's machine sees it
-run-dir = "{run_dir}"  # empty: <output_dir>/<name>
+run-dir = "{run_dir}"
 resume = {resume}
 """
 
 
 def write_app(config: Path, out_dir: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
-    """Write the Flower app directory for the run config at `config`; return it."""
+    """Write the Flower app directory for the run config at `config`; return it. The run
+    directory (default: <output_dir>/<name>) is made absolute here, so it does not depend
+    on the directory the SuperLink runs the ServerApp in."""
     from coldfusion.config import load_config
 
-    name = load_config(config).name  # fails now on a bad config, not inside the SuperLink
+    cfg = load_config(config)  # fails now on a bad config, not inside the SuperLink
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pyproject.toml").write_text(APP_TOML.format(
-        name=name.replace("_", "-"), config=Path(config).resolve(), run_dir=run_dir.resolve() if run_dir else "",
-        resume=str(resume).lower()))
+        name=cfg.name.replace("_", "-"), config=Path(config).resolve(),
+        run_dir=Path(run_dir or cfg.output_dir / cfg.name).resolve(), resume=str(resume).lower()))
     return out_dir
 
 
