@@ -158,6 +158,8 @@ def test_a_supernode_killed_mid_round_is_recorded_missing(tiny_model_dir, three_
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [f["contributors"] for f in fusions] == [["sentiment", "topic"]] * 2
     assert all(set(f["missing"]) == {"mood"} for f in fusions)
+    assert fusions[0]["missing"]["mood"].startswith("no reply")  # killed mid-round
+    assert fusions[1]["missing"]["mood"] == "its SuperNode is not connected"  # gone by the next round
     lineage = Repository(run_dir / "repository").lineage(fusions[-1]["version"])
     assert [set(v.fusion.get("missing", {})) for v in lineage[:2]] == [{"mood"}, {"mood"}]
 

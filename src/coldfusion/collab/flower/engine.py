@@ -78,11 +78,14 @@ class FlowerEngine:
         self.strategy.targets = list(targets.values())
         messages = self.strategy.configure_train(iteration, to_record(base), settings_record(self.config),
                                                  self.grid)
+        started = time.monotonic()
         replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
         results, failures = self.strategy.contributions(replies)
+        # Flower ends a round early when a node goes offline, without an error reply for it
+        closed = f"no reply when the round closed, after {time.monotonic() - started:.0f} s"
         for name, node in targets.items():
             if node not in results:
-                missing[name] = failures.get(node, f"no reply within {self.settings.round_timeout:g} s")
+                missing[name] = failures.get(node, closed)
         if len(results) < min(self.minimum, len(names)):
             raise ColdFusionError(
                 f"iteration {iteration}: {len(results)} of {len(names)} chosen contributors sent a contribution "
