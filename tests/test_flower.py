@@ -180,3 +180,30 @@ def test_tls_and_supernode_authentication_on_loopback(tiny_model_dir, three_task
     assert len(list((tmp_path / "federation" / "keys").glob("*.pub"))) == 3
     state = json.loads((config.output_dir / config.name / "state.json").read_text())
     assert state["completed_iterations"] == 1
+
+
+def _left_running(flwr_home: Path) -> list[int]:
+    """Processes still running with this Flower home in their environment (all that a
+    federation starts inherit it)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and not _stopped(int(environ.parent.name)):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_flower_local_through_the_cli(tiny_model_dir, three_tasks, tmp_path):
+    """`coldfusion flower local` runs a real loopback deployment and leaves nothing running."""
+    config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower", iterations=1).model_copy(
+        update={"engine": "flower", "flower": FlowerSettings(mode="deployment")})
+    (tmp_path / "run.yaml").write_text(dump_config(config))
+    result = CliRunner().invoke(app, ["flower", "local", str(tmp_path / "run.yaml"), "--workdir", str(tmp_path / "fl")])
+    assert result.exit_code == 0, result.output
+    state = json.loads((config.output_dir / config.name / "state.json").read_text())
+    assert state["completed_iterations"] == 1
+    assert sorted(p.name for p in (tmp_path / "fl" / "tasks").iterdir()) == sorted(f"{t}.yaml" for t in three_tasks)
+    assert _left_running(tmp_path / "fl" / "flwr-home") == []
