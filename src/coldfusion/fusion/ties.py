@@ -2,9 +2,10 @@
 
 The trim keeps each task vector's largest magnitudes over the whole tensor, so for a
 large tensor the engine first finds each model's cut (`prepare`, one model at a time)
-and the merge, entry by entry, then runs slice by slice; when all models' tensors fit in
-the engine's budget, each is read once, cut, and merged from memory. Both loops are compiled (ties_kernel.py),
-which is imported here only when TIES runs, so other commands do not load numba.
+and the merge, entry by entry, then runs slice by slice. When all models' tensors fit in
+the engine's budget, each is read once, cut, and merged from memory. Both loops are
+compiled (ties_kernel.py), which is imported here only when TIES runs, so other
+commands do not load numba.
 """
 
 from collections.abc import Sequence
