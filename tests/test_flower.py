@@ -173,11 +173,15 @@ def test_tls_and_supernode_authentication_on_loopback(tiny_model_dir, three_task
     certificates = make_certificates(tmp_path / "certs")
     with LocalFederation(tmp_path / "federation", _task_specs(three_tasks, tmp_path), tls=certificates,
                          authenticate=True) as federation:
+        # An unregistered SuperNode claiming a contributor's task: were it let in, the
+        # ServerApp would stop at "two SuperNodes hold the task 'mood'".
+        federation.start_node("mood", label="intruder", register=False)
         finished = federation.run(app_dir, timeout=900)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     log = (tmp_path / "federation" / "superlink.log").read_text()
     assert "TLS disabled" not in log and "authentication is disabled" not in log
-    assert len(list((tmp_path / "federation" / "keys").glob("*.pub"))) == 3
+    assert len(list((tmp_path / "federation" / "keys").glob("*.pub"))) == 4  # 3 registered, 1 not
+    assert "Failed to activate SuperNode" in (tmp_path / "federation" / "intruder.log").read_text()
     state = json.loads((config.output_dir / config.name / "state.json").read_text())
     assert state["completed_iterations"] == 1
 

@@ -186,20 +186,22 @@ class LocalFederation:
         if done.returncode != 0:
             raise ColdFusionError(f"flwr supernode register failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def start_node(self, name: str) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of contributor `name` (registering its key first
-        when SuperNodes must authenticate)."""
-        port, auth = free_port(), []
+    def start_node(self, name: str, label: str | None = None, register: bool = True) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of contributor `name` (`label`: its process and
+        log name, default `supernode-NAME`). When SuperNodes must authenticate it gets a key
+        pair, registered first unless `register` is False (a node the SuperLink must refuse)."""
+        label, port, auth = label or f"supernode-{name}", free_port(), []
         if self.authenticate:
             from coldfusion.collab.flower.security import make_supernode_key
 
-            private, public = make_supernode_key(self.root / "keys", name)
-            self.register(public)
+            private, public = make_supernode_key(self.root / "keys", label)
+            if register:
+                self.register(public)
             auth = ["--auth-supernode-private-key", str(private)]
-        node = self._start(f"supernode-{name}", [
+        node = self._start(label, [
             self._bin("flower-supernode"), *self._security(False), *auth, "--superlink", self.address,
             "--host", "127.0.0.1", "--port", str(port), "--node-config", f"task='{self.tasks[name]}'"])
-        _wait_for_port(port, node, self.root / f"supernode-{name}.log")
+        _wait_for_port(port, node, self.root / f"{label}.log")
         return node
 
     def kill_node(self, name: str) -> None:
