@@ -17,6 +17,7 @@ flwr = pytest.importorskip("flwr")
 from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
 from coldfusion.collab.contributor import ContributionResult  # noqa: E402
+from coldfusion.collab.flower import deployment  # noqa: E402
 from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
 from coldfusion.collab.flower.messages import (  # noqa: E402
     contribution_content,
@@ -116,10 +117,7 @@ def _deployment(tiny_model_dir, tasks, tmp_path, **flower):
 
 
 def _stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
-    except OSError:
-        return True
+    return not deployment.is_running(pid)  # a zombie has ended, only its parent has not reaped it
 
 
 def test_deployment_on_loopback_fuses_what_the_local_engine_fuses(tiny_model_dir, three_tasks, tmp_path):

@@ -6,7 +6,7 @@ at a time (for writing straight to disk); `fuse_readers` / `fuse_files` collect 
 """
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -142,7 +142,7 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
         numel = readers[0].numel(name)
         if not op.elementwise or (op.prepare and len(readers) * numel * 4 <= HOLD_BYTES):
             # whole tensors: RegMean solves per linear layer; TIES reads each model once
-            with torch_threads(1 if op.elementwise else torch.get_num_threads()):
+            with torch_threads(1) if op.elementwise else nullcontext():
                 fused = op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
                                 **params)
             yield name, 0, fused.to(dtype).flatten()

@@ -94,7 +94,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Running (a zombie, finished but not yet reaped by its parent, counts as stopped)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -224,7 +224,7 @@ class LocalFederation:
                     os.kill(pid, signum)
             with suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=20)
-            if not any(_alive(pid) for pid in family):
+            if not any(is_running(pid) for pid in family):
                 break
 
     def stop(self) -> None:
