@@ -262,3 +262,37 @@ def test_slices_are_fused_on_one_thread_and_the_setting_is_restored(tmp_path, mo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_whole_tensors_share_one_buffer_without_aliasing_what_was_yielded(tmp_path, monkeypatch):
+    """TIES gets every model's tensor whole in one reused buffer (a fresh one of tens of MB
+    is faulted in again per tensor); what the stream yielded must not change when the
+    buffer is refilled, even from an operator that returns a view of its input."""
+    import dataclasses
+
+    from coldfusion.fusion import registry, streaming
+    from coldfusion.fusion.task_vectors import stack_float
+    from coldfusion.tensorfile import SafetensorsReader
+
+    buffers = []
+
+    def first_model(tensors, weights, base, prepared=None):
+        stacked = stack_float(tensors)
+        buffers.append(stacked.untyped_storage().data_ptr())
+        return stacked[0]  # a view into the engine's buffer
+
+    ties = registry.get_operator("ties")
+    monkeypatch.setitem(registry.REGISTRY, "first", dataclasses.replace(ties, name="first", fuse=first_model))
+    g = torch.Generator().manual_seed(0)
+    models = [{"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
+    paths = [write(tmp_path, str(i), m) for i, m in enumerate(models)]
+    base = write(tmp_path, "base", {"a": torch.zeros(3, 4), "b": torch.zeros(5)})
+    with SafetensorsReader([base]) as b:
+        readers = [SafetensorsReader([p]) for p in paths]
+        yielded = list(streaming.fuse_stream(readers, "first", base=b))  # held, not copied, across tensors
+        for r in readers:
+            r.close()
+    assert len(set(buffers)) == 1  # one buffer for both tensors
+    assert [n for n, _, _ in yielded] == ["a", "b"]
+    assert torch.equal(yielded[0][2], models[0]["a"].flatten())
+    assert torch.equal(yielded[1][2], models[0]["b"])

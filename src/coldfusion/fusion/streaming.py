@@ -5,6 +5,7 @@ disk only when the operator indexes it. `fuse_stream` yields the fused result a 
 at a time (for writing straight to disk); `fuse_readers` / `fuse_files` collect it.
 """
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -28,10 +29,13 @@ HOLD_BYTES = 64 << 20
 class LazyTensors(Sequence):
     """The same-named tensor (or flat slice [start, stop) of it) of every checkpoint, read on access."""
 
-    fresh = True  # every access reads into a new buffer, which the operator may overwrite
+    fresh = True  # every access reads into a buffer of its own, which the operator may overwrite
 
-    def __init__(self, readers, name: str, span: tuple[int, int] | None = None):
-        self.readers, self.name, self.span = readers, name, span
+    def __init__(self, readers, name: str, span: tuple[int, int] | None = None, scratch: torch.Tensor | None = None):
+        """`scratch` (flat float32), when large enough, holds `stacked()`: the engine reuses
+        one buffer across tensors, because a fresh one of tens of MB is returned to the
+        system when freed and its pages are faulted in again for the next tensor."""
+        self.readers, self.name, self.span, self.scratch = readers, name, span, scratch
 
     def __len__(self) -> int:
         return len(self.readers)
@@ -50,7 +54,9 @@ class LazyTensors(Sequence):
     def stacked(self) -> torch.Tensor:
         """All of them in one float32 (n, ...) tensor."""
         shape = self.readers[0].shape(self.name) if self.span is None else (self.span[1] - self.span[0],)
-        out = torch.empty((len(self), *shape))
+        size = len(self) * math.prod(shape)
+        fits = self.scratch is not None and self.scratch.numel() >= size
+        out = self.scratch[:size].view(len(self), *shape) if fits else torch.empty((len(self), *shape))
         for i in range(len(self)):
             self.read_into(i, out[i].view(-1))
         return out
@@ -127,6 +133,7 @@ def fuse_stream(
 
 def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict):
     stat_names = stats[0].keys() if stats else set()
+    hold = torch.empty(HOLD_BYTES // 4) if op.prepare else None  # whole tensors of every model, reused
     for name in names:
         dtype = FLOAT_DTYPES.get(readers[0].dtype(name))
         if dtype is None:  # integer buffers (ids) must agree; never averaged
@@ -143,8 +150,10 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
         if not op.elementwise or (op.prepare and len(readers) * numel * 4 <= HOLD_BYTES):
             # whole tensors: RegMean solves per linear layer; TIES reads each model once
             with torch_threads(1) if op.elementwise else nullcontext():
-                fused = op.fuse(LazyTensors(readers, name), w, **_engine_args(op, base, stats, stat_names, name),
-                                **params)
+                fused = op.fuse(LazyTensors(readers, name, scratch=hold), w,
+                                **_engine_args(op, base, stats, stat_names, name), **params)
+            if hold is not None and fused.untyped_storage().data_ptr() == hold.untyped_storage().data_ptr():
+                fused = fused.clone()  # a view of the inputs would change under the caller with the next tensor
             yield name, 0, fused.to(dtype).flatten()
             continue
         prepared, full_base = {}, None
