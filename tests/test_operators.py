@@ -205,6 +205,42 @@ def test_robust_operators_resist_one_outlier(files):
     assert torch.allclose(fused(poisoned, "trimmed_mean", trim=0.2), torch.full((3,), 1.02), atol=1e-6)
 
 
+def test_norm_clipping_known_answer(tmp_path):
+    """Norms are over the whole model (both tensors), and the default bound is their median."""
+    def model(name, w, v):
+        path = tmp_path / f"{name}.safetensors"
+        save_tensors(path, {"w": torch.tensor(w), "v": torch.tensor(v)})
+        return path
+
+    base = model("b", [0.0, 0.0], [0.0])
+    small, medium, big = model("s", [3.0, 0.0], [4.0]), model("m", [0.0, 6.0], [8.0]), model("l", [0.0, 0.0], [100.0])
+    # delta norms 5, 10, 100: the median (10) bounds them; big is scaled by 0.1, the others kept
+    out = fuse_files([small, medium, big], "norm_clipping", base=base)
+    assert torch.allclose(out["w"], torch.tensor([1.0, 2.0]))
+    assert torch.allclose(out["v"], torch.tensor([(4 + 8 + 10) / 3]))
+    clipped = fuse_files([small, medium, big], "norm_clipping", base=base, clip=5.0)  # scales 1, 0.5, 0.05
+    assert torch.allclose(clipped["v"], torch.tensor([(4 + 4 + 5) / 3]))
+    # norms given by the caller (the repository measured them while validating) are used as they are
+    given = fuse_files([small, medium, big], "norm_clipping", base=base, norms=[5.0, 10.0, 10.0])
+    assert torch.allclose(given["v"], torch.tensor([(4 + 8 + 100) / 3]))
+    # a bound above every norm is the plain average
+    assert torch.allclose(fuse_files([small, medium, big], "norm_clipping", base=base, clip=1e3)["v"],
+                          fuse_files([small, medium, big], "average")["v"])
+    with pytest.raises(ColdFusionError, match="clip must be positive"):
+        fuse_files([small, big], "norm_clipping", base=base, clip=0.0)
+
+
+def test_robust_operators_bound_a_boosted_update(files):
+    """One contributor scales its update a hundredfold: the average moves with it, norm
+    clipping, median and trimmed mean stay near the honest ones."""
+    base = files("b", [0.0] * 4)
+    honest = [files(f"h{i}", [1.0 + 0.1 * i] * 4) for i in range(4)]
+    boosted = honest + [files("boost", [-100.0] * 4)]
+    assert fused(boosted, "average").mean() < -15
+    for method, kw in [("norm_clipping", {"base": base}), ("median", {}), ("trimmed_mean", {"trim": 0.2})]:
+        assert 0.5 < float(fused(boosted, method, **kw).mean()) < 1.5, method
+
+
 def test_parameters_are_validated(files):
     m = files("m", [1.0])
     with pytest.raises(ColdFusionError, match=r"'ties' has no parameter \['densty'\]; its parameters: density"):

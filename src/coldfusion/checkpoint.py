@@ -10,6 +10,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from coldfusion.errors import ColdFusionError
+from coldfusion.faults import failpoint
 
 Tensors = dict[str, torch.Tensor]
 _UMASK = os.umask(0)
@@ -31,10 +32,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(memoryview(data)[:half])
+            f.flush()
+            failpoint("checkpoint.partial")
+            f.write(memoryview(data)[half:])
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
+        failpoint("checkpoint.unrenamed")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -174,6 +174,103 @@ def export(
     console.print(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
 
 
+@app.command()
+def contribute(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    upload: Path = typer.Argument(..., help="the finetuned body: a .safetensors file or a model directory"),
+    base: str = typer.Option(..., help="the version it was finetuned from (id or checksum prefix)"),
+    contributor: str = typer.Option(..., help="who sends it"),
+    task: str = typer.Option(..., help="the task it was finetuned on"),
+    examples: int = typer.Option(..., min=1, help="training examples it saw (weights 'weighted' fusion)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="UNSAFE: accept a pickle (.bin/.pt)"),
+) -> None:
+    """Add a contribution finetuned outside a run; `coldfusion fuse` validates and fuses it."""
+    from coldfusion.repository import Repository
+    from coldfusion.uploads import read_upload
+
+    try:
+        repo = Repository(repository)
+        version = repo.version(base)
+        body = read_upload(upload, set(repo.load(version.sha256)), allow_pickle)
+        c = repo.add_contribution(body, base_version=version.id, contributor=contributor, task=task,
+                                  num_examples=examples)
+    except ColdFusionError as exc:
+        _fail(exc)
+    console.print(f"stored contribution {c.id} ({c.sha256[:12]}) from {contributor}, trained from version {version.id}")
+
+
+@app.command()
+def fuse(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    base: str | None = typer.Option(None, help="the version to fuse onto (default: the newest)"),
+    contributions: str | None = typer.Option(
+        None, help="comma-separated contribution ids (default: every one not yet fused or refused)"),
+    method: str = typer.Option("average", help="fusion operator (see the README's list)"),
+    param: list[str] = typer.Option([], help="operator parameter as KEY=VALUE (repeatable)"),
+    min_accepted: int = typer.Option(1, min=1, help="fuse only when at least this many pass validation"),
+    outlier_factor: float | None = typer.Option(5.0, help="refuse a delta norm above this multiple of the "
+                                                           "others' median (0: off)"),
+    max_delta_norm: float | None = typer.Option(None, help="refuse a delta norm above this"),
+    stale: str = typer.Option("rebase", help="a contribution from an older base: rebase or reject"),
+) -> None:
+    """Validate contributions and fuse those that pass into a new version (refusals are recorded)."""
+    import yaml
+
+    from coldfusion.repository import Repository
+    from coldfusion.validation import ValidationSettings
+
+    try:
+        repo = Repository(repository)
+        onto = repo.version(base) if base else repo.versions()[-1]
+        if contributions:
+            ids = [int(x) for x in contributions.split(",")]
+        else:
+            ids = [c.id for c in repo.contributions() if c.fused_into is None and c.rejected is None]
+        if not ids:
+            raise ColdFusionError(f"no contributions waiting to be fused in {repository}")
+        params = {}
+        for item in param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ColdFusionError(f"--param {item}: expected KEY=VALUE, e.g. --param density=0.5")
+            params[key] = yaml.safe_load(value)
+        settings = ValidationSettings(min_accepted=min_accepted, outlier_factor=outlier_factor or None,
+                                      max_delta_norm=max_delta_norm, stale=stale)
+        version = repo.fuse(onto.id, ids, method=method, params=params, validation=settings)
+    except ValueError as exc:  # pydantic's ValidationError and int() of a bad id
+        _fail(ColdFusionError(str(exc)))
+    except ColdFusionError as exc:
+        _fail(exc)
+    fusion = version.fusion
+    console.print(f"version {version.id} = {method} of contributions {fusion['contributions']} onto version {onto.id}")
+    for cid, why in fusion.get("rejected", {}).items():
+        console.print(f"[yellow]refused[/] contribution {cid}: {why}", highlight=False)
+    for cid, moved in fusion.get("rebased", {}).items():
+        console.print(f"rebased contribution {cid} from version {moved['from_version']}")
+
+
+@app.command()
+def verify(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    clean: bool = typer.Option(False, "--clean", help="delete what interrupted writes left behind "
+                                                      "(only while nothing else writes to the repository)"),
+) -> None:
+    """Check a repository: its index, and every stored file against its checksum."""
+    from coldfusion.repository import Repository
+
+    report = Repository(repository).verify(clean=clean)
+    for problem in report.problems:
+        Console(stderr=True).print(f"[bold red]damaged:[/] {problem}", highlight=False)
+    left = len(report.temporary) + len(report.unreferenced)
+    verb = "deleted" if report.cleaned else "found (harmless; --clean deletes them)"
+    if left:
+        console.print(f"{verb}: {len(report.temporary)} temporary files, {len(report.unreferenced)} unindexed objects "
+                      "left by interrupted writes")
+    if not report.ok:
+        raise typer.Exit(code=1)
+    console.print(f"[green]ok:[/] {report.checkpoints} checkpoints match their checksums; the index is consistent")
+
+
 flower = typer.Typer(no_args_is_help=True, help="Run ColD Fusion on a Flower deployment (SuperLink + SuperNodes).")
 app.add_typer(flower, name="flower")
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import TaskSpec
 from coldfusion.training import FinetuneSettings, ProbeSettings
+from coldfusion.validation import ValidationSettings
 
 
 class Strict(BaseModel):
@@ -41,6 +42,8 @@ class FusionSettings(Strict):
     params: dict = Field(default_factory=dict, description="operator parameters")
     statistics_examples: int = Field(
         128, ge=1, description="examples each contributor computes Fisher / Gram statistics on (fisher, regmean)")
+    validation: ValidationSettings = Field(
+        default_factory=ValidationSettings, description="checks every contribution must pass to be fused")
 
 
 class FlowerSettings(Strict):
@@ -57,6 +60,14 @@ class FlowerSettings(Strict):
     client_cpus: int | None = Field(
         None, ge=1, description="simulation: CPUs per contributor (default: `threads`, so contributors train "
                                 "one at a time on a machine of that many cores)")
+
+
+class AttackSettings(Strict):
+    """Robustness experiments: poisoned contributors (see collab/attacks.py)."""
+
+    contributors: list[str] = Field(min_length=1, description="the poisoned contributors (task names)")
+    kind: Literal["scale", "sign_flip", "random"] = "scale"
+    factor: float = Field(20.0, gt=0, description="how far the poisoned update goes, in units of the honest one")
 
 
 class RunConfig(Strict):
@@ -76,6 +87,17 @@ class RunConfig(Strict):
     fusion: FusionSettings = FusionSettings()
     output_dir: Path = Path("runs")
     repository: Path | None = Field(None, description="repository directory; default: <run dir>/repository")
+    attack: AttackSettings | None = Field(
+        None, description="robustness experiments only: these contributors send a poisoned update")
+
+    @model_validator(mode="after")
+    def _attackers_are_contributors(self):
+        if self.attack:
+            unknown = sorted(set(self.attack.contributors) - {t.name for t in self.tasks})
+            if unknown:
+                raise ValueError(f"attack.contributors {unknown} are not among the tasks "
+                                 f"{[t.name for t in self.tasks]}")
+        return self
 
 
 def parse_config(data: dict, source: str = "<config>") -> RunConfig:

@@ -120,7 +120,7 @@ def _body_layout(dirs: list[Path], files: dict[Path, list[Path]]) -> tuple[set[s
     return set(body.state_dict()), type(body).__name__
 
 
-def _open_body(files: list[Path], body_keys: set[str], label: str) -> SafetensorsReader:
+def open_body(files: list[Path], body_keys: set[str], label: str) -> SafetensorsReader:
     """Read a checkpoint as a body: with no prefix, or the one that uncovers the most body
     tensors (a classifier stores its body under "bert.", "roberta.", ...)."""
     with SafetensorsReader(files, label=label) as raw:
@@ -151,9 +151,9 @@ def merge_checkpoints(config: MergeConfig) -> Path:
         files = {d: weight_files(d, config.allow_pickle, Path(scratch)) for d in [*dirs, base_dir] if d}
         body_keys, body_class = _body_layout([d for d in [base_dir, *dirs] if d], files)
         start_hashing([f for d in dirs for f in files[d]])  # for the model card, while the fusion runs
-        open_body = lambda d: stack.enter_context(_open_body(files[d], body_keys, str(d)))  # noqa: E731
-        readers = [open_body(d) for d in dirs]
-        base = open_body(base_dir) if base_dir else None
+        body_of = lambda d: stack.enter_context(open_body(files[d], body_keys, str(d)))  # noqa: E731
+        readers = [body_of(d) for d in dirs]
+        base = body_of(base_dir) if base_dir else None
         common = set.intersection(*(r.keys() & body_keys for r in readers))
         if op.needs_base and common - base.keys():
             raise ColdFusionError(f"base model {base_dir} lacks body tensors {sorted(common - base.keys())[:5]} "

@@ -17,7 +17,11 @@ from pathlib import Path
 
 from coldfusion.checkpoint import Tensors, atomic_write_bytes, load_tensors, serialize, sha256_bytes
 from coldfusion.errors import ColdFusionError
+from coldfusion.faults import failpoint
 from coldfusion.fusion import fuse_files, get_operator
+from coldfusion.inputs import sha256_file
+from coldfusion.tensorfile import SafetensorsReader
+from coldfusion.validation import ValidationSettings, inspect_contribution, norm_outliers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -27,7 +31,8 @@ CREATE TABLE IF NOT EXISTS versions (
     sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
     parent INTEGER REFERENCES versions(id),
     model_source TEXT NOT NULL,
-    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?}; NULL for a root
+    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "rejected"?,
+                              --        "rebased"?}; NULL for a root
     run TEXT, iteration INTEGER, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS contributions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -37,7 +42,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     metrics TEXT NOT NULL,    -- JSON
     stats TEXT NOT NULL DEFAULT '{}',  -- JSON {"fisher" | "gram": sha256 of the statistics file}
     fused_into INTEGER REFERENCES versions(id),
-    created TEXT NOT NULL);
+    created TEXT NOT NULL,
+    rejected TEXT);           -- why validation refused it (NULL: not refused)
 CREATE TABLE IF NOT EXISTS metrics (
     version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
     values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
@@ -72,6 +78,22 @@ class Contribution:
     stats: dict  # kind -> sha256 of its statistics file
     fused_into: int | None
     created: str
+    rejected: str | None = None  # why validation refused it
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    """What `Repository.verify` found."""
+
+    checkpoints: int  # indexed and checked
+    problems: list[str]  # damage: the repository cannot be trusted until it is repaired
+    temporary: list[Path]  # left by a write that was interrupted (harmless)
+    unreferenced: list[Path]  # stored, but the index transaction never committed (harmless)
+    cleaned: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class Repository:
@@ -86,7 +108,9 @@ class Repository:
             columns = {r[1] for r in db.execute("PRAGMA table_info(contributions)")}
             if "stats" not in columns:  # repositories made before statistics travelled with contributions
                 db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
-                db.commit()
+            if "rejected" not in columns:  # ... and before contributions were validated
+                db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
+            db.commit()
         finally:
             db.close()
 
@@ -117,6 +141,7 @@ class Repository:
         if not self.path_of(sha).exists():
             atomic_write_bytes(self.path_of(sha), data)
         db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?)", (sha, len(data), _now()))
+        failpoint("repository.unindexed")  # the transaction is open: the row is not yet committed
         return sha
 
     def load(self, sha256: str) -> Tensors:
@@ -202,35 +227,126 @@ class Repository:
     def fuse(
         self, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
         params: dict | None = None, run: str | None = None, iteration: int | None = None,
-        missing: dict[str, str] | None = None,
+        missing: dict[str, str] | None = None, validation: ValidationSettings | None = None,
     ) -> Version:
-        """Fuse contributions into a new version whose parent is `base_version`. `missing`
-        (contributor -> reason) records the chosen contributors that sent nothing."""
-        params = params or {}
+        """Validate the contributions, fuse those that pass into a new version whose parent is
+        `base_version`. `missing` (contributor -> reason) records the chosen contributors that
+        sent nothing. Refused contributions keep their reason in the index and in the
+        version's fusion record; with fewer than `validation.min_accepted` left, nothing is
+        fused and the error lists every reason.
+        """
+        params, validation = params or {}, validation or ValidationSettings()
+        op = get_operator(method)
+        op.check_params(params)  # a typo fails before anything is read
         base = self.version(base_version)
         with self._db() as db:
             contribs = [self._contribution_row(db, c) for c in contribution_ids]
-        op = get_operator(method)
-        weights = [c.num_examples for c in contribs] if op.weighting == "examples" else None
+        rejected, norms = self._validate(base, contribs, validation)
+        accepted = [c for c in contribs if c.id not in rejected]
+        if len(accepted) < validation.min_accepted:
+            self._record_rejections(rejected)
+            reasons = "; ".join(f"contribution {cid}: {why}" for cid, why in rejected.items())
+            raise ColdFusionError(f"only {len(accepted)} of {len(contribs)} contributions passed validation, "
+                                  f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
+        rebased = {c.id: {"from_version": c.base_version, "sha256": self._rebase(c, base)}
+                   for c in accepted if c.base_version != base.id}
+        weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
         stats = None
         if op.needs_stats:
-            lacking = [c.id for c in contribs if op.needs_stats not in c.stats]
+            lacking = [c.id for c in accepted if op.needs_stats not in c.stats]
             if lacking:
                 raise ColdFusionError(f"fusion method '{method}' needs {op.needs_stats} statistics, which "
                                       f"contributions {lacking} did not send")
-            stats = [self.path_of(c.stats[op.needs_stats]) for c in contribs]
-        fused = fuse_files(
-            [self.path_of(c.sha256) for c in contribs], method, weights,
-            base=self.path_of(base.sha256) if op.needs_base else None, stats=stats, **params,
-        )
-        fusion = {"method": method, "params": params, "contributions": [c.id for c in contribs],
-                  **({"missing": missing} if missing else {})}
+            stats = [self.path_of(c.stats[op.needs_stats]) for c in accepted]
+        bodies = [self.path_of(rebased[c.id]["sha256"] if c.id in rebased else c.sha256) for c in accepted]
+        fused = fuse_files(bodies, method, weights, base=self.path_of(base.sha256) if op.needs_base else None,
+                           stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None, **params)
+        fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
+                  "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
+                  **({"missing": missing} if missing else {}),
+                  **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
+                  **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
         with self._db() as db:
             sha = self._store(db, fused)
             version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration)
             db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
-                           [(version.id, c.id) for c in contribs])
+                           [(version.id, c.id) for c in accepted])
+            db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?",
+                           [(why, cid) for cid, why in rejected.items()])
         return version
+
+    def _validate(self, base: Version, contribs: list[Contribution],
+                  settings: ValidationSettings) -> tuple[dict[int, str], dict[int, float]]:
+        """(contribution id -> why it is refused, contribution id -> its delta norm)."""
+        rejected, norms = {}, {}
+        if sha256_file(self.path_of(base.sha256)) != base.sha256:
+            raise ColdFusionError(f"base version {base.id} ({self.path_of(base.sha256)}) does not match its "
+                                  "checksum: the repository is damaged; run `coldfusion verify` on it")
+        for c in contribs:
+            if c.base_version != base.id and settings.stale == "reject":
+                rejected[c.id] = (f"stale: trained from version {c.base_version}, not the current base "
+                                  f"{base.id} (validation.stale = reject)")
+                continue
+            path = self.path_of(c.sha256)
+            if not path.exists() or sha256_file(path) != c.sha256:
+                rejected[c.id] = f"its file {path.name} is missing or does not match its checksum"
+                continue
+            own_base = base if c.base_version == base.id else self.version(c.base_version)
+            with SafetensorsReader([path]) as body, SafetensorsReader([self.path_of(own_base.sha256)]) as b:
+                found = inspect_contribution(body, b)
+            if found.problem:
+                rejected[c.id] = found.problem
+            else:
+                norms[c.id] = found.delta_norm
+        for cid, why in norm_outliers(norms, settings).items():
+            rejected[cid] = why
+        return rejected, norms
+
+    def _rebase(self, contribution: Contribution, base: Version) -> str:
+        """Store `base + (body - the base it was trained from)`, the stale contribution's
+        update carried onto the current base; return its checksum."""
+        body, own_base = self.load(contribution.sha256), self.load_version(contribution.base_version)
+        current = self.load(base.sha256)
+        moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
+                 for k, v in body.items()}
+        with self._db() as db:
+            return self._store(db, moved)
+
+    def _record_rejections(self, rejected: dict[int, str]) -> None:
+        with self._db() as db:
+            db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?",
+                           [(why, cid) for cid, why in rejected.items()])
+
+    # -- integrity -----------------------------------------------------------------
+    def verify(self, clean: bool = False) -> IntegrityReport:
+        """Check the index (SQLite's integrity check, every reference resolves) and every
+        stored file against its checksum. With `clean`, delete what interrupted writes left
+        behind: temporary files and objects no index row names (only while no other process
+        is writing to this repository: its next object may not be indexed yet)."""
+        problems = []
+        with self._db() as db:
+            problems += [f"index: {r[0]}" for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+            problems += [f"index: {table} row {rowid} names a missing {parent} row"
+                         for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
+            known = {r["sha256"]: r["num_bytes"] for r in db.execute("SELECT sha256, num_bytes FROM checkpoints")}
+            named = {r[0] for r in db.execute("SELECT sha256 FROM versions UNION SELECT sha256 FROM contributions")}
+            for r in db.execute("SELECT stats FROM contributions"):
+                named |= set(json.loads(r[0]).values())
+            for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
+                named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
+        problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
+        for sha in sorted(known):
+            path = self.path_of(sha)
+            if not path.exists():
+                problems.append(f"{path.name}: missing")
+            elif sha256_file(path) != sha:
+                problems.append(f"{path.name}: does not match its checksum (corrupt)")
+        temporary = sorted(p for p in self.objects.iterdir() if p.name.startswith("."))
+        unreferenced = sorted(p for p in self.objects.glob("*.safetensors") if p.stem not in known)
+        if clean:
+            for path in temporary + unreferenced:
+                path.unlink(missing_ok=True)
+        return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean)
 
     # -- metrics -------------------------------------------------------------------
     def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None) -> None:

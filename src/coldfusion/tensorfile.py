@@ -18,6 +18,7 @@ import torch
 
 from coldfusion.checkpoint import FILE_MODE
 from coldfusion.errors import ColdFusionError
+from coldfusion.faults import failpoint
 
 # safetensors dtype names -> torch dtypes
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -160,6 +161,7 @@ class SafetensorsWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.chmod(self._tmp, FILE_MODE)
+        failpoint("checkpoint.unrenamed")
         os.replace(self._tmp, self.path)
         return self._hash.hexdigest()
 

@@ -20,11 +20,13 @@ import numpy as np
 import yaml
 
 from coldfusion.checkpoint import atomic_write_bytes
+from coldfusion.collab.attacks import poison_round
 from coldfusion.collab.local_engine import LocalEngine
 from coldfusion.collab.round import RoundResult
 from coldfusion.config import RunConfig, dump_config
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.errors import ColdFusionError
+from coldfusion.faults import failpoint
 from coldfusion.progress import SilentProgress
 from coldfusion.report import write_report
 from coldfusion.repository import Repository
@@ -147,7 +149,10 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
     for iteration in range(state.completed_iterations + 1, config.loop.iterations + 1):
         chosen = _choose_contributors(engine.contributor_names, config, iteration)
         started = time.perf_counter()  # the iteration's wall time: contributors, fusion, probes
-        round_ = engine.run_round(repo.load_version(state.version), iteration, chosen, progress)
+        base = repo.load_version(state.version)
+        round_ = engine.run_round(base, iteration, chosen, progress)
+        if config.attack:
+            round_ = poison_round(round_, base, config.attack, config.seed, iteration)
         train_seconds = time.perf_counter() - started
         rows, version = _fuse_round(repo, config, state.version, iteration, round_)
         fusion_row = rows[-1]
@@ -159,6 +164,7 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         # A crash before state.json is written resumes with the heads of the last finished iteration.
         engine.save_heads(_heads_dir(run_dir, iteration))
         log.extend(rows)
+        failpoint("loop.unrecorded")
         state = RunState(completed_iterations=iteration, version=version)
         state.write(run_dir)
         progress.iteration_done()
@@ -183,10 +189,14 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
-                        run=config.name, iteration=iteration, missing=round_.missing)
+                        run=config.name, iteration=iteration, missing=round_.missing,
+                        validation=config.fusion.validation)
+    task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
+    rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
+    fused = [task_of[str(c)] for c in version.fusion["contributions"]]
     rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,
-                 "method": config.fusion.method, "contributors": [r.task for r in results],
-                 "missing": round_.missing, "fuse_seconds": round(time.perf_counter() - started, 2)})
+                 "method": config.fusion.method, "contributors": fused, "missing": round_.missing, "rejected": rejected,
+                 "fuse_seconds": round(time.perf_counter() - started, 2)})
     return rows, version.id
 
 

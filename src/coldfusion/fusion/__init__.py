@@ -4,6 +4,7 @@ from coldfusion.fusion import (  # noqa: F401  (importing registers the operator
     average,
     dare,
     fisher,
+    norm_clipping,
     regmean,
     robust,
     task_arithmetic,

@@ -12,7 +12,9 @@ An operator that needs a whole-tensor quantity of each model first (TIES: the ma
 cut-off of each task vector) names a `prepare(tensors, base, **params)` function; the
 engine calls it with whole tensors, one model at a time, and passes its result to every
 slice as `prepared`. When all models' tensors fit in `streaming.HOLD_BYTES`, it passes
-them whole instead, without `prepared` (one read of each model).
+them whole instead, without `prepared` (one read of each model). An operator that scales
+each model by the size of its whole update (norm clipping) sets `needs_norms` and gets
+`norms`, each model's ||m_i - b|| over all its tensors.
 """
 
 import inspect
@@ -27,7 +29,7 @@ from coldfusion.errors import ColdFusionError
 FuseFn = Callable[..., torch.Tensor]
 
 # Arguments every operator may receive from the engine; everything else is a parameter.
-ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats", "offset", "prepared")
+ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats", "offset", "prepared", "norms")
 # Statistics an operator may need from each contributor ("fisher": diagonal Fisher of
 # every tensor; "gram": X^T X of the inputs of every linear layer, keyed by its weight).
 STATISTICS = ("fisher", "gram")
@@ -45,6 +47,7 @@ class Operator:
     doc: str
     elementwise: bool = False  # fusing any slice of the flattened tensors on its own gives that slice
     prepare: Callable | None = None  # prepare(tensors, base, **params): whole-tensor facts per model
+    needs_norms: bool = False  # gets `norms`: each model's delta norm ||m_i - b|| over all its tensors
 
     # Cached: the engine asks once per tensor, and a signature never changes.
     @cached_property
@@ -77,13 +80,14 @@ REGISTRY: dict[str, Operator] = {}
 
 
 def register(name: str, *, weighting: str = "uniform", needs_base: bool = False, needs_stats: str | None = None,
-             elementwise: bool = False, prepare: Callable | None = None):
+             elementwise: bool = False, prepare: Callable | None = None, needs_norms: bool = False):
     assert needs_stats in (None, *STATISTICS), needs_stats
     assert prepare is None or elementwise, "prepare only makes sense for an elementwise operator"
+    assert needs_base or not needs_norms, "a delta norm is measured from the base"
 
     def wrap(fn: FuseFn) -> FuseFn:
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc, elementwise, prepare)
+        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc, elementwise, prepare, needs_norms)
         return fn
 
     return wrap

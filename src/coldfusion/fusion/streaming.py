@@ -14,6 +14,7 @@ import torch
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
+from coldfusion.faults import failpoint
 from coldfusion.fusion.registry import Operator, get_operator
 from coldfusion.runtime import torch_threads
 from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
@@ -99,11 +100,14 @@ def fuse_stream(
     base: SafetensorsReader | None = None,
     stats: Sequence[SafetensorsReader] | None = None,
     names: set[str] | None = None,
+    norms: Sequence[float] | None = None,
     **params,
 ) -> Iterator[tuple[str, int, torch.Tensor]]:
     """Yield (name, offset, flat fused values) for the tensors `names` (default: all; then
     every checkpoint must have the same ones), in name order, offsets increasing.
 
+    `norms` are the models' delta norms over all their tensors, for the operators that
+    need them; when not given, they are measured first (one more read of every model).
     Arguments are checked before the first slice is fused.
     """
     if not readers:
@@ -128,13 +132,31 @@ def fuse_stream(
         raise ColdFusionError(f"base model {base.label} lacks tensors {sorted(set(names) - base.keys())[:3]}")
     for name in names:
         _check_same_shape(name, [*readers, *([base] if op.needs_base else [])])
+    if op.needs_norms:
+        norms = delta_norms(readers, base, names) if norms is None else list(norms)
+        if len(norms) != len(readers):
+            raise ColdFusionError(f"got {len(norms)} delta norms for {len(readers)} contributions")
+        params = {**params, "norms": torch.tensor(norms, dtype=torch.float64)}
     return _fuse(op, readers, w, base, stats, sorted(names), params)
+
+
+def delta_norms(readers: Sequence[SafetensorsReader], base: SafetensorsReader, names) -> list[float]:
+    """||m_i - b|| over the float tensors `names`, for each model, one tensor in memory at a time."""
+    norms = []
+    for reader in readers:
+        squares = 0.0
+        for name in sorted(names):
+            if reader.dtype(name) in FLOAT_DTYPES:
+                squares += float((reader.read(name).double() - base.read(name).double()).square().sum())
+        norms.append(squares ** 0.5)
+    return norms
 
 
 def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict):
     stat_names = stats[0].keys() if stats else set()
     hold = torch.empty(HOLD_BYTES // 4) if op.prepare else None  # whole tensors of every model, reused
     for name in names:
+        failpoint("fusion.tensor")
         dtype = FLOAT_DTYPES.get(readers[0].dtype(name))
         if dtype is None:  # integer buffers (ids) must agree; never averaged
             first = readers[0].read(name)
@@ -189,9 +211,9 @@ def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[i
 
 
 def fuse_readers(readers: Sequence[SafetensorsReader], method: str = "average", weights=None, base=None,
-                 stats=None, names: set[str] | None = None, **params) -> Tensors:
+                 stats=None, names: set[str] | None = None, norms=None, **params) -> Tensors:
     """The fused tensors, in memory (see `fuse_stream` for the arguments)."""
-    stream = fuse_stream(readers, method, weights, base, stats, names, **params)
+    stream = fuse_stream(readers, method, weights, base, stats, names, norms, **params)
     fused = {n: torch.empty(shape, dtype=dtype) for n, (dtype, shape) in
              output_layout(readers, names if names is not None else readers[0].keys()).items()}
     for name, start, values in stream:
@@ -205,15 +227,16 @@ def fuse_files(
     weights: Sequence[float] | None = None,
     base: Path | None = None,
     stats: Sequence[Path] | None = None,
+    norms: Sequence[float] | None = None,
     **params,
 ) -> Tensors:
     """Fuse the bodies stored at `paths` (one safetensors file each) with a registered operator.
 
     `stats[i]` is contributor i's statistics file (Fisher or Gram matrices) for the
-    operators that need one.
+    operators that need one; `norms` as in `fuse_stream`.
     """
     with ExitStack() as stack:
         open_ = lambda p: stack.enter_context(SafetensorsReader([p]))  # noqa: E731
         return fuse_readers([open_(p) for p in paths], method, weights,
                             base=open_(base) if base else None,
-                            stats=[open_(p) for p in stats] if stats else None, **params)
+                            stats=[open_(p) for p in stats] if stats else None, norms=norms, **params)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from coldfusion.fusion.registry import register
-from coldfusion.fusion.task_vectors import mixing_weights
+from coldfusion.fusion.task_vectors import add_task_vectors, mixing_weights
 
 
 @register("task_arithmetic", needs_base=True, elementwise=True)
@@ -14,10 +14,5 @@ def fuse_task_arithmetic(
     scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """b + scale * sum_i w_i (m_i - b); weights sum to 1 when normalize (then scale 1 = average)."""
-    w = mixing_weights(weights, normalize)
-    b = base.float()
-    total = torch.zeros_like(b)
-    for wi, t in zip(w.tolist(), tensors, strict=True):  # one model at a time, no temporaries
-        total.add_(t.float(), alpha=wi)
-    # sum_i w_i (m_i - b) = sum_i w_i m_i - (sum_i w_i) b
-    return total.add_(b, alpha=-float(w.sum())).mul_(scale).add_(b)
+    w = mixing_weights(weights, normalize) * scale
+    return add_task_vectors(tensors, w.tolist(), base)

@@ -20,6 +20,16 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.T
     return stack_float(tensors).sub_(base.float())
 
 
+def add_task_vectors(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor) -> torch.Tensor:
+    """b + sum_i w_i (m_i - b) in float32, reading one model at a time, without temporaries."""
+    b = base.float()
+    total = torch.zeros_like(b)
+    for wi, t in zip(weights, tensors, strict=True):
+        total.add_(t.float(), alpha=wi)
+    # sum_i w_i (m_i - b) = sum_i w_i m_i - (sum_i w_i) b
+    return total.add_(b, alpha=1 - float(sum(weights)))
+
+
 def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     return weights / weights.sum() if normalize else weights
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from coldfusion.encoder import Classifier
+from coldfusion.faults import failpoint
 from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
 from coldfusion.training.evaluate import evaluate
 
@@ -89,6 +90,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen += len(idx)
+            failpoint("training.step")
             if on_step:
                 on_step(len(idx))
             if validation is not None and (step % eval_every == 0 or step == total_steps):

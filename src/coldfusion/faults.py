@@ -1,0 +1,36 @@
+"""Failpoints: named places where crash-safety tests kill this process on purpose.
+
+`COLDFUSION_KILL_AT=NAME` (or `NAME:K`, the K-th arrival) makes `failpoint(NAME)` send
+SIGKILL to its own process: no `finally`, no `atexit`, no flush, as when the machine
+loses power or the OOM killer strikes. Tests put it at the moments that matter (mid-
+training, mid-fusion, a checkpoint half written, a file written but not yet indexed)
+and then check that nothing was lost and that `--resume` finishes the run. Unset, which
+is always the case outside such tests, a failpoint costs one environment lookup.
+"""
+
+import os
+import signal
+
+POINTS = {
+    "training.step": "after an optimizer step of a contributor's finetuning",
+    "fusion.tensor": "before each tensor of a fusion (the second arrival: one tensor fused)",
+    "checkpoint.partial": "with half of a checkpoint's bytes in its temporary file",
+    "checkpoint.unrenamed": "with a checkpoint complete in its temporary file, before the rename",
+    "repository.unindexed": "with a checkpoint stored, before the index transaction commits",
+    "loop.unrecorded": "with an iteration's version stored, before the run's state records it",
+}
+_arrivals: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    target = os.environ.get("COLDFUSION_KILL_AT")
+    if not target:
+        return
+    point, _, nth = target.partition(":")
+    if point not in POINTS:
+        raise ValueError(f"COLDFUSION_KILL_AT={target}: no failpoint '{point}'; there are {sorted(POINTS)}")
+    if point != name:
+        return
+    _arrivals[name] = _arrivals.get(name, 0) + 1
+    if _arrivals[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

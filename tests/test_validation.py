@@ -1,0 +1,144 @@
+"""Contribution validation: every fault is refused with a reason, recorded, and the rest fused."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from coldfusion.checkpoint import save_tensors
+from coldfusion.errors import ColdFusionError
+from coldfusion.repository import Repository
+from coldfusion.tensorfile import SafetensorsReader
+from coldfusion.validation import ValidationSettings, inspect_contribution, norm_outliers
+
+
+def body(value: float) -> dict[str, torch.Tensor]:
+    return {"layer.weight": torch.full((3, 2), value), "layer.bias": torch.full((3,), value),
+            "position_ids": torch.arange(4)}
+
+
+def inspect(tmp_path, tensors, base=None):
+    save_tensors(tmp_path / "c.safetensors", tensors)
+    save_tensors(tmp_path / "b.safetensors", base or body(0.0))
+    with SafetensorsReader([tmp_path / "c.safetensors"]) as c, SafetensorsReader([tmp_path / "b.safetensors"]) as b:
+        return inspect_contribution(c, b)
+
+
+def test_a_clean_contribution_passes_with_its_delta_norm(tmp_path):
+    found = inspect(tmp_path, body(0.5))
+    assert found.problem is None
+    assert found.delta_norm == pytest.approx(math.sqrt(9 * 0.25))  # 9 float entries moved by 0.5
+
+
+@pytest.mark.parametrize("fault, reason", [
+    (lambda t: t["layer.weight"].__setitem__((0, 1), float("nan")), "'layer.weight' has 1 non-finite"),
+    (lambda t: t["layer.bias"].__setitem__(2, float("inf")), "'layer.bias' has 1 non-finite"),
+    (lambda t: t.__setitem__("layer.weight", torch.zeros(2, 3)), r"'layer.weight' is float32 \[2, 3\], the base's "
+                                                                 r"is float32 \[3, 2\]"),
+    (lambda t: t.__setitem__("layer.bias", torch.zeros(3, dtype=torch.float16)), "'layer.bias' is float16"),
+    (lambda t: t.pop("layer.bias"), r"1 missing tensors \['layer.bias'\]"),
+    (lambda t: t.__setitem__("extra", torch.zeros(1)), r"1 unexpected tensors \['extra'\]"),
+    (lambda t: t.__setitem__("position_ids", torch.arange(4).flip(0)), "integer tensor 'position_ids' differs"),
+])
+def test_each_fault_is_named(tmp_path, fault, reason):
+    tensors = body(0.1)
+    fault(tensors)
+    found = inspect(tmp_path, tensors)
+    assert found.problem is not None and re.search(reason, found.problem), found.problem
+
+
+def test_norm_outliers_known_answers():
+    settings = ValidationSettings(outlier_factor=5)
+    assert norm_outliers({1: 1.0, 2: 1.5, 3: 2.0}, settings) == {}
+    flagged = norm_outliers({1: 1.0, 2: 1.5, 3: 50.0}, settings)
+    assert list(flagged) == [3] and "40.0x the median" in flagged[3]  # the others' median is 1.25
+    assert norm_outliers({1: 1.0, 2: 50.0}, settings) == {}  # one other: no basis for "outlier"
+    assert list(norm_outliers({1: 0.0, 2: 0.0, 3: 1.0}, settings)) == [3]
+    assert norm_outliers({1: 1.0, 2: 1.5, 3: 50.0}, ValidationSettings(outlier_factor=None)) == {}
+    capped = norm_outliers({1: 1.0, 2: 3.0}, ValidationSettings(max_delta_norm=2.0))
+    assert list(capped) == [2] and "exceeds max_delta_norm 2" in capped[2]
+
+
+def contribute(repo, base, tensors, name):
+    return repo.add_contribution(tensors, base_version=base.id, contributor=name, task=name, num_examples=10)
+
+
+def test_faulty_contributions_are_refused_recorded_and_the_rest_fused(tmp_path):
+    repo = Repository(tmp_path)
+    base = repo.add_version(body(0.0), model_source="m")
+    good = [contribute(repo, base, body(v), f"good{v}") for v in (1.0, 2.0, 3.0)]
+    nan = body(1.0)
+    nan["layer.bias"][0] = float("nan")
+    shaped = body(1.0)
+    shaped["layer.weight"] = torch.zeros(6)
+    bad = [contribute(repo, base, nan, "nan"), contribute(repo, base, shaped, "shape"),
+           contribute(repo, base, body(100.0), "scaled")]
+    v = repo.fuse(base.id, [c.id for c in good + bad], method="average")
+    assert v.fusion["contributions"] == [c.id for c in good]
+    assert torch.allclose(repo.load_version(v.id)["layer.bias"], torch.full((3,), 2.0))
+    reasons = v.fusion["rejected"]
+    assert set(reasons) == {str(c.id) for c in bad}
+    assert "non-finite" in reasons[str(bad[0].id)] and "the base's is float32 [3, 2]" in reasons[str(bad[1].id)]
+    assert "median of the other contributions'" in reasons[str(bad[2].id)]
+    assert v.fusion["delta_norms"][str(good[0].id)] == pytest.approx(3.0)  # 9 entries moved by 1
+    stored = {c.id: c for c in repo.contributions(base_version=base.id)}
+    assert all(stored[c.id].fused_into == v.id and stored[c.id].rejected is None for c in good)
+    assert all(stored[c.id].fused_into is None and stored[c.id].rejected == reasons[str(c.id)] for c in bad)
+
+
+def test_too_few_valid_contributions_fuse_nothing_and_say_why(tmp_path):
+    repo = Repository(tmp_path)
+    base = repo.add_version(body(0.0), model_source="m")
+    nan = body(1.0)
+    nan["layer.weight"][:] = float("nan")
+    ids = [contribute(repo, base, body(1.0), "a").id, contribute(repo, base, nan, "b").id]
+    with pytest.raises(ColdFusionError, match=r"only 1 of 2 contributions passed validation, fewer than "
+                                              r"min_accepted = 2: contribution 2: tensor 'layer.weight' has 6"):
+        repo.fuse(base.id, ids, validation=ValidationSettings(min_accepted=2))
+    assert len(repo.versions()) == 1
+    assert repo.contributions(base_version=base.id)[1].rejected.startswith("tensor 'layer.weight'")
+
+
+def test_corrupt_contribution_file_is_refused_and_a_corrupt_base_stops_fusion(tmp_path):
+    repo = Repository(tmp_path)
+    base = repo.add_version(body(0.0), model_source="m")
+    a, b = contribute(repo, base, body(1.0), "a"), contribute(repo, base, body(3.0), "b")
+    path = repo.path_of(b.sha256)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of one value
+    path.write_bytes(bytes(data))
+    v = repo.fuse(base.id, [a.id, b.id])
+    assert v.fusion["contributions"] == [a.id]
+    assert "does not match its checksum" in v.fusion["rejected"][str(b.id)]
+    base_path = repo.path_of(base.sha256)
+    base_path.write_bytes(base_path.read_bytes()[:-4])
+    with pytest.raises(ColdFusionError, match="base version 1 .* does not match its checksum"):
+        repo.fuse(base.id, [a.id])
+
+
+def test_stale_contribution_is_rebased_onto_the_current_base(tmp_path):
+    repo = Repository(tmp_path)
+    v1 = repo.add_version(body(0.0), model_source="m")
+    stale = contribute(repo, v1, body(1.0), "late")  # moved +1 from v1
+    v2 = repo.add_version(body(10.0), model_source="m", parent=v1.id)
+    fresh = contribute(repo, v2, body(13.0), "fresh")  # moved +3 from v2
+    v3 = repo.fuse(v2.id, [stale.id, fresh.id], method="average")
+    assert torch.allclose(repo.load_version(v3.id)["layer.weight"], torch.full((3, 2), 12.0))  # 10 + (1 + 3) / 2
+    moved = v3.fusion["rebased"][str(stale.id)]
+    assert moved["from_version"] == v1.id
+    assert torch.allclose(repo.load(moved["sha256"])["layer.bias"], torch.full((3,), 11.0))
+    assert torch.equal(repo.load(moved["sha256"])["position_ids"], torch.arange(4))
+    assert v3.fusion["delta_norms"][str(stale.id)] == pytest.approx(3.0)  # measured against its own base
+
+
+def test_stale_contribution_is_refused_by_policy(tmp_path):
+    repo = Repository(tmp_path)
+    v1 = repo.add_version(body(0.0), model_source="m")
+    stale = contribute(repo, v1, body(1.0), "late")
+    v2 = repo.add_version(body(10.0), model_source="m", parent=v1.id)
+    fresh = contribute(repo, v2, body(13.0), "fresh")
+    v3 = repo.fuse(v2.id, [stale.id, fresh.id], validation=ValidationSettings(stale="reject"))
+    assert v3.fusion["contributions"] == [fresh.id]
+    assert v3.fusion["rejected"] == {str(stale.id): "stale: trained from version 1, not the current base 2 "
+                                                    "(validation.stale = reject)"}
