@@ -69,7 +69,7 @@ def test_kill_9_at_a_failpoint_then_resume(tiny_model_dir, toy_task_files, tmp_p
 
 def test_an_unknown_failpoint_is_an_error(tmp_path):
     result = cli("verify", tmp_path, kill_at="fusion.tenser")
-    assert result.returncode != 0 and "no failpoint 'fusion.tenser'" in result.stderr
+    assert result.returncode != 0 and "COLDFUSION_KILL_AT=fusion.tenser: expected NAME or NAME:K" in result.stderr
 
 
 def _add_many(root, base_id, worker, count):

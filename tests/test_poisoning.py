@@ -1,15 +1,19 @@
 """One of four contributors is poisoned every iteration: plain averaging collapses, the
-defences keep the fused base's linear-probe accuracy within a point of the clean run."""
+defences keep the fused base's linear-probe accuracy within a point of the clean run.
+
+Tiny encoder, toy tasks: the mechanism, in seconds. The same on the real MiniLM and real
+tasks, for every attack and aggregator, is benchmarks/reliability.py.
+"""
 
 import json
 
 import pandas as pd
 import pytest
+from conftest import make_sentiment_rows, make_topic_rows
 
 from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.attacks import poisoned_update
 from coldfusion.config import parse_config
-from conftest import make_sentiment_rows, make_topic_rows
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +44,23 @@ def final_accuracy(tiny_model_dir, tasks, tmp_path, name, fusion, attack=None):
 
 
 def test_defences_hold_against_a_poisoned_contributor(tiny_model_dir, four_tasks, tmp_path):
-    scaled = {"contributors": ["topic_b"], "kind": "sign_flip", "factor": 20}
+    # Keyword features survive a attack or sign-flipped update of this tiny encoder (92% after
+    # x100); large random noise does not.
+    attack = {"contributors": ["topic_b"], "kind": "random", "factor": 1000}
     off = {"validation": {"outlier_factor": None}}
     clean, _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, "clean", {"method": "average"})
-    pretrained_like, _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, "avg", {"method": "average", **off},
-                                        scaled)
-    assert pretrained_like < clean - 5  # the plain average follows the attacker
+    collapsed, _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, "avg", {"method": "average", **off}, attack)
+    assert collapsed < clean - 20  # the plain average follows the attacker
     validated, fusions = final_accuracy(tiny_model_dir, four_tasks, tmp_path, "validated", {"method": "average"},
-                                        scaled)
+                                        attack)
     assert all(list(f["rejected"]) == ["topic_b"] for f in fusions)  # refused every iteration, with its reason
     assert all("median of the other contributions'" in f["rejected"]["topic_b"] for f in fusions)
     defended = {"validation": validated}
     for method, params in [("median", {}), ("trimmed_mean", {"trim": 0.25}), ("norm_clipping", {})]:
         defended[method], _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, method,
-                                             {"method": method, "params": params, **off}, scaled)
-    noisy = {"contributors": ["topic_b"], "kind": "random", "factor": 1.0}  # norm like an honest update's
-    defended["median vs random"], _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, "median-random",
-                                                     {"method": "median"}, noisy)
+                                             {"method": method, "params": params, **off}, attack)
     far = {k: round(v, 1) for k, v in defended.items() if abs(v - clean) > 1.0}
-    assert not far, f"clean {clean:.1f}, average under attack {pretrained_like:.1f}, off by more than 1: {far}"
+    assert not far, f"clean {clean:.1f}, average under attack {collapsed:.1f}, off by more than 1: {far}"
 
 
 def test_attacks_known_answers():

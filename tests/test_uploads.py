@@ -73,6 +73,10 @@ def test_contribute_fuse_and_verify_through_the_cli(tmp_path, tiny_model_dir):
 
 
 def test_fuse_rejects_bad_options_clearly(tmp_path):
+    for command in ("verify", "versions", "fuse"):
+        result = invoke(command, tmp_path / "nowhere")
+        assert result.exit_code == 2 and "no repository at" in result.text, command
+    assert not (tmp_path / "nowhere").exists()
     repo = Repository(tmp_path)
     base = repo.add_version({"w": torch.zeros(2)}, model_source="m")
     repo.add_contribution({"w": torch.ones(2)}, base_version=base.id, contributor="a", task="t", num_examples=1)

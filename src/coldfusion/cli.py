@@ -143,7 +143,10 @@ def versions(repository: Path = typer.Argument(..., help="repository directory")
     """List the base versions of a repository with their lineage and probe accuracy."""
     from coldfusion.repository import Repository
 
-    repo = Repository(repository)
+    try:
+        repo = Repository(repository, create=False)
+    except ColdFusionError as exc:
+        _fail(exc)
     table = Table(title=f"versions in {repository}")
     for col in ("id", "parent", "iteration", "method", "contributions", "sha256", "mean probe acc"):
         table.add_column(col)
@@ -166,7 +169,7 @@ def export(
     from coldfusion.repository import Repository
 
     try:
-        repo = Repository(repository)
+        repo = Repository(repository, create=False)
         v = repo.version(version)
         export_pretrained(v.model_source, repo.load(v.sha256), out_dir)
     except ColdFusionError as exc:
@@ -189,7 +192,7 @@ def contribute(
     from coldfusion.uploads import read_upload
 
     try:
-        repo = Repository(repository)
+        repo = Repository(repository, create=False)
         version = repo.version(base)
         body = read_upload(upload, set(repo.load(version.sha256)), allow_pickle)
         c = repo.add_contribution(body, base_version=version.id, contributor=contributor, task=task,
@@ -220,7 +223,7 @@ def fuse(
     from coldfusion.validation import ValidationSettings
 
     try:
-        repo = Repository(repository)
+        repo = Repository(repository, create=False)
         onto = repo.version(base) if base else repo.versions()[-1]
         if contributions:
             ids = [int(x) for x in contributions.split(",")]
@@ -258,7 +261,10 @@ def verify(
     """Check a repository: its index, and every stored file against its checksum."""
     from coldfusion.repository import Repository
 
-    report = Repository(repository).verify(clean=clean)
+    try:
+        report = Repository(repository, create=False).verify(clean=clean)
+    except ColdFusionError as exc:
+        _fail(exc)
     for problem in report.problems:
         Console(stderr=True).print(f"[bold red]damaged:[/] {problem}", highlight=False)
     left = len(report.temporary) + len(report.unreferenced)

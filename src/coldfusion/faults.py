@@ -22,15 +22,23 @@ POINTS = {
 _arrivals: dict[str, int] = {}
 
 
+def _target() -> tuple[str, int] | None:
+    value = os.environ.get("COLDFUSION_KILL_AT")
+    if not value:
+        return None
+    point, _, nth = value.partition(":")
+    if point not in POINTS or not (nth or "1").isdigit():
+        raise ValueError(f"COLDFUSION_KILL_AT={value}: expected NAME or NAME:K with NAME one of {sorted(POINTS)}")
+    return point, int(nth or 1)
+
+
+_target()  # a misspelt point fails when the process starts, not silently never
+
+
 def failpoint(name: str) -> None:
-    target = os.environ.get("COLDFUSION_KILL_AT")
-    if not target:
-        return
-    point, _, nth = target.partition(":")
-    if point not in POINTS:
-        raise ValueError(f"COLDFUSION_KILL_AT={target}: no failpoint '{point}'; there are {sorted(POINTS)}")
-    if point != name:
+    target = _target()
+    if target is None or target[0] != name:
         return
     _arrivals[name] = _arrivals.get(name, 0) + 1
-    if _arrivals[name] == int(nth or 1):
+    if _arrivals[name] == target[1]:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -97,8 +97,11 @@ class IntegrityReport:
 
 
 class Repository:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, create: bool = True):
+        """Open the repository at `root`, creating it unless `create` is False."""
         self.root = Path(root)
+        if not create and not (self.root / "index.sqlite").exists():
+            raise ColdFusionError(f"no repository at {self.root} (it has no index.sqlite)")
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
