@@ -60,7 +60,8 @@ def test_resolved_config_round_trips():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.sampled_from(["name", "seed", "threads", "loop", "finetune", "model", "bogus", "tasks"]),
+@given(st.dictionaries(st.sampled_from(["name", "seed", "threads", "loop", "finetune", "model", "bogus", "tasks",
+                                        "fusion", "attack", "engine", "flower", "evaluation", "max_length"]),
                        st.one_of(st.integers(-5, 5), st.text(max_size=5), st.none(), st.lists(st.text(max_size=4)),
                                  st.dictionaries(st.text(max_size=6), st.integers(), max_size=2)),
                        max_size=6))
@@ -72,3 +73,26 @@ def test_any_mapping_is_accepted_or_rejected_with_a_clear_error(data):
         assert str(exc).startswith("prop.yaml: invalid config:")
     else:
         assert isinstance(cfg, RunConfig) and len(cfg.tasks) >= 1
+
+
+NESTED = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True),
+                                st.text(max_size=6)),
+                      lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                              st.dictionaries(st.sampled_from(
+                                                  ["method", "params", "validation", "min_accepted", "stale",
+                                                   "outlier_factor", "contributors", "kind", "factor", "iterations",
+                                                   "name", "path", "epochs", "lr", "x"]), inner, max_size=3)),
+                      max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(section=st.sampled_from(["fusion", "attack", "loop", "finetune", "flower", "evaluation"]), value=NESTED)
+def test_any_nested_section_is_accepted_or_names_the_field(section, value):
+    """Property: a wrong type or value deep in a section is a ColdFusionError naming that section."""
+    data = {"tasks": ["bbc_topic"], section: value}
+    try:
+        cfg = parse_config(data, "nested.yaml")
+    except ColdFusionError as exc:
+        assert str(exc).startswith("nested.yaml: invalid config:") and section in str(exc), str(exc)
+    else:
+        assert isinstance(cfg, RunConfig)

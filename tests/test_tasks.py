@@ -2,6 +2,8 @@ import json
 
 import pandas as pd
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import CATALOG, load_builtin, load_task
@@ -99,14 +101,15 @@ def test_missing_column_names_the_file_and_its_columns(tmp_path):
 def test_label_outside_the_label_set_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": "t", "label": lab}) for lab in ["pos", "neg", "meh"]))
-    with pytest.raises(ColdFusionError, match=r"labels \['meh'\] are not in the label set \['neg', 'pos'\]"):
+    expected = r"d\.jsonl, line 3: label 'meh' is not in the label set \['neg', 'pos'\]"
+    with pytest.raises(ColdFusionError, match=expected):
         load_task({"name": "d", "path": path, "label_names": ["neg", "pos"]})
 
 
 def test_malformed_and_empty_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{not json\n')
-    with pytest.raises(ColdFusionError, match="bad.jsonl: could not be read as jsonl"):
+    with pytest.raises(ColdFusionError, match=r"bad\.jsonl, line 2: not valid JSON \(Expecting property name"):
         load_task({"name": "b", "path": bad})
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
@@ -158,3 +161,83 @@ def test_pinned_packages_match_the_install_file():
     lines = (Path(__file__).parents[1] / "requirements" / "data.txt").read_text().splitlines()
     listed = dict(line.split("==") for line in lines if line and not line.startswith("#"))
     assert listed == PINNED
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('text,label\n"fine",pos\n"",neg\n', "csv", r"d\.csv, row 2: the text in column 'text' is empty"),
+    ('text,label\nfine,pos\nsad,\n', "csv", r"d\.csv, row 2: no label in column 'label'"),
+    ('text,label\na,pos\nb,neg,extra\n', "csv", r"d\.csv: could not be read as csv: .*Expected 2 fields in line 3"),
+    ('{"text": "a", "label": "x"}\n\n[1, 2]\n', "jsonl", r"d\.jsonl, line 3: expected a JSON object"),
+    ('{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n', "jsonl", r"d\.jsonl, line 2: the text .* empty"),
+    (b'text,label\n\xff\xfe,pos\n', "csv", r"d\.csv: could not be read as csv: .*codec can't decode"),
+])
+def test_bad_rows_are_named_by_file_and_row(tmp_path, content, suffix, message):
+    path = tmp_path / f"d.{suffix}"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ColdFusionError, match=message):
+        load_task({"name": "d", "path": path})
+
+
+def test_an_enormous_text_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "d.csv"
+    # a quote left open on row 2 swallows every row up to the next quote into one text
+    path.write_text("text,label\nfine,pos\n\"oops,neg\n" + "".join(f"row {i},pos\n" for i in range(10_000))
+                    + 'last",pos\n')
+    with pytest.raises(ColdFusionError, match=r"d\.csv, row 2: the text in column 'text' has .* characters "
+                                              r"\(at most 100,000\); is a quote left open above it\?"):
+        load_task({"name": "d", "path": path})
+
+
+def test_split_files_name_the_file_with_the_bad_row(tmp_path):
+    train = pd.DataFrame({"text": ["a", "b", "c"] * 5, "label": ["x", "y", "x"] * 5})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "test.csv").write_text("text,label\nfine,x\nodd,z\n")
+    with pytest.raises(ColdFusionError, match=r"test\.csv, row 2: label 'z' is not in the label set \['x', 'y'\]"):
+        load_task({"name": "s", "train": tmp_path / "train.csv", "test": tmp_path / "test.csv",
+                   "label_names": ["x", "y"]})
+
+
+# -- properties of the file loaders: any input loads exactly or fails with a ColdFusionError --
+
+TEXTS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), max_size=30)
+LABELS = st.sampled_from(["pos", "neg", "NA", "0", "None"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(TEXTS.filter(str.strip), LABELS), max_size=25),
+       fault=st.sampled_from([None, None, ("", "pos"), ("  ", "neg"), ("fine", ""), ("fine", " ")]),
+       suffix=st.sampled_from(["csv", "jsonl", "tsv"]))
+def test_any_table_loads_exactly_or_is_refused_clearly(tmp_path_factory, rows, fault, suffix):
+    """Texts of any characters (quotes, commas, tabs, newlines, "NA", numbers) load exactly;
+    an empty file, an empty text or a missing label is refused with the file named."""
+    rows = rows + [fault] if fault else rows
+    path = tmp_path_factory.mktemp("prop") / f"d.{suffix}"
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    {"csv": lambda: frame.to_csv(path, index=False), "tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     "jsonl": lambda: frame.to_json(path, orient="records", lines=True, force_ascii=False)}[suffix]()
+    valid = bool(rows) and fault is None
+    try:
+        task = load_task({"name": "p", "path": path})
+    except ColdFusionError as exc:
+        assert str(path) in str(exc)
+        assert not valid, f"valid rows refused: {exc}"
+        event("refused: " + ("fault" if fault else str(exc).split(": ", 1)[1][:60]))
+        return
+    assert valid, "a faulty table was accepted"
+    event("loaded")
+    texts = task.train.texts + task.validation.texts + task.test.texts
+    labels = task.train.labels + task.validation.labels + task.test.labels
+    assert sorted(zip(texts, [task.label_names[i] for i in labels], strict=True)) == sorted(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=200), suffix=st.sampled_from(["csv", "jsonl", "parquet"]))
+def test_any_bytes_load_or_fail_with_the_file_named(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("bytes") / f"d.{suffix}"
+    path.write_bytes(data)
+    try:
+        task = load_task({"name": "b", "path": path})
+    except ColdFusionError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert len(task.train) + len(task.validation) + len(task.test) >= 1

@@ -9,10 +9,13 @@ from coldfusion.errors import ColdFusionError
 
 
 def _describe(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    where = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
-    return f"'{where}': {error['msg']} (got {error.get('input')!r})"
+    if not where:  # a check across fields: its message names them; echoing the whole config would not help
+        return message
+    return f"'{where}': {message} (got {error.get('input')!r})"
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

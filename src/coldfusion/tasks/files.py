@@ -1,5 +1,13 @@
-"""Tasks from local files (csv / tsv / jsonl / parquet) and Hugging Face `datasets` ids."""
+"""Tasks from local files (csv / tsv / jsonl / parquet) and Hugging Face `datasets` ids.
 
+User data is checked row by row before anything trains on it: a missing or unknown
+label, an empty text, or a text so long it must be a parsing accident (an unclosed quote
+swallows the rest of a csv) is an error that names the file and the row (the line, for
+jsonl).
+"""
+
+import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -8,11 +16,37 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks.task import Split, Task, complete_splits, encode_labels, natural_label_order, split_pool
 
+# Far beyond any max_length; a longer text is almost always a parsing accident.
+MAX_TEXT_CHARS = 100_000
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); `attrs["lines"]` maps rows to lines."""
+    records, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ColdFusionError(f"{path}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+                                      ) from None
+            if not isinstance(record, dict):
+                raise ColdFusionError(f"{path}, line {number}: expected a JSON object with the columns as keys, "
+                                      f"not a {type(record).__name__}")
+            records.append(record)
+            lines.append(number)
+    frame = pd.DataFrame.from_records(records)
+    frame.attrs["lines"] = lines
+    return frame
+
+
 READERS = {
-    ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".json": lambda p: pd.read_json(p, lines=True),
+    ".csv": lambda p: pd.read_csv(p, keep_default_na=False, dtype=str),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False, dtype=str),
+    ".jsonl": read_jsonl,
+    ".json": read_jsonl,
     ".parquet": pd.read_parquet,
 }
 
@@ -26,8 +60,35 @@ def read_table(path: Path) -> pd.DataFrame:
         raise ColdFusionError(f"{path}: unsupported file type '{path.suffix}'; use one of {sorted(READERS)}")
     try:
         return reader(path)
+    except ColdFusionError:
+        raise
     except Exception as exc:  # pandas raises many types; the user needs the file name
         raise ColdFusionError(f"{path}: could not be read as {path.suffix[1:]}: {exc}") from exc
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def _check_rows(frame: pd.DataFrame, where: str, text_columns: list[str], label_column: str,
+                label_names: list[str] | None) -> None:
+    """The first bad row, named by its line (jsonl) or its row number after the header."""
+    lines = frame.attrs.get("lines")
+    at = lambda i: f"{where}, line {lines[i]}" if lines else f"{where}, row {i + 1}"  # noqa: E731
+    known = set(label_names) if label_names is not None else None
+    for i, label in enumerate(frame[label_column].tolist()):
+        if _missing(label):
+            raise ColdFusionError(f"{at(i)}: no label in column '{label_column}'")
+        if known is not None and str(label) not in known:
+            raise ColdFusionError(f"{at(i)}: label '{label}' is not in the label set {label_names}")
+    for column in text_columns:
+        for i, text in enumerate(frame[column].tolist()):
+            if _missing(text):
+                raise ColdFusionError(f"{at(i)}: the text in column '{column}' is empty; fill it in or drop the row")
+            if len(str(text)) > MAX_TEXT_CHARS:
+                raise ColdFusionError(
+                    f"{at(i)}: the text in column '{column}' has {len(str(text)):,} characters (at most "
+                    f"{MAX_TEXT_CHARS:,}); is a quote left open above it? Split long documents first")
 
 
 def frame_to_split(
@@ -44,6 +105,7 @@ def frame_to_split(
         )
     if len(frame) == 0:
         raise ColdFusionError(f"{where}: the dataset is empty")
+    _check_rows(frame, where, [c for c in (text_column, pair_column) if c], label_column, label_names)
     raw = [str(v) for v in frame[label_column].tolist()]
     try:
         labels, names = encode_labels(raw, label_names)
@@ -73,7 +135,8 @@ def load_file_task(
         label_names = natural_label_order(
             v for t in tables.values() if label_column in t.columns for v in t[label_column].tolist()
         )
-    splits = {s: frame_to_split(t, f"{name}/{s}", label_names=label_names, **cols)[0] for s, t in tables.items()}
+    paths = {"train": train, "validation": validation, "test": test}
+    splits = {s: frame_to_split(t, str(paths[s]), label_names=label_names, **cols)[0] for s, t in tables.items()}
     tr, va, te = complete_splits(name, splits["train"], splits.get("validation"), splits.get("test"))
     return Task(name, label_names, tr, va, te, source=str(train))
 
