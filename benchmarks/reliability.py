@@ -1,0 +1,328 @@
+"""Reliability figures: bad inputs refused, crashes survived, accuracy under poisoning.
+
+Three parts, each printing JSON lines (and appending them to results/reliability.jsonl):
+
+- `inputs`: a catalogue of bad inputs (task files, configs, contributions, uploads), each
+  tried through the library; every one must be refused with a ColdFusionError that names
+  the file or field, and none may crash with another exception or be accepted.
+- `faults`: `coldfusion run` killed with SIGKILL at every failpoint (coldfusion/faults.py),
+  then `coldfusion verify` and `coldfusion run --resume`; counts contributions lost (must
+  be 0) and checks the final base equals an uninterrupted run's. Tiny random encoder with
+  the MiniLM tokenizer, two real built-in tasks: seconds per kill.
+- `poisoning`: ColD Fusion with the bundled MiniLM on four real tasks, one contributor
+  poisoned every iteration, for each aggregator; the fused base's mean linear-probe
+  accuracy on the seen tasks against the clean run (about 3 minutes per run).
+
+    python benchmarks/reliability.py [--parts inputs faults poisoning]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+COLDFUSION = str(Path(sys.executable).with_name("coldfusion"))
+
+
+def emit(row: dict, out: Path) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(out, "a") as f:
+        f.write(line + "\n")
+
+
+# -- inputs ----------------------------------------------------------------------------
+
+def bad_inputs(root: Path) -> list[tuple[str, str, object, str]]:
+    """(kind, what, action, text the error must contain): each action must raise ColdFusionError."""
+    from coldfusion.config import load_config, parse_config
+    from coldfusion.repository import Repository
+    from coldfusion.tasks import load_task
+    from coldfusion.uploads import read_upload
+    from coldfusion.validation import ValidationSettings
+
+    def write(name: str, content: bytes | str) -> Path:
+        path = root / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def task_file(name: str, content: bytes | str, **spec):
+        path = write(name, content)
+        return lambda: load_task({"name": "t", "path": path, **spec})
+
+    def config_file(name: str, text: str):
+        path = root / name
+        path.write_text(text)
+        return lambda: load_config(path)
+
+    repo = Repository(root / "repo")
+    clean = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "ids": torch.arange(3)}
+    base = repo.add_version(clean, model_source="m")
+
+    def contribution(change):
+        def fuse():
+            body = {k: v.clone() for k, v in clean.items()}
+            body["w"] += 0.01
+            change(body)
+            honest = [repo.add_contribution({**clean, "w": clean["w"] + 0.01 * (i + 1)}, base_version=base.id,
+                                            contributor=f"h{i}", task="t", num_examples=1) for i in range(2)]
+            bad = repo.add_contribution(body, base_version=base.id, contributor="bad", task="t", num_examples=1)
+            v = repo.fuse(base.id, [c.id for c in honest] + [bad.id], validation=ValidationSettings(min_accepted=3))
+            return v  # reached only if the bad one was accepted
+        return fuse
+
+    def corrupt_file():
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.5}, base_version=base.id, contributor="c", task="t",
+                                  num_examples=1)
+        path = repo.path_of(c.sha256)
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 0x04
+        path.write_bytes(bytes(data))
+        return repo.fuse(base.id, [c.id])
+
+    def stale_refused():
+        newer = repo.add_version({**clean, "w": clean["w"] + 1}, model_source="m", parent=base.id)
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.1}, base_version=base.id, contributor="s", task="t",
+                                  num_examples=1)
+        return repo.fuse(newer.id, [c.id], validation=ValidationSettings(stale="reject"))
+
+    pickle = root / "body.bin"
+    torch.save(clean, pickle)
+    long_text = "text,label\nfine,a\n\"open,b\n" + "".join(f"row {i},a\n" for i in range(12_000)) + 'end",a\n'
+    return [
+        ("task file", "malformed csv (extra field)", task_file("a.csv", "text,label\nx,a\ny,b,c\n"), "a.csv"),
+        ("task file", "invalid JSON line", task_file("b.jsonl", '{"text": "x", "label": "a"}\n{oops\n'), "line 2"),
+        ("task file", "JSON line that is not an object", task_file("c.jsonl", '{"text": "x", "label": "a"}\n3\n'),
+         "line 2"),
+        ("task file", "empty dataset", task_file("d.csv", "text,label\n"), "empty"),
+        ("task file", "missing column", task_file("e.csv", "sentence,label\nx,a\n"), "no column"),
+        ("task file", "label not in the label set",
+         task_file("f.csv", "text,label\nx,a\ny,zz\n", label_names=["a", "b"]), "row 2"),
+        ("task file", "empty label", task_file("g.csv", "text,label\nx,a\ny,\n"), "row 2"),
+        ("task file", "empty text", task_file("h.csv", 'text,label\nx,a\n"",b\n'), "row 2"),
+        ("task file", "enormous text (unclosed quote)", task_file("i.csv", long_text), "is a quote left open"),
+        ("task file", "bytes that are not UTF-8", task_file("j.csv", b"text,label\n\xff\xfe,a\n"), "j.csv"),
+        ("task file", "random bytes as parquet", task_file("k.parquet", os.urandom(64)), "k.parquet"),
+        ("task file", "missing file", lambda: load_task({"name": "t", "path": root / "nope.csv"}), "does not exist"),
+        ("config", "not YAML", config_file("a.yaml", "tasks: [unclosed"), "not valid YAML"),
+        ("config", "a list, not a mapping", config_file("b.yaml", "- a\n- b\n"), "mapping"),
+        ("config", "unknown key", lambda: parse_config({"tasks": ["bbc_topic"], "loops": {}}, "c.yaml"), "'loops'"),
+        ("config", "wrong type", lambda: parse_config({"tasks": ["bbc_topic"], "seed": "zero"}, "d.yaml"), "'seed'"),
+        ("config", "out of range", lambda: parse_config({"tasks": ["bbc_topic"], "loop": {"iterations": 0}}, "e"),
+         "'loop.iterations'"),
+        ("config", "unknown fusion parameter",
+         config_file("f.yaml", "tasks: [bbc_topic]\nfusion: {method: ties, params: {densty: 0.5}}\n"), "densty"),
+        ("config", "no tasks", lambda: parse_config({}, "g.yaml"), "'tasks'"),
+        ("config", "attacker that is not a contributor",
+         lambda: parse_config({"tasks": ["bbc_topic"], "attack": {"contributors": ["x"]}}, "h"), "attack"),
+        ("contribution", "NaN value", contribution(lambda b: b["w"].__setitem__((0, 0), float("nan"))), "non-finite"),
+        ("contribution", "Inf value", contribution(lambda b: b["b"].__setitem__(1, float("inf"))), "non-finite"),
+        ("contribution", "wrong shape", contribution(lambda b: b.__setitem__("w", torch.zeros(3, 4))), "[3, 4]"),
+        ("contribution", "wrong dtype", contribution(lambda b: b.__setitem__("b", torch.zeros(3).half())), "float16"),
+        ("contribution", "missing tensor", contribution(lambda b: b.pop("b")), "missing"),
+        ("contribution", "unexpected tensor", contribution(lambda b: b.__setitem__("x", torch.zeros(1))), "unexpected"),
+        ("contribution", "changed integer buffer", contribution(lambda b: b.__setitem__("ids", torch.ones(3).long())),
+         "integer tensor"),
+        ("contribution", "update scaled 1000x", contribution(lambda b: b["w"].mul_(1000)), "median"),
+        ("contribution", "corrupt file bytes", corrupt_file, "checksum"),
+        ("contribution", "stale base, policy reject", stale_refused, "stale"),
+        ("upload", "pickle", lambda: read_upload(pickle, set(clean)), "pickle"),
+        ("upload", "not a checkpoint", lambda: read_upload(write("z.txt", "hello"), set(clean)),
+         "expected a .safetensors"),
+    ]
+
+
+def run_inputs(out: Path) -> None:
+    from coldfusion.errors import ColdFusionError
+
+    counts = {"tried": 0, "refused_clearly": 0, "accepted": 0, "crashed": 0}
+    with tempfile.TemporaryDirectory(prefix="coldfusion-reliability-") as tmp:
+        for kind, what, action, expected in bad_inputs(Path(tmp)):
+            counts["tried"] += 1
+            try:
+                action()
+                outcome, message = "accepted", ""
+            except ColdFusionError as exc:
+                message = str(exc)
+                outcome = "refused_clearly" if expected in message else "refused_unclear"
+            except Exception as exc:  # noqa: BLE001 (a crash is what this counts)
+                outcome, message = "crashed", f"{type(exc).__name__}: {exc}"
+            counts[outcome] = counts.get(outcome, 0) + 1
+            emit({"part": "inputs", "kind": kind, "input": what, "outcome": outcome, "message": message[:300]}, out)
+    emit({"part": "inputs", "summary": counts, "target_met": counts["refused_clearly"] == counts["tried"]}, out)
+
+
+# -- faults ----------------------------------------------------------------------------
+
+def tiny_model(root: Path) -> Path:
+    """A 2-layer hidden-32 BERT with the MiniLM's tokenizer (real vocabulary, random weights)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from coldfusion.encoder import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    return root / "tiny"
+
+
+def fault_config(model: Path, out: Path) -> dict:
+    return {"name": "faults", "model": str(model), "threads": 1, "max_length": 48,
+            "tasks": ["election_tweets", "bbc_topic"],
+            "loop": {"iterations": 2, "examples_per_contributor": 96, "validation_examples": 32},
+            "finetune": {"batch_size": 16},
+            "evaluation": {"train_examples": 96, "validation_examples": 32, "test_examples": 64},
+            "output_dir": str(out)}
+
+
+def final_body(run_dir: Path) -> dict:
+    from coldfusion.repository import Repository
+
+    state = json.loads((run_dir / "state.json").read_text())
+    return Repository(run_dir / "repository").load_version(state["version"])
+
+
+def cli(*args, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "COLDFUSION_KILL_AT"}
+    if kill_at:
+        env["COLDFUSION_KILL_AT"] = kill_at
+    return subprocess.run([COLDFUSION, *map(str, args)], env=env, capture_output=True, text=True, timeout=1800)
+
+
+KILLS = ["training.step:5", "training.step:14", "fusion.tensor:20", "fusion.tensor:60", "checkpoint.partial:4",
+         "checkpoint.partial:11", "checkpoint.unrenamed:7", "checkpoint.unrenamed:13", "repository.unindexed:3",
+         "repository.unindexed:6", "loop.unrecorded:1", "loop.unrecorded:2"]
+
+
+def run_faults(out: Path) -> None:
+    from coldfusion.repository import Repository
+
+    totals = {"faults_injected": 0, "killed": 0, "resumed": 0, "same_final_base": 0, "verify_ok": 0,
+              "contributions_lost": 0}
+    with tempfile.TemporaryDirectory(prefix="coldfusion-faults-") as tmp:
+        root = Path(tmp)
+        model = tiny_model(root)
+        reference_cfg = root / "reference.yaml"
+        reference_cfg.write_text(yaml.safe_dump(fault_config(model, root / "reference")))
+        done = cli("run", reference_cfg)
+        if done.returncode:
+            raise SystemExit(f"the reference run failed: {done.stderr[-2000:]}")
+        reference = final_body(root / "reference" / "faults")
+        for point in KILLS:
+            out_dir = root / point.replace(":", "-")
+            path = root / f"{point.replace(':', '-')}.yaml"
+            path.write_text(yaml.safe_dump(fault_config(model, out_dir)))
+            run_dir = out_dir / "faults"
+            started = time.perf_counter()
+            killed = cli("run", path, kill_at=point)
+            stored = {c.sha256 for c in Repository(run_dir / "repository").contributions()} \
+                if (run_dir / "repository" / "index.sqlite").exists() else set()
+            intact = cli("verify", run_dir / "repository").returncode == 0 if stored else True
+            resumed = cli("run", path, "--resume")
+            after = {c.sha256 for c in Repository(run_dir / "repository").contributions()}
+            body = final_body(run_dir) if resumed.returncode == 0 else {}
+            same = bool(body) and all(torch.equal(body[k], reference[k]) for k in reference)
+            lost = len(stored - after)
+            row = {"part": "faults", "kill_at": point, "killed": killed.returncode == -9,
+                   "verify_after_kill": intact, "resumed": resumed.returncode == 0, "same_final_base": same,
+                   "contributions_stored_before_kill": len(stored), "contributions_lost": lost,
+                   "seconds": round(time.perf_counter() - started, 1)}
+            emit(row, out)
+            totals["faults_injected"] += 1
+            totals["killed"] += row["killed"]
+            totals["resumed"] += row["resumed"]
+            totals["same_final_base"] += same
+            totals["verify_ok"] += intact
+            totals["contributions_lost"] += lost
+    n = totals["faults_injected"]
+    met = totals["contributions_lost"] == 0 and all(totals[k] == n for k in ("killed", "resumed", "same_final_base",
+                                                                              "verify_ok"))
+    emit({"part": "faults", "summary": totals, "target_met": met}, out)
+
+
+# -- poisoning -------------------------------------------------------------------------
+
+TASKS = ["tweet_sentiment", "movie_sentiment", "election_tweets", "reuters_r8"]
+ATTACKER = "election_tweets"
+OFF = {"outlier_factor": None}  # validation's norm rule off: the aggregator alone defends
+AGGREGATORS = {
+    "average": {"method": "average", "validation": OFF},
+    "average+validation": {"method": "average"},
+    "median": {"method": "median", "validation": OFF},
+    "trimmed_mean": {"method": "trimmed_mean", "params": {"trim": 0.25}, "validation": OFF},
+    "norm_clipping": {"method": "norm_clipping", "validation": OFF},
+}
+ATTACKS = {"sign_flip x20": {"kind": "sign_flip", "factor": 20}, "random x100": {"kind": "random", "factor": 100},
+           "random x1": {"kind": "random", "factor": 1}}
+
+
+def poisoning_run(name: str, fusion: dict, attack: dict | None, args, workdir: Path) -> dict:
+    config = {"name": name, "seed": 0, "threads": args.threads, "model": "default", "max_length": 64, "tasks": TASKS,
+              "loop": {"iterations": args.iterations, "examples_per_contributor": args.examples},
+              "evaluation": {"train_examples": 300, "validation_examples": 100, "test_examples": 400},
+              "fusion": fusion, "output_dir": str(workdir)}
+    if attack:
+        config["attack"] = {"contributors": [ATTACKER], **attack}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = time.perf_counter()
+    done = cli("run", path)
+    if done.returncode:
+        raise SystemExit(f"{name} failed: {done.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (workdir / name / "results.jsonl").read_text().splitlines()]
+    acc = lambda it: 100 * sum(r["accuracy"] for r in rows if r["kind"] == "probe" and r["iteration"] == it) \
+        / len(TASKS)  # noqa: E731
+    return {"accuracy": round(acc(args.iterations), 2), "pretrained_accuracy": round(acc(0), 2),
+            "rejected": [sorted(r["rejected"]) for r in rows if r["kind"] == "fusion"],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_poisoning(out: Path, args) -> None:
+    with tempfile.TemporaryDirectory(prefix="coldfusion-poisoning-") as tmp:
+        workdir = Path(tmp)
+        clean = poisoning_run("clean", {"method": "average"}, None, args, workdir)
+        emit({"part": "poisoning", "attack": None, "aggregator": "average", **clean}, out)
+        summary = {}
+        for attack_name, attack in ATTACKS.items():
+            for agg_name, fusion in AGGREGATORS.items():
+                name = f"{attack_name}-{agg_name}".replace(" ", "").replace("+", "-")
+                result = poisoning_run(name, fusion, attack, args, workdir)
+                gap = round(result["accuracy"] - clean["accuracy"], 2)
+                emit({"part": "poisoning", "attack": attack_name, "attacker": ATTACKER, "aggregator": agg_name,
+                      "points_vs_clean": gap, "within_1_point": abs(gap) <= 1.0, **result}, out)
+                summary.setdefault(attack_name, {})[agg_name] = gap
+        emit({"part": "poisoning", "summary_points_vs_clean": summary, "clean_accuracy": clean["accuracy"],
+              "pretrained_accuracy": clean["pretrained_accuracy"]}, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", default=["inputs", "faults", "poisoning"],
+                   choices=["inputs", "faults", "poisoning"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=2, help="poisoning: ColD Fusion iterations")
+    p.add_argument("--examples", type=int, default=320, help="poisoning: examples per contributor per iteration")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "reliability.jsonl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if "inputs" in args.parts:
+        run_inputs(args.out)
+    if "faults" in args.parts:
+        run_faults(args.out)
+    if "poisoning" in args.parts:
+        run_poisoning(args.out, args)
+
+
+if __name__ == "__main__":
+    main()
