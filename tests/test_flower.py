@@ -33,30 +33,34 @@ from coldfusion.repository import Repository  # noqa: E402
 
 
 def test_strategy_fuses_the_replies_with_our_operators_and_reports_failures(monkeypatch):
-    """aggregate_train = `weighted` over the bodies (by example counts); an error reply is a failure."""
+    """aggregate_train = `weighted` over the bodies (by example counts) that pass validation;
+    an error reply is a failure, a body with NaNs is refused."""
     from flwr.app import Error, Message
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as inside a ServerApp
         monkeypatch.setattr(TaskIdentity, attr, value)
     strategy = ColdFusionStrategy("weighted", min_contributors=2)
-    strategy.targets = [11, 12, 13]
+    strategy.targets = [11, 12, 13, 14]
     base = {"w": torch.zeros(3), "ids": torch.arange(3)}
     sent = list(strategy.configure_train(4, to_record(base), settings_record(parse_config({"tasks": ["x"]})), None))
-    assert [m.metadata.dst_node_id for m in sent] == [11, 12, 13]
+    assert [m.metadata.dst_node_id for m in sent] == [11, 12, 13, 14]
     assert read_settings(sent[0].content.config_records["config"])[1] == 4  # the round travels as server-round
     bodies = [{"w": torch.tensor([1.0, -2.0, 4.0]), "ids": torch.arange(3)},
               {"w": torch.tensor([4.0, 1.0, -2.0]), "ids": torch.arange(3)}]
     replies = [Message(contribution_content(ContributionResult(f"c{i}", f"c{i}", body, 10 * (i + 1))), reply_to=m)
                for i, (m, body) in enumerate(zip(sent, bodies, strict=False))]
     replies.append(Message(Error(code=5, reason="node went away"), reply_to=sent[2]))
+    broken = {"w": torch.tensor([1.0, float("nan"), 0.0]), "ids": torch.arange(3)}
+    replies.append(Message(contribution_content(ContributionResult("c3", "c3", broken, 99)), reply_to=sent[3]))
     results, failures = strategy.contributions(replies)
-    assert sorted(results) == [11, 12] and failures == {13: "node went away"}
+    assert sorted(results) == [11, 12, 14] and failures == {13: "node went away"}
     arrays, metrics = strategy.aggregate_train(4, replies)
     fused = from_record(arrays)
-    assert torch.allclose(fused["w"], torch.tensor([3.0, 0.0, 0.0]))  # (10 a + 20 b) / 30
-    assert torch.equal(fused["ids"], torch.arange(3)) and metrics["contributors"] == 2
-    strategy.min_contributors = 3
+    assert torch.allclose(fused["w"], torch.tensor([3.0, 0.0, 0.0]))  # (10 a + 20 b) / 30; c3 refused
+    assert torch.equal(fused["ids"], torch.arange(3))
+    assert metrics["contributors"] == 2 and metrics["refused"] == 1 and metrics["num-examples"] == 30
+    strategy.min_contributors = 4
     assert strategy.aggregate_train(4, replies) == (None, None)
 
 

@@ -148,12 +148,14 @@ def versions(repository: Path = typer.Argument(..., help="repository directory")
     except ColdFusionError as exc:
         _fail(exc)
     table = Table(title=f"versions in {repository}")
-    for col in ("id", "parent", "iteration", "method", "contributions", "sha256", "mean probe acc"):
+    for col in ("id", "parent", "iteration", "method", "contributions", "refused", "sha256", "mean probe acc"):
         table.add_column(col)
     for v in repo.versions():
         accs = [m["values"]["accuracy"] for m in repo.metrics(v.id) if m["protocol"] == "linear_probe"]
-        table.add_row(str(v.id), str(v.parent or "-"), str(v.iteration), (v.fusion or {}).get("method", "pretrained"),
-                      ",".join(map(str, (v.fusion or {}).get("contributions", []))) or "-", v.sha256[:12],
+        fusion = v.fusion or {}
+        table.add_row(str(v.id), str(v.parent or "-"), str(v.iteration), fusion.get("method", "pretrained"),
+                      ",".join(map(str, fusion.get("contributions", []))) or "-",
+                      ",".join(fusion.get("rejected", {})) or "-", v.sha256[:12],
                       f"{100 * sum(accs) / len(accs):.1f}" if accs else "-")
     console.print(table)
 

@@ -3,9 +3,10 @@
 Sampling, messages and error handling are FedAvg's. Aggregation fuses the contributors'
 bodies with any of our operators (`method`, `params`; the task-vector ones relative to
 the base that was sent, the statistics ones with the Fisher / Gram records the
-ClientApps attach). Only bodies are fused: heads never leave the nodes. The loop's
-FlowerEngine uses its pieces and lets the repository fuse (so that contributions are
-stored with their lineage); `strategy.start(...)` works too, for users of plain Flower.
+ClientApps attach), after the same validation as the repository's (`validation`). Only
+bodies are fused: heads never leave the nodes. The loop's FlowerEngine uses its pieces
+and lets the repository fuse (so that contributions are stored with their lineage);
+`strategy.start(...)` works too, for users of plain Flower.
 """
 
 import tempfile
@@ -18,17 +19,20 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from coldfusion.checkpoint import save_tensors
 from coldfusion.collab.contributor import ContributionResult
 from coldfusion.collab.flower.messages import from_record, read_contribution, to_record
-from coldfusion.fusion import fuse_files, get_operator
+from coldfusion.fusion import get_operator
+from coldfusion.repository import Repository
+from coldfusion.validation import ValidationSettings
 
 
 class ColdFusionStrategy(FedAvg):
-    def __init__(self, method: str = "average", params: dict | None = None, min_contributors: int = 1, **fedavg):
+    def __init__(self, method: str = "average", params: dict | None = None, min_contributors: int = 1,
+                 validation: ValidationSettings | None = None, **fedavg):
         super().__init__(min_train_nodes=min_contributors, min_available_nodes=min_contributors,
                          fraction_evaluate=0.0, **fedavg)  # evaluation is the repository's linear probes
         self.operator, self.params = get_operator(method), get_operator(method).check_params(params or {})
+        self.validation = validation
         self.min_contributors = min_contributors
         self.targets: list[int] | None = None  # nodes to train this round (default: FedAvg's sample)
         self._base: ArrayRecord | None = None
@@ -62,22 +66,24 @@ class ColdFusionStrategy(FedAvg):
                 server_round, len(results), self.min_contributors)
             return None, None
         ordered = [results[n] for n in sorted(results)]
-        fused = self.fuse(ordered, from_record(self._base) if self._base is not None else None)
-        log(INFO, "round %d: fused %d bodies with '%s'", server_round, len(ordered), self.operator.name)
-        return to_record(fused), MetricRecord({"contributors": len(ordered),
-                                               "num-examples": sum(r.num_examples for r in ordered)})
+        fused, refused = self.fuse(ordered, from_record(self._base))
+        for name, why in refused.items():
+            log(WARNING, "round %d: refused the contribution of %s: %s", server_round, name, why)
+        log(INFO, "round %d: fused %d bodies with '%s'", server_round, len(ordered) - len(refused), self.operator.name)
+        return to_record(fused), MetricRecord({"contributors": len(ordered) - len(refused), "refused": len(refused),
+                                               "num-examples": sum(r.num_examples for r in ordered
+                                                                   if r.contributor not in refused)})
 
-    def fuse(self, results: list[ContributionResult], base: dict | None) -> dict:
-        """Fuse the contributed bodies in memory (streamed through temporary safetensors files)."""
-        op = self.operator
+    def fuse(self, results: list[ContributionResult], base: dict) -> tuple[dict, dict[str, str]]:
+        """The fused body and the refused contributions (contributor -> reason), through a
+        throwaway repository: the same validation and fusion as the loop's."""
         with tempfile.TemporaryDirectory(prefix="coldfusion-fuse-") as tmp:
-            def saved(name: str, tensors: dict) -> Path:
-                save_tensors(Path(tmp) / f"{name}.safetensors", tensors)
-                return Path(tmp) / f"{name}.safetensors"
-
-            bodies = [saved(f"body{i}", r.body) for i, r in enumerate(results)]
-            stats = [saved(f"stats{i}", r.stats[op.needs_stats]) for i, r in enumerate(results)] \
-                if op.needs_stats else None
-            weights = [r.num_examples for r in results] if op.weighting == "examples" else None
-            return fuse_files(bodies, op.name, weights, base=saved("base", base) if op.needs_base else None,
-                              stats=stats, **self.params)
+            repo = Repository(Path(tmp))
+            v = repo.add_version(base, model_source="flower")
+            ids = {repo.add_contribution(r.body, base_version=v.id, contributor=r.contributor, task=r.task,
+                                         num_examples=r.num_examples, stats=r.stats).id: r.contributor
+                   for r in results}
+            fused = repo.fuse(v.id, list(ids), method=self.operator.name, params=self.params,
+                              validation=self.validation)
+            refused = {ids[int(c)]: why for c, why in fused.fusion.get("rejected", {}).items()}
+            return repo.load_version(fused.id), refused
