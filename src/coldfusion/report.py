@@ -81,9 +81,18 @@ def summary_markdown(rows: list[dict], title: str) -> str:
         "Intervals are paired bootstraps over the test examples (same examples for both bases); "
         "they do not include the variance over training seeds, which a single run cannot measure.",
         "",
+        *_left_out(fusion),
         "![accuracy per iteration](plots/accuracy.png)",
         "",
     ])
+
+
+def _left_out(fusion_rows: list[dict]) -> list[str]:
+    """Contributions refused by validation, and contributors that sent nothing, per iteration."""
+    lines = [f"- iteration {r['iteration']}: {name} {verb}: {why}"
+             for r in fusion_rows for key, verb in (("rejected", "refused"), ("missing", "sent nothing"))
+             for name, why in (r.get(key) or {}).items()]
+    return ["**Left out of fusion:**", "", *lines, ""] if lines else []
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:
