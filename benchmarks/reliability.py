@@ -262,7 +262,11 @@ AGGREGATORS = {
     "trimmed_mean": {"method": "trimmed_mean", "params": {"trim": 0.25}, "validation": OFF},
     "norm_clipping": {"method": "norm_clipping", "validation": OFF},
 }
-ATTACKS = {"sign_flip x20": {"kind": "sign_flip", "factor": 20}, "random x100": {"kind": "random", "factor": 100},
+# An honest update of the MiniLM here has a norm of about 0.5, its weights about 280: a
+# poisoned update must be hundreds of times larger to move the average far (x20 and x100
+# moved it by less than a point in a first run), or be shaped like an honest one.
+ATTACKS = {"sign_flip x1000": {"kind": "sign_flip", "factor": 1000},
+           "random x1000": {"kind": "random", "factor": 1000},
            "random x1": {"kind": "random", "factor": 1}}
 
 
@@ -311,7 +315,7 @@ def main() -> None:
                    choices=["inputs", "faults", "poisoning"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iterations", type=int, default=2, help="poisoning: ColD Fusion iterations")
-    p.add_argument("--examples", type=int, default=320, help="poisoning: examples per contributor per iteration")
+    p.add_argument("--examples", type=int, default=160, help="poisoning: examples per contributor per iteration")
     p.add_argument("--out", type=Path, default=HERE / "results" / "reliability.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

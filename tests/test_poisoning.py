@@ -84,3 +84,30 @@ def test_attackers_must_be_contributors(tiny_model_dir, four_tasks):
     with pytest.raises(ColdFusionError, match=r"attack.contributors \['nobody'\] are not among the tasks"):
         parse_config({"model": str(tiny_model_dir), "tasks": [{"name": "t", "path": str(four_tasks["topic"])}],
                       "attack": {"contributors": ["nobody"]}})
+
+
+@pytest.mark.slow
+def test_real_tasks_one_poisoned_contributor(tmp_path):
+    """The bundled MiniLM on three real tasks, one contributor sending large random noise
+    (an honest update's norm is about 0.5, the weights' about 280, so x1000): the plain
+    average collapses; validation and the median stay within a point of clean."""
+    def run(name, fusion, attack=None):
+        config = parse_config({
+            "name": name, "model": "default", "max_length": 48,
+            "tasks": ["election_tweets", "tweet_sentiment", "movie_sentiment"],
+            "loop": {"iterations": 1, "examples_per_contributor": 96, "validation_examples": 32},
+            "finetune": {"batch_size": 16},
+            "evaluation": {"train_examples": 150, "validation_examples": 100, "test_examples": 200},
+            "fusion": fusion, "attack": attack, "output_dir": str(tmp_path),
+        })
+        rows = [json.loads(line) for line in (run_cold_fusion(config) / "results.jsonl").read_text().splitlines()]
+        return 100 * sum(r["accuracy"] for r in rows if r["kind"] == "probe" and r["iteration"] == 1) / 3
+
+    attack = {"contributors": ["tweet_sentiment"], "kind": "random", "factor": 1000}
+    off = {"validation": {"outlier_factor": None}}
+    clean = run("clean", {"method": "average"})
+    collapsed = run("average", {"method": "average", **off}, attack)
+    validated = run("validated", {"method": "average"}, attack)
+    median = run("median", {"method": "median", **off}, attack)
+    assert collapsed < clean - 10, (clean, collapsed)
+    assert abs(validated - clean) <= 1.0 and abs(median - clean) <= 1.0, (clean, validated, median)

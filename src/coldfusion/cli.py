@@ -191,12 +191,14 @@ def contribute(
 ) -> None:
     """Add a contribution finetuned outside a run; `coldfusion fuse` validates and fuses it."""
     from coldfusion.repository import Repository
+    from coldfusion.tensorfile import SafetensorsReader
     from coldfusion.uploads import read_upload
 
     try:
         repo = Repository(repository, create=False)
         version = repo.version(base)
-        body = read_upload(upload, set(repo.load(version.sha256)), allow_pickle)
+        with SafetensorsReader([repo.path_of(version.sha256)]) as reader:  # the names only
+            body = read_upload(upload, reader.keys(), allow_pickle)
         c = repo.add_contribution(body, base_version=version.id, contributor=contributor, task=task,
                                   num_examples=examples)
     except ColdFusionError as exc:

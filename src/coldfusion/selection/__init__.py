@@ -1,0 +1,1 @@
+"""Choosing what to start from: rank candidate bases and intermediate tasks cheaply."""

@@ -1,0 +1,57 @@
+"""LogME (You et al. 2021): how well frozen features suit a labelled task, without training.
+
+For each class, a Bayesian linear model y = F m + noise with prior m ~ N(0, I / alpha) and
+noise precision beta; its log marginal evidence p(y | F, alpha, beta), maximised over
+alpha and beta by the fixed-point updates of METHODS.md section 4, per example, averaged
+over the classes (one-hot targets). Higher is better.
+
+One SVD of F (N x D) serves every class and every iteration: with F = U diag(sigma) W^T
+and s = sigma^2, each update is a few sums over the r = rank(F) singular directions, so
+10,000 x 384 features cost one SVD (a fraction of a second) plus microseconds per class.
+"""
+
+import math
+
+import numpy as np
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: float = 0.01) -> float:
+    """The mean over classes of the per-example log evidence; `labels` are class ids 0..K-1."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if f.ndim != 2 or y.shape != (f.shape[0],):
+        raise ValueError(f"features must be (N, D) and labels (N,); got {f.shape} and {y.shape}")
+    classes = np.unique(y)
+    if classes.size < 2:
+        raise ValueError("LogME needs labels of at least two classes")
+    u, sigma, _ = np.linalg.svd(f, full_matrices=False)
+    keep = sigma > sigma.max() * max(f.shape) * np.finfo(np.float64).eps  # the rank: drop numerical zeros
+    u, s = u[:, keep], sigma[keep] ** 2
+    onehot = (y[:, None] == classes[None, :]).astype(np.float64)
+    return float(np.mean([_evidence(u.T @ onehot[:, k], float(onehot[:, k] @ onehot[:, k]), s, *f.shape,
+                                    max_iter, tol)[0] for k in range(classes.size)]))
+
+
+def _evidence(proj: np.ndarray, y_sq: float, s: np.ndarray, n: int, d: int, max_iter: int,
+              tol: float) -> tuple[float, float, float]:
+    """(per-example log evidence, alpha, beta) for one target whose projections on the left
+    singular vectors are `proj` (u_i = U^T y) and whose squared norm is `y_sq`."""
+    alpha, beta = 1.0, 1.0
+    outside = max(y_sq - float(proj @ proj), 0.0)  # the part of y no feature direction can fit
+    for _ in range(max_iter):
+        shrink = alpha / (beta * s + alpha)  # per direction: 1 - beta s / (beta s + alpha)
+        gamma = float(np.sum(1.0 - shrink))
+        m_sq = float(np.sum((beta * np.sqrt(s) * proj / (beta * s + alpha)) ** 2))
+        residual = outside + float(np.sum((shrink * proj) ** 2))
+        ratio = alpha / beta
+        alpha = gamma / max(m_sq, 1e-300)
+        beta = (n - gamma) / max(residual, 1e-300)
+        if abs(alpha / beta - ratio) / ratio < tol:
+            break
+    shrink = alpha / (beta * s + alpha)
+    m_sq = float(np.sum((beta * np.sqrt(s) * proj / (beta * s + alpha)) ** 2))
+    residual = outside + float(np.sum((shrink * proj) ** 2))
+    log_det = float(np.sum(np.log(alpha + beta * s))) + (d - s.size) * math.log(alpha)  # zero directions: alpha
+    evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - log_det / 2 - beta / 2 * residual
+                - alpha / 2 * m_sq - n / 2 * math.log(2 * math.pi))
+    return evidence / n, alpha, beta
