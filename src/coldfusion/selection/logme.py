@@ -14,6 +14,9 @@ import math
 
 import numpy as np
 
+BOUNDS = (1e-10, 1e10)  # of alpha and beta
+TINY = 1e-300
+
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: float = 0.01) -> float:
     """The mean over classes of the per-example log evidence; `labels` are class ids 0..K-1."""
@@ -44,8 +47,10 @@ def _evidence(proj: np.ndarray, y_sq: float, s: np.ndarray, n: int, d: int, max_
         m_sq = float(np.sum((beta * np.sqrt(s) * proj / (beta * s + alpha)) ** 2))
         residual = outside + float(np.sum((shrink * proj) ** 2))
         ratio = alpha / beta
-        alpha = gamma / max(m_sq, 1e-300)
-        beta = (n - gamma) / max(residual, 1e-300)
+        # Bounded: when the features fit the target exactly (N <= rank), beta grows without
+        # limit and the evidence tends to a finite value; the bound stops there.
+        alpha = min(max(gamma / max(m_sq, TINY), BOUNDS[0]), BOUNDS[1])
+        beta = min(max((n - gamma) / max(residual, TINY), BOUNDS[0]), BOUNDS[1])
         if abs(alpha / beta - ratio) / ratio < tol:
             break
     shrink = alpha / (beta * s + alpha)
