@@ -23,6 +23,16 @@ def _fail(exc: ColdFusionError) -> None:
     raise typer.Exit(code=2)
 
 
+def _repository(path: Path):
+    """The repository at `path`; a path that holds none is an error, not a new repository."""
+    from coldfusion.repository import Repository
+
+    try:
+        return Repository(path, create=False)
+    except ColdFusionError as exc:
+        _fail(exc)
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="run config (YAML); see configs/quickstart.yaml"),
@@ -141,12 +151,7 @@ def tasks() -> None:
 @app.command()
 def versions(repository: Path = typer.Argument(..., help="repository directory")) -> None:
     """List the base versions of a repository with their lineage and probe accuracy."""
-    from coldfusion.repository import Repository
-
-    try:
-        repo = Repository(repository, create=False)
-    except ColdFusionError as exc:
-        _fail(exc)
+    repo = _repository(repository)
     table = Table(title=f"versions in {repository}")
     for col in ("id", "parent", "iteration", "method", "contributions", "refused", "sha256", "mean probe acc"):
         table.add_column(col)
@@ -168,10 +173,9 @@ def export(
 ) -> None:
     """Export a base version as a Hugging Face model directory."""
     from coldfusion.encoder import export_pretrained
-    from coldfusion.repository import Repository
 
+    repo = _repository(repository)
     try:
-        repo = Repository(repository, create=False)
         v = repo.version(version)
         export_pretrained(v.model_source, repo.load(v.sha256), out_dir)
     except ColdFusionError as exc:
@@ -190,12 +194,11 @@ def contribute(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="UNSAFE: accept a pickle (.bin/.pt)"),
 ) -> None:
     """Add a contribution finetuned outside a run; `coldfusion fuse` validates and fuses it."""
-    from coldfusion.repository import Repository
     from coldfusion.tensorfile import SafetensorsReader
     from coldfusion.uploads import read_upload
 
+    repo = _repository(repository)
     try:
-        repo = Repository(repository, create=False)
         version = repo.version(base)
         with SafetensorsReader([repo.path_of(version.sha256)]) as reader:  # the names only
             body = read_upload(upload, reader.keys(), allow_pickle)
@@ -223,11 +226,10 @@ def fuse(
     """Validate contributions and fuse those that pass into a new version (refusals are recorded)."""
     import yaml
 
-    from coldfusion.repository import Repository
     from coldfusion.validation import ValidationSettings
 
+    repo = _repository(repository)
     try:
-        repo = Repository(repository, create=False)
         onto = repo.version(base) if base else repo.versions()[-1]
         if contributions:
             ids = [int(x) for x in contributions.split(",")]
@@ -263,12 +265,7 @@ def verify(
                                                       "(only while nothing else writes to the repository)"),
 ) -> None:
     """Check a repository: its index, and every stored file against its checksum."""
-    from coldfusion.repository import Repository
-
-    try:
-        report = Repository(repository, create=False).verify(clean=clean)
-    except ColdFusionError as exc:
-        _fail(exc)
+    report = _repository(repository).verify(clean=clean)
     for problem in report.problems:
         Console(stderr=True).print(f"[bold red]damaged:[/] {problem}", highlight=False)
     left = len(report.temporary) + len(report.unreferenced)

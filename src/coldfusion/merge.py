@@ -72,6 +72,16 @@ def _local_dir(model: str) -> Path:
                               "without network access give the path of a saved model") from exc
 
 
+def pickle_to_safetensors(pickle: Path, scratch: Path) -> Path:
+    """A trusted pickled state dict, loaded with `weights_only` and saved as safetensors in `scratch`."""
+    loaded = torch.load(pickle, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ColdFusionError(f"{pickle}: expected a dict of tensors (a state dict)")
+    converted = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
+    save_tensors(converted, loaded)
+    return converted
+
+
 def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:
     """The safetensors files of a checkpoint (sharded or not); a pickle only when allowed."""
     files = safetensors_files(model_dir)
@@ -82,9 +92,7 @@ def weight_files(model_dir: Path, allow_pickle: bool, scratch: Path) -> list[Pat
         if not allow_pickle:
             raise ColdFusionError(f"{model_dir} has only pytorch_model.bin, a pickle that can run code when loaded; "
                                   "convert it to safetensors, or set `allow_pickle: true` if you trust its source")
-        converted = scratch / f"{len(list(scratch.iterdir()))}.safetensors"
-        save_tensors(converted, torch.load(pickle, map_location="cpu", weights_only=True))
-        return [converted]
+        return [pickle_to_safetensors(pickle, scratch)]
     raise ColdFusionError(f"{model_dir} has no model.safetensors (nor shards): is it a model directory?")
 
 

@@ -247,12 +247,14 @@ class Repository:
         rejected, norms = self._validate(base, contribs, validation)
         accepted = [c for c in contribs if c.id not in rejected]
         if len(accepted) < validation.min_accepted:
-            self._record_rejections(rejected)
+            with self._db() as db:
+                self._mark_rejected(db, rejected)
             reasons = "; ".join(f"contribution {cid}: {why}" for cid, why in rejected.items())
             raise ColdFusionError(f"only {len(accepted)} of {len(contribs)} contributions passed validation, "
                                   f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
-        rebased = {c.id: {"from_version": c.base_version, "sha256": self._rebase(c, base)}
-                   for c in accepted if c.base_version != base.id}
+        stale = [c for c in accepted if c.base_version != base.id]
+        current = self.load(base.sha256) if stale else None  # once, for every stale contribution
+        rebased = {c.id: {"from_version": c.base_version, "sha256": self._rebase(c, current)} for c in stale}
         weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
         stats = None
         if op.needs_stats:
@@ -274,8 +276,7 @@ class Repository:
             version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration)
             db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
                            [(version.id, c.id) for c in accepted])
-            db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?",
-                           [(why, cid) for cid, why in rejected.items()])
+            self._mark_rejected(db, rejected)
         return version
 
     def _validate(self, base: Version, contribs: list[Contribution],
@@ -305,20 +306,18 @@ class Repository:
             rejected[cid] = why
         return rejected, norms
 
-    def _rebase(self, contribution: Contribution, base: Version) -> str:
-        """Store `base + (body - the base it was trained from)`, the stale contribution's
+    def _rebase(self, contribution: Contribution, current: Tensors) -> str:
+        """Store `current + (body - the base it was trained from)`, the stale contribution's
         update carried onto the current base; return its checksum."""
         body, own_base = self.load(contribution.sha256), self.load_version(contribution.base_version)
-        current = self.load(base.sha256)
         moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
                  for k, v in body.items()}
         with self._db() as db:
             return self._store(db, moved)
 
-    def _record_rejections(self, rejected: dict[int, str]) -> None:
-        with self._db() as db:
-            db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?",
-                           [(why, cid) for cid, why in rejected.items()])
+    @staticmethod
+    def _mark_rejected(db, rejected: dict[int, str]) -> None:
+        db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?", [(why, c) for c, why in rejected.items()])
 
     # -- integrity -----------------------------------------------------------------
     def verify(self, clean: bool = False) -> IntegrityReport:

@@ -11,11 +11,9 @@ upload is stored, refused with its reason, and stays on record.
 import tempfile
 from pathlib import Path
 
-import torch
-
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
-from coldfusion.merge import open_body, weight_files
+from coldfusion.merge import open_body, pickle_to_safetensors, weight_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -25,22 +23,16 @@ def read_upload(path: Path, body_keys: set[str], allow_pickle: bool = False) -> 
     path = Path(path)
     if not path.exists():
         raise ColdFusionError(f"{path}: no such file or directory")
-    if path.is_dir():
-        with tempfile.TemporaryDirectory() as scratch:
-            return _body(weight_files(path, allow_pickle, Path(scratch)), body_keys, path)
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ColdFusionError(f"{path} is a pickle, which can run code when loaded; send safetensors "
-                                  "(safetensors.torch.save_file), or pass --allow-pickle if you trust its source")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise ColdFusionError(f"{path}: expected a dict of tensors (a state dict)")
-        return loaded
-    if path.suffix != ".safetensors":
+    if not path.is_dir() and path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise ColdFusionError(f"{path}: expected a .safetensors file or a model directory")
-    return _body([path], body_keys, path)
-
-
-def _body(files: list[Path], body_keys: set[str], path: Path) -> Tensors:
-    with open_body(files, body_keys, str(path)) as reader:
-        return {k: reader.get_tensor(k) for k in sorted(reader.keys())}
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ColdFusionError(f"{path} is a pickle, which can run code when loaded; send safetensors "
+                              "(safetensors.torch.save_file), or pass --allow-pickle if you trust its source")
+    with tempfile.TemporaryDirectory() as scratch:
+        if path.is_dir():
+            files = weight_files(path, allow_pickle, Path(scratch))
+        else:
+            files = [pickle_to_safetensors(path, Path(scratch)) if path.suffix in PICKLE_SUFFIXES else path]
+        # a classifier's body is read from under its prefix, whatever form it came in
+        with open_body(files, body_keys, str(path)) as reader:
+            return {k: reader.get_tensor(k) for k in sorted(reader.keys())}

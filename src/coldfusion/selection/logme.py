@@ -39,13 +39,17 @@ def _evidence(proj: np.ndarray, y_sq: float, s: np.ndarray, n: int, d: int, max_
               tol: float) -> tuple[float, float, float]:
     """(per-example log evidence, alpha, beta) for one target whose projections on the left
     singular vectors are `proj` (u_i = U^T y) and whose squared norm is `y_sq`."""
-    alpha, beta = 1.0, 1.0
     outside = max(y_sq - float(proj @ proj), 0.0)  # the part of y no feature direction can fit
-    for _ in range(max_iter):
+
+    def fit(alpha: float, beta: float) -> tuple[float, float, float]:
+        """gamma, |m|^2 and |y - F m|^2 of the posterior mean m at (alpha, beta)."""
         shrink = alpha / (beta * s + alpha)  # per direction: 1 - beta s / (beta s + alpha)
-        gamma = float(np.sum(1.0 - shrink))
         m_sq = float(np.sum((beta * np.sqrt(s) * proj / (beta * s + alpha)) ** 2))
-        residual = outside + float(np.sum((shrink * proj) ** 2))
+        return float(np.sum(1.0 - shrink)), m_sq, outside + float(np.sum((shrink * proj) ** 2))
+
+    alpha, beta = 1.0, 1.0
+    for _ in range(max_iter):
+        gamma, m_sq, residual = fit(alpha, beta)
         ratio = alpha / beta
         # Bounded: when the features fit the target exactly (N <= rank), beta grows without
         # limit and the evidence tends to a finite value; the bound stops there.
@@ -53,9 +57,7 @@ def _evidence(proj: np.ndarray, y_sq: float, s: np.ndarray, n: int, d: int, max_
         beta = min(max((n - gamma) / max(residual, TINY), BOUNDS[0]), BOUNDS[1])
         if abs(alpha / beta - ratio) / ratio < tol:
             break
-    shrink = alpha / (beta * s + alpha)
-    m_sq = float(np.sum((beta * np.sqrt(s) * proj / (beta * s + alpha)) ** 2))
-    residual = outside + float(np.sum((shrink * proj) ** 2))
+    _, m_sq, residual = fit(alpha, beta)
     log_det = float(np.sum(np.log(alpha + beta * s))) + (d - s.size) * math.log(alpha)  # zero directions: alpha
     evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - log_det / 2 - beta / 2 * residual
                 - alpha / 2 * m_sq - n / 2 * math.log(2 * math.pi))

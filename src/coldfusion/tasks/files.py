@@ -106,12 +106,8 @@ def frame_to_split(
     if len(frame) == 0:
         raise ColdFusionError(f"{where}: the dataset is empty")
     _check_rows(frame, where, [c for c in (text_column, pair_column) if c], label_column, label_names)
-    raw = [str(v) for v in frame[label_column].tolist()]
-    try:
-        labels, names = encode_labels(raw, label_names)
-    except ValueError as exc:
-        raise ColdFusionError(f"{where}: {exc}") from None
-    texts = ["" if v is None else str(v) for v in frame[text_column].tolist()]
+    labels, names = encode_labels([str(v) for v in frame[label_column].tolist()], label_names)  # rows checked
+    texts = [str(v) for v in frame[text_column].tolist()]
     pairs = None if pair_column is None else [str(v) for v in frame[pair_column].tolist()]
     return Split(texts, labels, pairs), names
 
@@ -130,12 +126,12 @@ def load_file_task(
         return Task(name, names, tr, va, te, source=str(path))
     if train is None:
         raise ColdFusionError(f"task '{name}': give either `path` or `train` (+ `validation`, `test`)")
-    tables = {s: read_table(p) for s, p in (("train", train), ("validation", validation), ("test", test)) if p}
+    paths = {s: p for s, p in (("train", train), ("validation", validation), ("test", test)) if p}
+    tables = {s: read_table(p) for s, p in paths.items()}
     if label_names is None:  # one label set for all splits
         label_names = natural_label_order(
             v for t in tables.values() if label_column in t.columns for v in t[label_column].tolist()
         )
-    paths = {"train": train, "validation": validation, "test": test}
     splits = {s: frame_to_split(t, str(paths[s]), label_names=label_names, **cols)[0] for s, t in tables.items()}
     tr, va, te = complete_splits(name, splits["train"], splits.get("validation"), splits.get("test"))
     return Task(name, label_names, tr, va, te, source=str(train))
