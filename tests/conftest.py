@@ -1,11 +1,14 @@
 """Shared fixtures: a tiny random BERT (built from a BertConfig, no download) and toy tasks."""
 
+import os
 import random
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # the machine is shared; tests must not fight over cores
+os.environ["COLDFUSION_CACHE"] = tempfile.mkdtemp(prefix="coldfusion-cache-")  # never the user's cache
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "ugly"]

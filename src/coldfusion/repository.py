@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS contributions (
 CREATE TABLE IF NOT EXISTS metrics (
     version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
     values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS computed (
+    key TEXT PRIMARY KEY,     -- digest of what was computed, from what, with which settings
+    kind TEXT NOT NULL,       -- e.g. 'intertrained', 'finetune_score', 'features'
+    sha256 TEXT REFERENCES checkpoints(sha256),  -- the tensors it produced, if any
+    value TEXT NOT NULL,      -- JSON: what it measured, and what it cost
+    created TEXT NOT NULL);
 """
 
 
@@ -79,6 +85,16 @@ class Contribution:
     fused_into: int | None
     created: str
     rejected: str | None = None  # why validation refused it
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A cached result of an expensive, deterministic computation (see `Repository.remember`)."""
+
+    key: str
+    kind: str
+    sha256: str | None
+    value: dict
 
 
 @dataclass(frozen=True)
@@ -331,7 +347,8 @@ class Repository:
             problems += [f"index: {table} row {rowid} names a missing {parent} row"
                          for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
             known = {r["sha256"]: r["num_bytes"] for r in db.execute("SELECT sha256, num_bytes FROM checkpoints")}
-            named = {r[0] for r in db.execute("SELECT sha256 FROM versions UNION SELECT sha256 FROM contributions")}
+            named = {r[0] for r in db.execute("SELECT sha256 FROM versions UNION SELECT sha256 FROM contributions"
+                                              " UNION SELECT sha256 FROM computed WHERE sha256 IS NOT NULL")}
             for r in db.execute("SELECT stats FROM contributions"):
                 named |= set(json.loads(r[0]).values())
             for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
@@ -360,6 +377,23 @@ class Repository:
         with self._db() as db:
             rows = db.execute("SELECT * FROM metrics WHERE version = ? ORDER BY rowid", (version,)).fetchall()
         return [{**dict(r), "values": json.loads(r["values_json"])} for r in rows]
+
+    # -- cached computations -------------------------------------------------------
+    def remember(self, key: str, kind: str, value: dict, tensors: Tensors | None = None) -> Computed:
+        """Keep the result of a computation under `key` (a digest of everything it depended
+        on), with the tensors it produced, if any; a key already kept is left as it was."""
+        with self._db() as db:
+            sha = None if tensors is None else self._store(db, tensors)
+            db.execute("INSERT OR IGNORE INTO computed VALUES (?, ?, ?, ?, ?)",
+                       (key, kind, sha, json.dumps(value), _now()))
+            row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
+        return Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
+
+    def recall(self, key: str) -> Computed | None:
+        """What `remember` kept under `key`, or None."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
 
     def lineage(self, ref: int | str) -> list[Version]:
         """The version and its ancestors, newest first."""

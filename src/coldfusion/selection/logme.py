@@ -5,9 +5,12 @@ noise precision beta; its log marginal evidence p(y | F, alpha, beta), maximised
 alpha and beta by the fixed-point updates of METHODS.md section 4, per example, averaged
 over the classes (one-hot targets). Higher is better.
 
-One SVD of F (N x D) serves every class and every iteration: with F = U diag(sigma) W^T
-and s = sigma^2, each update is a few sums over the r = rank(F) singular directions, so
-10,000 x 384 features cost one SVD (a fraction of a second) plus microseconds per class.
+One decomposition serves every class and every iteration: with F = U diag(sigma) W^T and
+s = sigma^2, each update is a few sums over the r = rank(F) singular directions, and only
+U^T y is needed. When N >= D it comes from the eigendecomposition F^T F = W diag(s) W^T
+(D x D, as in METHODS.md) as U^T y = diag(1/sigma) W^T F^T y, never forming the N x D U:
+10,000 x 384 features cost one product F^T F and one small eigh (tens of milliseconds).
+When N < D, the thin SVD of F is the cheaper one.
 """
 
 import math
@@ -27,12 +30,24 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: fl
     classes = np.unique(y)
     if classes.size < 2:
         raise ValueError("LogME needs labels of at least two classes")
-    u, sigma, _ = np.linalg.svd(f, full_matrices=False)
-    keep = sigma > sigma.max() * max(f.shape) * np.finfo(np.float64).eps  # the rank: drop numerical zeros
-    u, s = u[:, keep], sigma[keep] ** 2
     onehot = (y[:, None] == classes[None, :]).astype(np.float64)
-    return float(np.mean([_evidence(u.T @ onehot[:, k], float(onehot[:, k] @ onehot[:, k]), s, *f.shape,
-                                    max_iter, tol)[0] for k in range(classes.size)]))
+    s, proj = _spectrum(f, onehot)
+    return float(np.mean([_evidence(proj[:, k], float(onehot[:, k] @ onehot[:, k]), s, *f.shape, max_iter, tol)[0]
+                          for k in range(classes.size)]))
+
+
+def _spectrum(f: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s, U^T targets) over the non-null singular directions of f."""
+    eps = np.finfo(np.float64).eps
+    if f.shape[0] >= f.shape[1]:
+        s, w = np.linalg.eigh(f.T @ f)
+        # eigh is accurate to about eps * max(s) in s: smaller ones are numerical zeros
+        keep = s > s.max() * f.shape[1] * eps
+        s, w = s[keep], w[:, keep]
+        return s, (w.T @ (f.T @ targets)) / np.sqrt(s)[:, None]
+    u, sigma, _ = np.linalg.svd(f, full_matrices=False)
+    keep = sigma > sigma.max() * max(f.shape) * eps
+    return sigma[keep] ** 2, u[:, keep].T @ targets
 
 
 def _evidence(proj: np.ndarray, y_sq: float, s: np.ndarray, n: int, d: int, max_iter: int,

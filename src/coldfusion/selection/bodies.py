@@ -1,0 +1,55 @@
+"""The bodies being ranked: repository versions or model directories, named by their content.
+
+A body's `sha256` is that of its tensors serialized the way the repository stores them,
+so the same weights get the same cached features however the user named them.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from coldfusion.checkpoint import Tensors, serialize, sha256_bytes
+from coldfusion.encoder import Encoder
+from coldfusion.errors import ColdFusionError
+from coldfusion.repository import Repository
+
+
+@dataclass(frozen=True)
+class Body:
+    name: str  # as the user wrote it
+    source: str  # model source of its architecture and tokenizer
+    sha256: str
+    tensors: Tensors
+
+
+class Encoders:
+    """Each model source loaded once (tokenizer, architecture, pretrained tensors)."""
+
+    def __init__(self):
+        self._loaded: dict[str, Encoder] = {}
+
+    def __call__(self, source: str) -> Encoder:
+        if source not in self._loaded:
+            self._loaded[source] = Encoder.load(source)
+        return self._loaded[source]
+
+
+def body_of(name: str, source: str, tensors: Tensors) -> Body:
+    return Body(name, source, sha256_bytes(serialize(tensors)), tensors)
+
+
+def load_candidate(text: str, encoders: Encoders) -> Body:
+    """`REPO` (its latest version), `REPO@VERSION` (v3, 3 or a checksum prefix), a model
+    directory, 'default' (the bundled MiniLM) or a hub id."""
+    path, at, ref = text.partition("@")
+    if (Path(path) / "index.sqlite").exists():
+        repo = Repository(Path(path), create=False)
+        versions = repo.versions()
+        if not versions:
+            raise ColdFusionError(f"candidate '{text}': repository {path} has no versions yet")
+        version = repo.version(ref) if at else versions[-1]
+        return Body(text, version.model_source, version.sha256, repo.load(version.sha256))
+    if at and Path(path).is_dir():
+        raise ColdFusionError(f"candidate '{text}': {path} is not a coldfusion repository (no index.sqlite), "
+                              "so '@VERSION' means nothing there; name the model directory alone")
+    encoder = encoders(text)
+    return body_of(text, encoder.source, encoder.pretrained)

@@ -1,0 +1,41 @@
+"""How candidates are scored: frozen-feature sizes, the probe, and the finetunes that confirm."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coldfusion.configfile import format_validation_error, read_yaml_mapping
+from coldfusion.errors import ColdFusionError
+from coldfusion.training import FinetuneSettings, ProbeSettings
+
+
+class SelectionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int = Field(2, ge=1)
+    max_length: int = Field(64, ge=8)
+    pooling: Literal["mean", "cls"] = "mean"
+    # Cheap scores: frozen features of the target's examples (and, for SEmb, the sources').
+    feature_examples: int = Field(1000, ge=2, description="target training examples whose frozen features "
+                                  "score a body (LogME, linear probe) and that SEmb averages")
+    validation_examples: int = Field(500, ge=1, description="target validation examples that score the probe")
+    probe: ProbeSettings = ProbeSettings()
+    # Finetuning on the target: the confirmation of `rank --top-k` and the harness's truth.
+    target_examples: int = Field(200, ge=1, description="target training examples of each finetune; small, "
+                                 "as when a user has little labelled data (where a good start matters most)")
+    test_examples: int | None = Field(500, ge=1, description="test examples a finetuned model is scored on")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    finetune: FinetuneSettings = FinetuneSettings(epochs=3, batch_size=16)
+    # Intertraining (`select`): the base finetuned on each source task.
+    source_examples: int = Field(1000, ge=1, description="source training examples of each intertraining")
+    source_finetune: FinetuneSettings = FinetuneSettings(epochs=1, batch_size=16)
+
+
+def load_selection_settings(path: Path | None) -> SelectionSettings:
+    if path is None:
+        return SelectionSettings()
+    try:
+        return SelectionSettings.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        raise ColdFusionError(format_validation_error(exc, str(path))) from None

@@ -1,0 +1,58 @@
+"""The expensive truth: intertraining on a source, and finetuning a body on the target.
+
+Both are cached in the repository under a digest of their inputs and settings (one
+result per seed), so they are paid for once and an interrupted harness resumes.
+"""
+
+import time
+
+from coldfusion.collab.contributor import Contributor
+from coldfusion.encoder import Encoder
+from coldfusion.evaluation.protocols import ProtocolSettings, run_protocol
+from coldfusion.repository import Repository
+from coldfusion.selection.bodies import Body
+from coldfusion.selection.cache import digest, split_fingerprint
+from coldfusion.selection.settings import SelectionSettings
+from coldfusion.tasks import Task
+from coldfusion.training import encode
+
+
+def intertrain(store: Repository, encoder: Encoder, base: Body, source: Task, s: SelectionSettings,
+               seed: int = 0) -> tuple[Body, float]:
+    """The base finetuned on `source` (its first `source_examples`), and what that cost in seconds."""
+    key = digest("intertrained", base=base.sha256, source=split_fingerprint(source.train), examples=s.source_examples,
+                 finetune=s.source_finetune.model_dump(), max_length=s.max_length, pooling=s.pooling, seed=seed)
+    hit = store.recall(key)
+    if hit is None:
+        start = time.perf_counter()
+        contributor = Contributor(
+            source, encoder, finetune_settings=s.source_finetune, max_length=s.max_length, pooling=s.pooling,
+            examples_per_iteration=s.source_examples, validation_examples=s.validation_examples, keep_head=False,
+            seed=seed)
+        result = contributor.contribute(base.tensors, iteration=0)
+        hit = store.remember(key, "intertrained", {"base": base.name, "source": source.name,
+                                                   "seconds": time.perf_counter() - start, **result.metrics},
+                             result.body)
+    return Body(f"{base.name}+{source.name}", base.source, hit.sha256, store.load(hit.sha256)), hit.value["seconds"]
+
+
+def finetune_accuracy(store: Repository, encoder: Encoder, body: Body, target: Task, seed: int,
+                      s: SelectionSettings) -> tuple[float, float]:
+    """Test accuracy of `body` finetuned on the target's first `target_examples` (fixed
+    epochs, no early stopping), and the seconds it cost. The seed fixes the head and the
+    batch order: the same for every body, so bodies are compared pairwise."""
+    test = target.test.head(s.test_examples)
+    train = target.train.head(s.target_examples)
+    key = digest("finetune_score", body=body.sha256, tokenizer=encoder.source, train=split_fingerprint(train),
+                 test=split_fingerprint(test), finetune=s.finetune.model_dump(), max_length=s.max_length,
+                 pooling=s.pooling, seed=seed, task=target.name)
+    hit = store.recall(key)
+    if hit is None:
+        start = time.perf_counter()
+        splits = {"train": encode(train, encoder.tokenizer, s.max_length), "validation": None,
+                  "test": encode(test, encoder.tokenizer, s.max_length)}
+        score = run_protocol("finetune", lambda: encoder.new_body(body.tensors), target, splits, seed,
+                             ProtocolSettings(finetune=s.finetune), encoder.tokenizer, s.max_length, s.pooling)
+        hit = store.remember(key, "finetune_score", {"body": body.name, "target": target.name, "seed": seed,
+                                                     "seconds": time.perf_counter() - start, **score.metrics})
+    return hit.value["accuracy"], hit.value["seconds"]
