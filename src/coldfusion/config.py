@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
+from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import TaskSpec
 from coldfusion.training import FinetuneSettings, ProbeSettings
@@ -85,6 +86,8 @@ class RunConfig(Strict):
     finetune: FinetuneSettings = FinetuneSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     fusion: FusionSettings = FusionSettings()
+    contribution: EncodingSettings = Field(
+        default_factory=EncodingSettings, description="what contributors send: full body, delta, sparse or lora")
     output_dir: Path = Path("runs")
     repository: Path | None = Field(None, description="repository directory; default: <run dir>/repository")
     attack: AttackSettings | None = Field(
@@ -97,6 +100,9 @@ class RunConfig(Strict):
             if unknown:
                 raise ValueError(f"attack.contributors {unknown} are not among the tasks "
                                  f"{[t.name for t in self.tasks]}")
+            if self.contribution.kind != "full":
+                raise ValueError("attack: poisoned updates are simulated on full bodies; "
+                                 f"use contribution.kind: full, not {self.contribution.kind}")
         return self
 
 

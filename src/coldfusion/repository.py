@@ -8,14 +8,17 @@ index change is one transaction, so a crash leaves at worst an unreferenced file
 """
 
 import json
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from coldfusion.checkpoint import Tensors, atomic_write_bytes, load_tensors, serialize, sha256_bytes
+from coldfusion.checkpoint import Tensors, atomic_write_bytes, load_tensors, save_tensors, serialize, sha256_bytes
+from coldfusion.encodings import decode_contribution
 from coldfusion.errors import ColdFusionError
 from coldfusion.faults import failpoint
 from coldfusion.fusion import fuse_files, get_operator
@@ -43,7 +46,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     stats TEXT NOT NULL DEFAULT '{}',  -- JSON {"fisher" | "gram": sha256 of the statistics file}
     fused_into INTEGER REFERENCES versions(id),
     created TEXT NOT NULL,
-    rejected TEXT);           -- why validation refused it (NULL: not refused)
+    rejected TEXT,            -- why validation refused it (NULL: not refused)
+    encoding TEXT NOT NULL DEFAULT '{"kind": "full"}');  -- JSON: how the stored file encodes the body
 CREATE TABLE IF NOT EXISTS metrics (
     version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
     values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
@@ -54,6 +58,9 @@ CREATE TABLE IF NOT EXISTS computed (
     value TEXT NOT NULL,      -- JSON: what it measured, and what it cost
     created TEXT NOT NULL);
 """
+
+
+DECODED_PREFIX = ".decoded-"  # scratch directories of a fusion in progress (in ROOT)
 
 
 def _now() -> str:
@@ -85,6 +92,8 @@ class Contribution:
     fused_into: int | None
     created: str
     rejected: str | None = None  # why validation refused it
+    encoding: dict = field(default_factory=lambda: {"kind": "full"})  # how its stored file encodes the body
+    num_bytes: int = 0  # stored (and sent): its file plus its statistics' files
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,8 @@ class Repository:
                 db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
             if "rejected" not in columns:  # ... and before contributions were validated
                 db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
+            if "encoding" not in columns:  # ... and before they could be sent encoded
+                db.execute("""ALTER TABLE contributions ADD COLUMN encoding TEXT NOT NULL DEFAULT '{"kind": "full"}'""")
             db.commit()
         finally:
             db.close()
@@ -213,17 +224,19 @@ class Repository:
     def add_contribution(
         self, tensors: Tensors, *, base_version: int, contributor: str, task: str,
         num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
+        encoding: dict | None = None,
     ) -> Contribution:
-        """Store a contributed body (and its Fisher / Gram statistics, if any)."""
+        """Store a contribution as sent: a body, or its `encoding` (see coldfusion.encodings),
+        which is decoded against `base_version` when it is fused; and its statistics, if any."""
         with self._db() as db:
             self._version_row(db, base_version)
             sha = self._store(db, tensors)
             stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
             cur = db.execute(
                 "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
-                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
-                 json.dumps(stat_shas), _now()),
+                 json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"})),
             )
             return self._contribution_row(db, cur.lastrowid)
 
@@ -231,7 +244,12 @@ class Repository:
         row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()
         if row is None:
             raise ColdFusionError(f"no contribution {cid} in repository {self.root}")
-        return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"]), "stats": json.loads(row["stats"])})
+        stats = json.loads(row["stats"])
+        files = [row["sha256"], *stats.values()]
+        num_bytes = db.execute(f"SELECT COALESCE(SUM(num_bytes), 0) FROM checkpoints WHERE sha256 IN "
+                               f"({','.join('?' * len(files))})", files).fetchone()[0]
+        return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"]), "stats": stats,
+                               "encoding": json.loads(row["encoding"]), "num_bytes": num_bytes})
 
     def contributions(self, *, base_version: int | None = None, fused_into: int | None = None) -> list[Contribution]:
         query, args = "SELECT id FROM contributions WHERE 1=1", []
@@ -260,28 +278,32 @@ class Repository:
         base = self.version(base_version)
         with self._db() as db:
             contribs = [self._contribution_row(db, c) for c in contribution_ids]
-        rejected, norms = self._validate(base, contribs, validation)
-        accepted = [c for c in contribs if c.id not in rejected]
-        if len(accepted) < validation.min_accepted:
-            with self._db() as db:
-                self._mark_rejected(db, rejected)
-            reasons = "; ".join(f"contribution {cid}: {why}" for cid, why in rejected.items())
-            raise ColdFusionError(f"only {len(accepted)} of {len(contribs)} contributions passed validation, "
-                                  f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
-        stale = [c for c in accepted if c.base_version != base.id]
-        current = self.load(base.sha256) if stale else None  # once, for every stale contribution
-        rebased = {c.id: {"from_version": c.base_version, "sha256": self._rebase(c, current)} for c in stale}
-        weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
-        stats = None
-        if op.needs_stats:
-            lacking = [c.id for c in accepted if op.needs_stats not in c.stats]
-            if lacking:
-                raise ColdFusionError(f"fusion method '{method}' needs {op.needs_stats} statistics, which "
-                                      f"contributions {lacking} did not send")
-            stats = [self.path_of(c.stats[op.needs_stats]) for c in accepted]
-        bodies = [self.path_of(rebased[c.id]["sha256"] if c.id in rebased else c.sha256) for c in accepted]
-        fused = fuse_files(bodies, method, weights, base=self.path_of(base.sha256) if op.needs_base else None,
-                           stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None, **params)
+        # Encoded contributions are decoded here, into files deleted after the fusion.
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=DECODED_PREFIX) as scratch:
+            rejected, norms, dense = self._validate(base, contribs, validation, Path(scratch))
+            accepted = [c for c in contribs if c.id not in rejected]
+            if len(accepted) < validation.min_accepted:
+                with self._db() as db:
+                    self._mark_rejected(db, rejected)
+                reasons = "; ".join(f"contribution {cid}: {why}" for cid, why in rejected.items())
+                raise ColdFusionError(f"only {len(accepted)} of {len(contribs)} contributions passed validation, "
+                                      f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
+            stale = [c for c in accepted if c.base_version != base.id]
+            current = self.load(base.sha256) if stale else None  # once, for every stale contribution
+            rebased = {c.id: {"from_version": c.base_version, "sha256": self._rebase(c, dense[c.id], current)}
+                       for c in stale}
+            weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
+            stats = None
+            if op.needs_stats:
+                lacking = [c.id for c in accepted if op.needs_stats not in c.stats]
+                if lacking:
+                    raise ColdFusionError(f"fusion method '{method}' needs {op.needs_stats} statistics, which "
+                                          f"contributions {lacking} did not send")
+                stats = [self.path_of(c.stats[op.needs_stats]) for c in accepted]
+            bodies = [self.path_of(rebased[c.id]["sha256"]) if c.id in rebased else dense[c.id] for c in accepted]
+            fused = fuse_files(bodies, method, weights, base=self.path_of(base.sha256) if op.needs_base else None,
+                               stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None,
+                               **params)
         fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
                   "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
                   **({"missing": missing} if missing else {}),
@@ -295,10 +317,11 @@ class Repository:
             self._mark_rejected(db, rejected)
         return version
 
-    def _validate(self, base: Version, contribs: list[Contribution],
-                  settings: ValidationSettings) -> tuple[dict[int, str], dict[int, float]]:
-        """(contribution id -> why it is refused, contribution id -> its delta norm)."""
-        rejected, norms = {}, {}
+    def _validate(self, base: Version, contribs: list[Contribution], settings: ValidationSettings,
+                  scratch: Path) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
+        """(contribution id -> why it is refused, -> its delta norm, -> the file of its body:
+        the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
+        rejected, norms, dense = {}, {}, {}
         if sha256_file(self.path_of(base.sha256)) != base.sha256:
             raise ColdFusionError(f"base version {base.id} ({self.path_of(base.sha256)}) does not match its "
                                   "checksum: the repository is damaged; run `coldfusion verify` on it")
@@ -312,6 +335,13 @@ class Repository:
                 rejected[c.id] = f"its file {path.name} is missing or does not match its checksum"
                 continue
             own_base = base if c.base_version == base.id else self.version(c.base_version)
+            if c.encoding.get("kind", "full") != "full":
+                try:
+                    path = self._decode(c, own_base, scratch)
+                except ColdFusionError as exc:
+                    rejected[c.id] = f"its {c.encoding.get('kind')} encoding cannot be decoded: {exc}"
+                    continue
+            dense[c.id] = path
             with SafetensorsReader([path]) as body, SafetensorsReader([self.path_of(own_base.sha256)]) as b:
                 found = inspect_contribution(body, b)
             if found.problem:
@@ -320,12 +350,20 @@ class Repository:
                 norms[c.id] = found.delta_norm
         for cid, why in norm_outliers(norms, settings).items():
             rejected[cid] = why
-        return rejected, norms
+        return rejected, norms, dense
 
-    def _rebase(self, contribution: Contribution, current: Tensors) -> str:
+    def _decode(self, contribution: Contribution, own_base: Version, scratch: Path) -> Path:
+        """Write the body an encoded contribution stands for into `scratch`; return its path."""
+        payload = load_tensors(self.path_of(contribution.sha256))  # its checksum was just verified
+        body = decode_contribution(payload, contribution.encoding, self.load(own_base.sha256))
+        path = scratch / f"{contribution.id}.safetensors"
+        save_tensors(path, body)
+        return path
+
+    def _rebase(self, contribution: Contribution, body_path: Path, current: Tensors) -> str:
         """Store `current + (body - the base it was trained from)`, the stale contribution's
         update carried onto the current base; return its checksum."""
-        body, own_base = self.load(contribution.sha256), self.load_version(contribution.base_version)
+        body, own_base = load_tensors(body_path), self.load_version(contribution.base_version)
         moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
                  for k, v in body.items()}
         with self._db() as db:
@@ -360,11 +398,15 @@ class Repository:
                 problems.append(f"{path.name}: missing")
             elif sha256_file(path) != sha:
                 problems.append(f"{path.name}: does not match its checksum (corrupt)")
-        temporary = sorted(p for p in self.objects.iterdir() if p.name.startswith("."))
+        temporary = sorted([p for p in self.objects.iterdir() if p.name.startswith(".")]
+                           + list(self.root.glob(DECODED_PREFIX + "*")))
         unreferenced = sorted(p for p in self.objects.glob("*.safetensors") if p.stem not in known)
         if clean:
             for path in temporary + unreferenced:
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean)
 
     # -- metrics -------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""A contributor: holds one private task, finetunes the base it is sent, returns its body.
+"""A contributor: holds one private task, finetunes the base it is sent, returns its update.
 
-Its data never leaves it; what it sends is the finetuned body and its example count.
+Its data never leaves it; what it sends is its finetuned body, encoded as the run says
+(the full body, a delta, a sparse delta or LoRA factors; see encodings/), and its
+example count.
 """
 
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ import torch
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.encoder import Classifier, Encoder, body_tensors
+from coldfusion.encodings import FULL, EncodingSettings, encode_contribution
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks import Task
 from coldfusion.training import Encoded, FinetuneSettings, encode, finetune
@@ -22,10 +25,11 @@ class ContributionResult:
 
     contributor: str
     task: str
-    body: Tensors
+    body: Tensors  # what is sent: the body, or its encoding (see `encoding`)
     num_examples: int
     metrics: dict = field(default_factory=dict)
     stats: dict[str, Tensors] = field(default_factory=dict)  # "fisher" / "gram" -> tensors by name
+    encoding: dict = field(default_factory=lambda: dict(FULL))  # EncodingSettings.record() of `body`
 
 
 class Contributor:
@@ -33,12 +37,14 @@ class Contributor:
         self, task: Task, encoder: Encoder, *, finetune_settings: FinetuneSettings, max_length: int,
         pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
         seed: int, head: Tensors | None = None, statistics: str | None = None, statistics_examples: int = 128,
+        encoding: EncodingSettings | None = None,
     ):
         self.task, self.encoder, self.settings = task, encoder, finetune_settings
         self.pooling, self.keep_head, self.seed = pooling, keep_head, seed
         self.examples_per_iteration = examples_per_iteration
         self.head = head  # kept across iterations when keep_head
         self.statistics, self.statistics_examples = statistics, statistics_examples
+        self.encoding = encoding or EncodingSettings()
         self.train: Encoded = encode(task.train, encoder.tokenizer, max_length)
         self.validation: Encoded = encode(task.validation.head(validation_examples), encoder.tokenizer, max_length)
         # One fixed order of the private training set; iterations walk through it so each
@@ -57,23 +63,40 @@ class Contributor:
         return np.take(self.order, range(start, start + n), mode="wrap")
 
     def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
-        # A fresh head depends only on these names, not on what else ran in this process:
-        # engines that run contributors elsewhere, and resumed runs, give the same result.
+        lora = self.encoding.kind == "lora"
+        # A fresh head (and LoRA's A factors) depend only on these names, not on what else ran
+        # in this process: engines that run contributors elsewhere, and resumed runs, agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "head", self.name, iteration))
             model = Classifier(self.encoder.new_body(base), self.task.num_labels, pooling=self.pooling)
+            if lora:
+                from coldfusion.encodings.lora import attach_lora
+
+                model.body = attach_lora(model.body, self.encoding.lora)
         if self.keep_head and self.head is not None:
             model.head.load_state_dict(self.head)
         data = self.train.take(self.examples_for(iteration))
-        result = finetune(model, data, self.validation, self.settings,
+        settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
+        result = finetune(model, data, self.validation, settings,
                           seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
         self.head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        payload = None
+        if lora:  # send the factors; the statistics below are of the body with them folded in
+            from coldfusion.encodings.lora import lora_factors
+
+            payload = lora_factors(model.body, self.encoding.dtype)
+            model.body = model.body.merge_and_unload()
         metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
                    "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
-        stats = {}
-        if self.statistics == "fisher":
-            stats["fisher"] = diagonal_fisher(model, data, self.statistics_examples,
-                                              seed=derive_seed(self.seed, "fisher", self.name, iteration))
-        elif self.statistics == "gram":
+        stats, fisher = {}, None
+        sparse_by_fisher = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
+        if self.statistics == "fisher" or sparse_by_fisher:
+            fisher = diagonal_fisher(model, data, self.statistics_examples,
+                                     seed=derive_seed(self.seed, "fisher", self.name, iteration))
+            if self.statistics == "fisher":
+                stats["fisher"] = fisher
+        if self.statistics == "gram":
             stats["gram"] = gram_matrices(model, data, self.statistics_examples)
-        return ContributionResult(self.name, self.name, body_tensors(model.body), len(data), metrics, stats)
+        if payload is None:
+            payload = encode_contribution(body_tensors(model.body), base, self.encoding, fisher)
+        return ContributionResult(self.name, self.name, payload, len(data), metrics, stats, self.encoding.record())

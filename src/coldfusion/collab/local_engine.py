@@ -18,7 +18,7 @@ def make_contributor(config: RunConfig, task: Task, encoder: Encoder, head: Tens
         examples_per_iteration=config.loop.examples_per_contributor,
         validation_examples=config.loop.validation_examples, keep_head=config.loop.keep_head, seed=config.seed,
         head=head, statistics=get_operator(config.fusion.method).needs_stats,  # what the fusion needs them to send
-        statistics_examples=config.fusion.statistics_examples)
+        statistics_examples=config.fusion.statistics_examples, encoding=config.contribution)
 
 
 class LocalEngine:

@@ -1,0 +1,44 @@
+"""How contributors encode what they send (`contribution:` in a run config)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, description="rank of each adapter")
+    alpha: float = Field(16.0, gt=0, description="the adapter's update is scaled by alpha / r")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"], min_length=1,
+        description="names of the body's linear layers that get adapters (peft's target_modules)")
+    lr: float = Field(5e-4, gt=0, description="learning rate of the adapters (they start from zero)")
+
+
+class EncodingSettings(BaseModel):
+    """What a contributor sends: `full` (its fp32 body), `delta` (body minus base in fp16 or
+    bf16), `sparse` (the top `density` share of delta entries by magnitude or Fisher score,
+    as indices + values) or `lora` (it trains LoRA adapters and sends their factors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["full", "delta", "sparse", "lora"] = "full"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the delta values sent by `delta` and `sparse` (and of `lora` factors)")
+    density: float = Field(0.02, gt=0, le=1, description="sparse: share of all delta entries sent")
+    score: Literal["magnitude", "fisher"] = Field(
+        "magnitude", description="sparse: keep the largest |delta| entries, or those of largest diagonal Fisher "
+                                 "(FISH mask; the contributor computes it on its own data)")
+    lora: LoraSettings = LoraSettings()
+
+    def record(self) -> dict:
+        """What the lineage keeps: the settings that decoding needs and that shaped the update."""
+        if self.kind == "full":
+            return {"kind": "full"}
+        if self.kind == "delta":
+            return {"kind": "delta", "dtype": self.dtype}
+        if self.kind == "sparse":
+            return {"kind": "sparse", "dtype": self.dtype, "density": self.density, "score": self.score}
+        return {"kind": "lora", "dtype": self.dtype, "r": self.lora.r, "alpha": self.lora.alpha,
+                "target_modules": self.lora.target_modules}

@@ -1,0 +1,62 @@
+"""`sparse`: only the top `density` share of all delta entries, as (indices, values) per tensor.
+
+The entries are chosen over the whole body at once, by |delta| or by the contributor's
+diagonal Fisher (FISH mask, Sung et al. 2021): a tensor the task barely touched sends
+few or none. An entry not sent is a zero delta, so decoding gives base + kept deltas,
+and every fusion operator sees an ordinary body. Each kept entry costs 4 bytes of int32
+index and 2 of fp16 value: density d sends about 6d / 4 of the full body's bytes.
+"""
+
+import torch
+
+from coldfusion.checkpoint import Tensors
+from coldfusion.encodings.delta import DTYPES
+from coldfusion.errors import ColdFusionError
+
+INDICES, VALUES = ".indices", ".values"
+
+
+def encode_sparse(body: Tensors, base: Tensors, density: float, dtype: str,
+                  scores: Tensors | None = None) -> Tensors:
+    """`scores` (same names and shapes as the float tensors) rank the entries; default |delta|."""
+    names = sorted(k for k, v in body.items() if v.is_floating_point())
+    deltas = {k: (body[k].float() - base[k].float()).flatten() for k in names}
+    if scores is not None and (missing := [k for k in names if k not in scores]):
+        raise ColdFusionError(f"sparse by Fisher score: no Fisher for tensors {missing[:3]}")
+    ranking = torch.cat([(scores[k].float().flatten() if scores is not None else deltas[k].abs()) for k in names])
+    k = max(1, round(density * ranking.numel()))
+    kept = torch.zeros(ranking.numel(), dtype=torch.bool)
+    kept[torch.topk(ranking, k, sorted=False).indices] = True
+    payload, start = {}, 0
+    for name in names:
+        n = deltas[name].numel()
+        where = kept[start:start + n].nonzero().flatten()
+        start += n
+        if where.numel():
+            payload[name + INDICES] = where.to(torch.int32)
+            payload[name + VALUES] = deltas[name][where].to(DTYPES[dtype])
+    return payload
+
+
+def decode_sparse(payload: Tensors, base: Tensors) -> Tensors:
+    names = {k.removesuffix(INDICES) for k in payload if k.endswith(INDICES)}
+    expected = {k + suffix for k in names for suffix in (INDICES, VALUES)}
+    if set(payload) != expected:
+        raise ColdFusionError(f"sparse payload has unpaired or unknown tensors {sorted(set(payload) ^ expected)[:3]}")
+    if unknown := sorted(n for n in names if n not in base or not base[n].is_floating_point()):
+        raise ColdFusionError(f"sparse entries for tensors the base has no float tensor of: {unknown[:3]}")
+    out = dict(base)
+    for name in names:
+        indices, values = payload[name + INDICES], payload[name + VALUES]
+        numel = base[name].numel()
+        if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.shape != indices.shape \
+                or not values.is_floating_point():
+            raise ColdFusionError(f"sparse '{name}': indices must be 1-d integers with one float value each")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ColdFusionError(f"sparse '{name}': indices outside 0..{numel - 1}")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ColdFusionError(f"sparse '{name}': an index is repeated")
+        flat = base[name].float().flatten().clone()
+        flat[indices.long()] += values.float()
+        out[name] = flat.view_as(base[name]).to(base[name].dtype)
+    return out
