@@ -174,6 +174,14 @@ class Repository:
         failpoint("repository.unindexed")  # the transaction is open: the row is not yet committed
         return sha
 
+    def checkpoint_bytes(self, sha256: str) -> int:
+        """Size of a stored file, as indexed."""
+        with self._db() as db:
+            row = db.execute("SELECT num_bytes FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            raise ColdFusionError(f"no checkpoint {sha256[:12]}... in repository {self.root}")
+        return row[0]
+
     def load(self, sha256: str) -> Tensors:
         """Read a stored body and verify its checksum."""
         return load_tensors(self.path_of(sha256), expected_sha256=sha256)

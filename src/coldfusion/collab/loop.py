@@ -182,11 +182,12 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
     """Store the contributions, fuse them into a new version; return result rows and its id."""
     rows, ids, results = [], [], round_.results
     for r in results:
-        c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor,
-                                  task=r.task, num_examples=r.num_examples, metrics=r.metrics, stats=r.stats)
+        c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor, task=r.task,
+                                  num_examples=r.num_examples, metrics=r.metrics, stats=r.stats, encoding=r.encoding)
         ids.append(c.id)
         rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
-                     "contribution": c.id, "task": r.task, "num_examples": r.num_examples, **r.metrics})
+                     "contribution": c.id, "task": r.task, "num_examples": r.num_examples,
+                     "encoding": r.encoding["kind"], "bytes_sent": c.num_bytes, **r.metrics})
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
                         run=config.name, iteration=iteration, missing=round_.missing,
@@ -194,9 +195,12 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
     task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
     rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
     fused = [task_of[str(c)] for c in version.fusion["contributions"]]
+    sent = sum(row["bytes_sent"] for row in rows)
     rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,
                  "method": config.fusion.method, "contributors": fused, "missing": round_.missing, "rejected": rejected,
-                 "fuse_seconds": round(time.perf_counter() - started, 2)})
+                 "fuse_seconds": round(time.perf_counter() - started, 2), "encoding": config.contribution.kind,
+                 # what arrived (and is kept as it arrived), and that plus the new base: this iteration's disk use
+                 "bytes_sent": sent, "bytes_stored": sent + repo.checkpoint_bytes(version.sha256)})
     return rows, version.id
 
 

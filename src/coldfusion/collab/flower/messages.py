@@ -1,7 +1,8 @@
 """What travels between the ServerApp and the ClientApps, as Flower records.
 
 Out: the base body (`arrays`) and the run's settings (`config`: the run config as YAML
-and the round). Back: the finetuned body, the statistics the fusion method needs,
+and the round). Back: the finetuned body as the run encodes it (and how), the statistics
+the fusion method needs,
 the example count (`metrics["num-examples"]`, Flower's convention) and the contributor's
 name and training metrics. Tensors keep their names and dtypes exactly.
 """
@@ -42,7 +43,8 @@ def contribution_content(result: ContributionResult) -> RecordDict:
     records = {ARRAYS: to_record(result.body),
                METRICS: MetricRecord({"num-examples": result.num_examples}),
                CONTRIBUTOR: ConfigRecord({"name": result.contributor, "task": result.task,
-                                          "metrics": json.dumps(result.metrics)})}
+                                          "metrics": json.dumps(result.metrics),
+                                          "encoding": json.dumps(result.encoding)})}
     records.update({kind: to_record(tensors) for kind, tensors in result.stats.items()})
     return RecordDict(records)
 
@@ -53,4 +55,4 @@ def read_contribution(content: RecordDict) -> ContributionResult:
              if kind in content.array_records}
     return ContributionResult(str(about["name"]), str(about["task"]), from_record(content.array_records[ARRAYS]),
                               int(content.metric_records[METRICS]["num-examples"]),
-                              json.loads(str(about["metrics"])), stats)
+                              json.loads(str(about["metrics"])), stats, json.loads(str(about["encoding"])))

@@ -81,7 +81,8 @@ class ColdFusionStrategy(FedAvg):
             repo = Repository(Path(tmp))
             v = repo.add_version(base, model_source="flower")
             ids = {repo.add_contribution(r.body, base_version=v.id, contributor=r.contributor, task=r.task,
-                                         num_examples=r.num_examples, stats=r.stats).id: r.contributor
+                                         num_examples=r.num_examples, stats=r.stats, encoding=r.encoding).id:
+                   r.contributor
                    for r in results}
             fused = repo.fuse(v.id, list(ids), method=self.operator.name, params=self.params,
                               validation=self.validation)

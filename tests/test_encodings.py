@@ -1,0 +1,201 @@
+"""Contribution encodings: round trips within their stated tolerance, the entries sparse
+keeps, LoRA fused as products B A, and every encoding through the loop with its bytes."""
+
+import json
+
+import pytest
+import torch
+
+from coldfusion.collab import run_cold_fusion
+from coldfusion.config import parse_config
+from coldfusion.encodings import EncodingSettings, decode_contribution, encode_contribution, payload_bytes
+from coldfusion.encodings.lora import fold_lora
+from coldfusion.encodings.sparse import encode_sparse
+from coldfusion.errors import ColdFusionError
+from coldfusion.repository import Repository
+
+
+def pair(seed=0):
+    """A base and a finetuned body: small deltas on float tensors, an integer buffer unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(16, 8, generator=g), "b": torch.randn(16, generator=g),
+            "ids": torch.arange(5)}
+    body = {"w": base["w"] + 0.01 * torch.randn(16, 8, generator=g),
+            "b": base["b"] + 0.01 * torch.randn(16, generator=g), "ids": torch.arange(5)}
+    return base, body
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_delta_round_trip(dtype, tolerance):
+    base, body = pair()
+    s = EncodingSettings(kind="delta", dtype=dtype)
+    payload = encode_contribution(body, base, s)
+    assert set(payload) == {"w", "b"} and payload["w"].dtype == getattr(torch, dtype)
+    decoded = decode_contribution(payload, s.record(), base)
+    assert torch.equal(decoded["ids"], base["ids"])
+    for k in ("w", "b"):
+        delta = body[k] - base[k]
+        assert (decoded[k] - body[k]).abs().max() <= tolerance * delta.abs().max() + 1e-6  # relative to the update
+
+
+def test_sparse_with_density_one_is_exact_and_lower_densities_keep_the_largest_deltas():
+    base, body = pair()
+    full = EncodingSettings(kind="sparse", density=1.0, dtype="float32")
+    decoded = decode_contribution(encode_contribution(body, base, full), full.record(), base)
+    assert all(torch.allclose(decoded[k], body[k], atol=1e-7) for k in ("w", "b"))
+    s = EncodingSettings(kind="sparse", density=0.1, dtype="float32")
+    payload = encode_contribution(body, base, s)
+    deltas = torch.cat([(body[k] - base[k]).flatten() for k in ("b", "w")])  # the order entries are ranked in
+    kept = sum(payload[k].numel() for k in payload if k.endswith(".indices"))
+    assert kept == round(0.1 * deltas.numel())
+    decoded = decode_contribution(payload, s.record(), base)
+    changed = torch.cat([(decoded[k] - base[k]).flatten() for k in ("b", "w")])
+    threshold = deltas.abs().sort(descending=True).values[kept - 1]
+    assert torch.equal(changed != 0, deltas.abs() >= threshold)  # exactly the largest, sent exactly
+    assert torch.allclose(changed[changed != 0], deltas[changed != 0], atol=1e-7)
+
+
+def test_sparse_is_chosen_over_the_whole_body_and_by_fisher_when_asked():
+    base = {"big": torch.zeros(10), "small": torch.zeros(10)}
+    body = {"big": torch.arange(1.0, 11.0), "small": torch.full((10,), 1e-3)}
+    by_magnitude = encode_sparse(body, base, density=0.25, dtype="float32")
+    assert "small.indices" not in by_magnitude and sorted(by_magnitude["big.indices"].tolist()) == [5, 6, 7, 8, 9]
+    fisher = {"big": torch.zeros(10), "small": torch.arange(10.0)}
+    by_fisher = encode_sparse(body, base, density=0.25, dtype="float32", scores=fisher)
+    assert "big.indices" not in by_fisher and sorted(by_fisher["small.indices"].tolist()) == [5, 6, 7, 8, 9]
+    with pytest.raises(ColdFusionError, match="needs the contributor's Fisher"):
+        encode_contribution(body, base, EncodingSettings(kind="sparse", score="fisher"))
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"w.indices": torch.tensor([200], dtype=torch.int32), "w.values": torch.ones(1)}, "outside"),
+    ({"w.indices": torch.tensor([1, 1], dtype=torch.int32), "w.values": torch.ones(2)}, "repeated"),
+    ({"w.indices": torch.tensor([1], dtype=torch.int32)}, "unpaired"),
+    ({"nope.indices": torch.tensor([1], dtype=torch.int32), "nope.values": torch.ones(1)}, "no float tensor"),
+    ({"w.indices": torch.tensor([1.0]), "w.values": torch.ones(1)}, "1-d integers"),
+])
+def test_sparse_payloads_that_cannot_be_decoded_say_why(payload, message):
+    base, _ = pair()
+    with pytest.raises(ColdFusionError, match=message):
+        decode_contribution(payload, {"kind": "sparse"}, base)
+
+
+def lora_payload(seed, rank=2):
+    g = torch.Generator().manual_seed(seed)
+    return {"w.lora_A": torch.randn(rank, 8, generator=g), "w.lora_B": torch.randn(16, rank, generator=g)}
+
+
+def test_lora_folds_to_w_plus_scaled_b_a_and_checks_shapes():
+    base, _ = pair()
+    p = lora_payload(1)
+    folded = fold_lora(p, base, alpha=4.0, r=2)
+    assert torch.allclose(folded["w"], base["w"] + 2.0 * p["w.lora_B"] @ p["w.lora_A"], atol=1e-6)
+    assert torch.equal(folded["b"], base["b"])
+    with pytest.raises(ColdFusionError, match="rank"):
+        fold_lora(p, base, alpha=4.0, r=3)
+    with pytest.raises(ColdFusionError, match="not a weight matrix"):
+        fold_lora({"b.lora_A": torch.ones(2, 16), "b.lora_B": torch.ones(16, 2)}, base, alpha=1.0, r=2)
+
+
+def test_lora_contributions_are_fused_as_products_not_as_factors(tmp_path):
+    """Two contributions of LoRA factors, averaged by the repository: the result is the dense
+    computation base + mean_i(s B_i A_i), not base + s mean(B) mean(A)."""
+    base, _ = pair()
+    repo = Repository(tmp_path / "r")
+    v = repo.add_version(base, model_source="x")
+    encoding = {"kind": "lora", "r": 2, "alpha": 4.0, "dtype": "float32"}
+    payloads = [lora_payload(1), lora_payload(2)]
+    ids = [repo.add_contribution(p, base_version=v.id, contributor=f"c{i}", task=f"t{i}", num_examples=10,
+                                 encoding=encoding).id for i, p in enumerate(payloads)]
+    fused = repo.load_version(repo.fuse(v.id, ids, method="average").id)
+    products = [p["w.lora_B"] @ p["w.lora_A"] for p in payloads]
+    dense = base["w"] + 2.0 * (products[0] + products[1]) / 2
+    factors = base["w"] + 2.0 * ((payloads[0]["w.lora_B"] + payloads[1]["w.lora_B"]) / 2) @ (
+        (payloads[0]["w.lora_A"] + payloads[1]["w.lora_A"]) / 2)
+    assert torch.allclose(fused["w"], dense, atol=1e-5)
+    assert (fused["w"] - factors).abs().max() > 0.1
+    assert repo.contributions()[0].encoding == encoding
+    assert repo.contributions()[0].num_bytes < repo.checkpoint_bytes(v.sha256)
+
+
+def test_an_undecodable_contribution_is_refused_and_the_rest_fused(tmp_path):
+    base, body = pair()
+    repo = Repository(tmp_path / "r")
+    v = repo.add_version(base, model_source="x")
+    s = EncodingSettings(kind="delta", dtype="float32")
+    good = repo.add_contribution(encode_contribution(body, base, s), base_version=v.id, contributor="a", task="a",
+                                 num_examples=1, encoding=s.record())
+    bad = repo.add_contribution({"w.indices": torch.tensor([999], dtype=torch.int32), "w.values": torch.ones(1)},
+                                base_version=v.id, contributor="b", task="b", num_examples=1,
+                                encoding={"kind": "sparse"})
+    version = repo.fuse(v.id, [good.id, bad.id])
+    assert version.fusion["contributions"] == [good.id]
+    assert "sparse encoding cannot be decoded" in version.fusion["rejected"][str(bad.id)]
+    assert torch.allclose(repo.load_version(version.id)["w"], body["w"], atol=1e-6)
+    report = repo.verify()
+    assert report.ok and not report.temporary  # the decoded scratch files are gone
+
+
+def tiny_config(tiny_model_dir, toy_task_files, tmp_path, name, **extra):
+    return parse_config({
+        "name": name, "model": str(tiny_model_dir), "max_length": 32, "threads": 1,
+        "tasks": [{"name": n, "path": str(p)} for n, p in toy_task_files.items()],
+        "loop": {"iterations": 1, "examples_per_contributor": 64, "validation_examples": 30},
+        "finetune": {"batch_size": 16, "lr": 1e-3, "head_lr": 5e-3},
+        "evaluation": {"train_examples": 80, "validation_examples": 30, "test_examples": 40,
+                       "probe": {"l2_grid": [1e-3], "max_iter": 30}},
+        "output_dir": str(tmp_path / "runs"), **extra})
+
+
+def test_every_encoding_runs_the_loop_and_reports_its_bytes(tiny_model_dir, toy_task_files, tmp_path):
+    sent = {}
+    for kind, extra in [("full", {}), ("delta", {}), ("sparse", {"density": 0.05}),
+                        ("lora", {"lora": {"r": 2, "target_modules": ["query", "value"]}})]:
+        run_dir = run_cold_fusion(tiny_config(tiny_model_dir, toy_task_files, tmp_path, kind,
+                                              contribution={"kind": kind, **extra}))
+        rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+        (fusion,) = [r for r in rows if r["kind"] == "fusion"]
+        contributions = [r for r in rows if r["kind"] == "contribution"]
+        assert fusion["encoding"] == kind and all(r["encoding"] == kind for r in contributions)
+        assert fusion["bytes_sent"] == sum(r["bytes_sent"] for r in contributions) > 0
+        assert fusion["bytes_stored"] > fusion["bytes_sent"]
+        repo = Repository(run_dir / "repository")
+        assert {c.encoding["kind"] for c in repo.contributions()} == {kind}
+        assert repo.verify().ok and len(repo.versions()) == 2
+        sent[kind] = fusion["bytes_sent"]
+    assert sent["lora"] < sent["sparse"] < sent["delta"] < sent["full"]
+    assert sent["delta"] == pytest.approx(sent["full"] / 2, rel=0.1)  # half the data; the same header
+
+
+def test_lora_training_sends_only_factors_that_decode_to_the_trained_body(tiny_model_dir, toy_task_files):
+    from coldfusion.collab.contributor import Contributor
+    from coldfusion.encoder import Encoder
+    from coldfusion.tasks import TaskSpec, load_task
+    from coldfusion.training import FinetuneSettings
+
+    encoder = Encoder.load(str(tiny_model_dir))
+    task = load_task(TaskSpec(name="sentiment", path=toy_task_files["sentiment"]))
+    s = EncodingSettings(kind="lora", dtype="float32", lora={"r": 2, "target_modules": ["query", "value"]})
+    contributor = Contributor(task, encoder, finetune_settings=FinetuneSettings(batch_size=16), max_length=32,
+                              pooling="mean", examples_per_iteration=64, validation_examples=30, keep_head=False,
+                              seed=0, statistics="fisher", encoding=s)
+    result = contributor.contribute(encoder.pretrained, iteration=0)
+    assert set(result.body) == {f"encoder.layer.{i}.attention.self.{m}.weight.lora_{f}"
+                                for i in (0, 1) for m in ("query", "value") for f in "AB"}
+    assert payload_bytes(result.body) < payload_bytes(encoder.pretrained) / 10
+    decoded = decode_contribution(result.body, result.encoding, encoder.pretrained)
+    changed = {k for k in decoded if not torch.equal(decoded[k], encoder.pretrained[k])}
+    assert changed and all(".query." in k or ".value." in k for k in changed)  # only adapted weights move
+    assert set(result.stats["fisher"]) == set(encoder.pretrained)  # statistics of the folded body
+    again = Contributor(task, encoder, finetune_settings=FinetuneSettings(batch_size=16), max_length=32,
+                        pooling="mean", examples_per_iteration=64, validation_examples=30, keep_head=False,
+                        seed=0, encoding=s).contribute(encoder.pretrained, iteration=0)
+    assert all(torch.equal(result.body[k], again.body[k]) for k in result.body)  # seeded: reproducible
+
+
+def test_config_refuses_an_attack_on_encoded_contributions(tiny_model_dir, toy_task_files, tmp_path):
+    with pytest.raises(ColdFusionError, match="full bodies"):
+        tiny_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "delta"},
+                    attack={"contributors": ["sentiment"]})
+    with pytest.raises(ColdFusionError, match="contribution"):
+        tiny_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "zip"})
