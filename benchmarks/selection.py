@@ -7,12 +7,12 @@ Two parts, each printing JSON lines (and appending them to results/selection.jso
   iteration: solve the D x D system and take its log-determinant), in the same run;
   the two must agree.
 - `harness`: every built-in task as a target, every other as a source: the bundled
-  MiniLM intertrained on the source, then finetuned on the target (seeds 0-2), against
+  MiniLM intertrained on the source, then finetuned on the target (over the seeds), against
   the MiniLM finetuned directly; SEmb, LogME and the linear probe predict which source
   is best. Prints one row per (source, target) pair, one per target (each method's
   Regret@1, Regret@3, points lost by the top 3, NDCG) and a summary per method with its
   cost in seconds next to brute-force finetuning. Everything is cached in the repository
-  (--repository), so a stopped run resumes; about two hours on 2 quiet cores.
+  (--repository), so a stopped run resumes; about an hour on 2 quiet cores.
 
     python benchmarks/selection.py [--parts logme harness] [--targets ...] [--repository DIR]
 """
