@@ -159,6 +159,7 @@ def test_every_encoding_runs_the_loop_and_reports_its_bytes(tiny_model_dir, toy_
         assert fusion["encoding"] == kind and all(r["encoding"] == kind for r in contributions)
         assert fusion["bytes_sent"] == sum(r["bytes_sent"] for r in contributions) > 0
         assert fusion["bytes_stored"] > fusion["bytes_sent"]
+        assert f"| 1 | {kind} | 2 | {fusion['bytes_sent'] / 1e6:.2f} |" in (run_dir / "summary.md").read_text()
         repo = Repository(run_dir / "repository")
         assert {c.encoding["kind"] for c in repo.contributions()} == {kind}
         assert repo.verify().ok and len(repo.versions()) == 2

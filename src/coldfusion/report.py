@@ -81,10 +81,26 @@ def summary_markdown(rows: list[dict], title: str) -> str:
         "Intervals are paired bootstraps over the test examples (same examples for both bases); "
         "they do not include the variance over training seeds, which a single run cannot measure.",
         "",
+        *_communication(fusion),
         *_left_out(fusion),
         "![accuracy per iteration](plots/accuracy.png)",
         "",
     ])
+
+
+def _communication(fusion_rows: list[dict]) -> list[str]:
+    """Bytes sent by the contributors and stored by the repository, per iteration."""
+    rows = [r for r in fusion_rows if "bytes_sent" in r]  # runs made before bytes were counted have none
+    if not rows:
+        return []
+    mb = lambda n: f"{n / 1e6:.2f}"  # noqa: E731
+    lines = ["| iteration | encoding | contributions | MB sent | MB per contribution | MB stored |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        n = len(r["contributors"]) + len(r.get("rejected") or {})
+        lines.append(f"| {r['iteration']} | {r['encoding']} | {n} | {mb(r['bytes_sent'])} | "
+                     f"{mb(r['bytes_sent'] / max(n, 1))} | {mb(r['bytes_stored'])} |")
+    return ["**Communication** (what contributors sent, kept as sent; stored adds the new base):", "", *lines, ""]
 
 
 def _left_out(fusion_rows: list[dict]) -> list[str]:
