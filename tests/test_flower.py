@@ -29,6 +29,7 @@ from coldfusion.collab.flower.messages import (  # noqa: E402
 from coldfusion.collab.flower.security import make_certificates  # noqa: E402
 from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
 from coldfusion.config import FlowerSettings, FusionSettings, dump_config, parse_config  # noqa: E402
+from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 
 
@@ -74,9 +75,10 @@ def three_tasks(toy_task_files, tmp_path_factory):
 
 
 def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_tasks, tmp_path):
-    """`coldfusion run` with engine: flower runs Flower's simulation runtime. RegMean: the
-    contributors' Gram matrices travel with their bodies."""
-    regmean = {"fusion": FusionSettings(method="regmean")}
+    """`coldfusion run` with engine: flower runs Flower's simulation runtime. RegMean over
+    sparse contributions: the contributors' Gram matrices travel with their encoded bodies."""
+    regmean = {"fusion": FusionSettings(method="regmean"),
+               "contribution": EncodingSettings(kind="sparse", density=0.5, dtype="float32")}
     local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local").model_copy(update=regmean))
     config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower").model_copy(
         update={"engine": "flower", **regmean})
@@ -91,7 +93,8 @@ def test_simulation_fuses_what_the_local_engine_fuses(tiny_model_dir, three_task
     rows = [json.loads(line) for line in (flower / "results.jsonl").read_text().splitlines()]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     assert [f["contributors"] for f in fusions] == [list(three_tasks)] * 2 and all(not f["missing"] for f in fusions)
-    assert all(f["method"] == "regmean" for f in fusions)
+    assert all(f["method"] == "regmean" and f["encoding"] == "sparse" for f in fusions)
+    assert {c.encoding["kind"] for c in Repository(flower / "repository").contributions()} == {"sparse"}
 
 
 def test_deployment_configs_get_the_flower_app_not_a_silent_local_run(tiny_model_dir, three_tasks, tmp_path):
