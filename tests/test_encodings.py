@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_loop import tiny_config
 
 from coldfusion.collab import run_cold_fusion
 from coldfusion.config import parse_config
@@ -136,23 +137,18 @@ def test_an_undecodable_contribution_is_refused_and_the_rest_fused(tmp_path):
     assert report.ok and not report.temporary  # the decoded scratch files are gone
 
 
-def tiny_config(tiny_model_dir, toy_task_files, tmp_path, name, **extra):
-    return parse_config({
-        "name": name, "model": str(tiny_model_dir), "max_length": 32, "threads": 1,
-        "tasks": [{"name": n, "path": str(p)} for n, p in toy_task_files.items()],
-        "loop": {"iterations": 1, "examples_per_contributor": 64, "validation_examples": 30},
-        "finetune": {"batch_size": 16, "lr": 1e-3, "head_lr": 5e-3},
-        "evaluation": {"train_examples": 80, "validation_examples": 30, "test_examples": 40,
-                       "probe": {"l2_grid": [1e-3], "max_iter": 30}},
-        "output_dir": str(tmp_path / "runs"), **extra})
+def encoded_config(tiny_model_dir, toy_task_files, tmp_path, name, **extra):
+    """The loop tests' tiny run, one iteration, with `extra` settings (validated)."""
+    config = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1).model_dump(mode="json")
+    return parse_config({**config, "name": name, **extra})
 
 
 def test_every_encoding_runs_the_loop_and_reports_its_bytes(tiny_model_dir, toy_task_files, tmp_path):
     sent = {}
     for kind, extra in [("full", {}), ("delta", {}), ("sparse", {"density": 0.05}),
                         ("lora", {"lora": {"r": 2, "target_modules": ["query", "value"]}})]:
-        run_dir = run_cold_fusion(tiny_config(tiny_model_dir, toy_task_files, tmp_path, kind,
-                                              contribution={"kind": kind, **extra}))
+        run_dir = run_cold_fusion(encoded_config(tiny_model_dir, toy_task_files, tmp_path, kind,
+                                                 contribution={"kind": kind, **extra}))
         rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
         (fusion,) = [r for r in rows if r["kind"] == "fusion"]
         contributions = [r for r in rows if r["kind"] == "contribution"]
@@ -196,7 +192,7 @@ def test_lora_training_sends_only_factors_that_decode_to_the_trained_body(tiny_m
 
 def test_config_refuses_an_attack_on_encoded_contributions(tiny_model_dir, toy_task_files, tmp_path):
     with pytest.raises(ColdFusionError, match="full bodies"):
-        tiny_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "delta"},
-                    attack={"contributors": ["sentiment"]})
+        encoded_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "delta"},
+                       attack={"contributors": ["sentiment"]})
     with pytest.raises(ColdFusionError, match="contribution"):
-        tiny_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "zip"})
+        encoded_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "zip"})
