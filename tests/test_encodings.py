@@ -196,3 +196,46 @@ def test_config_refuses_an_attack_on_encoded_contributions(tiny_model_dir, toy_t
                        attack={"contributors": ["sentiment"]})
     with pytest.raises(ColdFusionError, match="contribution"):
         encoded_config(tiny_model_dir, toy_task_files, tmp_path, "x", contribution={"kind": "zip"})
+
+
+def test_every_fusion_operator_fuses_every_encoding_as_it_fuses_the_decoded_bodies(tmp_path):
+    """The repository decodes before it fuses: for each operator (with the statistics it
+    needs) and each encoding, the fused base equals fusing the decoded bodies directly."""
+    from coldfusion.checkpoint import save_tensors
+    from coldfusion.fusion import REGISTRY, fuse_files
+    from coldfusion.validation import ValidationSettings
+
+    def save(path, tensors):
+        save_tensors(path, tensors)
+        return path
+
+    everyone = ValidationSettings(outlier_factor=None)  # three similar updates: nothing to refuse here
+
+    base, _ = pair(0)
+    bodies = [pair(seed)[1] for seed in (1, 2, 3)]
+    bodies = [{k: (base[k] + (v - pair(seed)[0][k]) if v.is_floating_point() else v) for k, v in b.items()}
+              for seed, b in zip((1, 2, 3), bodies, strict=True)]  # three updates of the same base
+    stats = {"fisher": [{k: torch.rand_like(v) + 0.1 for k, v in base.items() if v.is_floating_point()}
+                        for _ in bodies],
+             "gram": [{"w": (lambda x: x.T @ x)(torch.randn(20, 8))} for _ in bodies]}
+    encodings = {kind: (s.record(), [encode_contribution(b, base, s) for b in bodies]) for kind, s in (
+        ("delta", EncodingSettings(kind="delta", dtype="float16")),
+        ("sparse", EncodingSettings(kind="sparse", density=0.3, dtype="float32")))}
+    encodings["lora"] = ({"kind": "lora", "r": 2, "alpha": 0.1}, [lora_payload(seed) for seed in (1, 2, 3)])
+    for kind, (record, payloads) in encodings.items():
+        decoded = [decode_contribution(p, record, base) for p in payloads]
+        for method, op in REGISTRY.items():
+            repo = Repository(tmp_path / f"{kind}-{method}")
+            v = repo.add_version(base, model_source="x")
+            ids = [repo.add_contribution(p, base_version=v.id, contributor=f"c{i}", task=f"t{i}", num_examples=i + 1,
+                                         encoding=record,
+                                         stats={op.needs_stats: stats[op.needs_stats][i]} if op.needs_stats else None
+                                         ).id for i, p in enumerate(payloads)]
+            fused = repo.load_version(repo.fuse(v.id, ids, method=method, validation=everyone).id)
+            paths = [save(tmp_path / f"{kind}-{method}-{i}.safetensors", d) for i, d in enumerate(decoded)]
+            stat_paths = [save(tmp_path / f"{kind}-{method}-{i}.stats.safetensors", st)
+                          for i, st in enumerate(stats[op.needs_stats])] if op.needs_stats else None
+            expected = fuse_files(paths, method, [1, 2, 3] if op.weighting == "examples" else None,
+                                  base=repo.path_of(v.sha256), stats=stat_paths)
+            for k in expected:
+                assert torch.allclose(fused[k].float(), expected[k].float(), atol=1e-5), (kind, method, k)
