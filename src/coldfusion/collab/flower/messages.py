@@ -1,10 +1,10 @@
 """What travels between the ServerApp and the ClientApps, as Flower records.
 
 Out: the base body (`arrays`) and the run's settings (`config`: the run config as YAML
-and the round). Back: the finetuned body as the run encodes it (and how), the statistics
-the fusion method needs,
-the example count (`metrics["num-examples"]`, Flower's convention) and the contributor's
-name and training metrics. Tensors keep their names and dtypes exactly.
+and the round). Back: the finetuned body as the run encodes it (and the encoding), the
+statistics the fusion method needs, the example count (`metrics["num-examples"]`,
+Flower's convention) and the contributor's name and training metrics. Tensors keep their
+names and dtypes exactly.
 """
 
 import json
