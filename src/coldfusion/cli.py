@@ -202,7 +202,8 @@ def rank(
         _fail(exc)
     table = Table(title=f"candidates for {target}, best first by {by}")
     for col in ("rank", "candidate", "probe acc (val)", "LogME", "finetuned acc (test)", f"gain vs {base}", "seconds"):
-        table.add_column(col, justify="left" if col == "candidate" else "right")
+        table.add_column(col, justify="left" if col == "candidate" else "right",
+                         overflow="fold" if col == "candidate" else "ellipsis")  # paths are the names: show them whole
     for i, r in enumerate(rows, 1):
         finetuned = "-" if r.finetune is None else f"{r.finetune:.1f} ± {r.finetune_sd:.1f}"
         gain = "-" if r.gain is None else f"{r.gain:+.1f}"
