@@ -34,3 +34,14 @@ def test_bad_inputs_are_refused():
         ndcg({"a": -1.0, "b": 2.0}, ["a", "b"])
     with pytest.raises(ValueError, match="must be positive"):
         regret_at_k({"a": -1.0, "b": 0.0}, ["a", "b"], 1)
+
+
+def test_spearman_known_answers_and_ties():
+    from coldfusion.selection.ranking_quality import spearman
+
+    true = {"a": 3.0, "b": 2.0, "c": 1.0}
+    assert spearman(true, {"a": 30, "b": 20, "c": 10}) == pytest.approx(1.0)
+    assert spearman(true, {"a": 1, "b": 2, "c": 3}) == pytest.approx(-1.0)
+    # ties share the mean rank: predicted ranks 0.5, 0.5, 2 against 2, 1, 0 -> Pearson of those
+    assert spearman(true, {"a": 1, "b": 1, "c": 5}) == pytest.approx(-0.8660254, abs=1e-6)
+    assert spearman(true, {"a": 1, "b": 1, "c": 1}) == 0.0

@@ -145,12 +145,14 @@ def known_result() -> TargetResult:
 
 def test_ranking_quality_of_each_method_known_answers():
     r = known_result()
-    assert r.quality("logme") == {"regret@1": 0.0, "regret@3": 0.0, "lost@3": 0.0, "ndcg": 1.0}
+    assert r.quality("logme") == {"regret@1": 0.0, "regret@3": 0.0, "lost@3": 0.0, "ndcg": 1.0, "spearman": 1.0}
     semb = r.quality("semb")  # top 1 = d (50), top 3 = d, c, b (best 70)
+    assert semb["spearman"] == pytest.approx(-1.0)
     assert semb["regret@1"] == pytest.approx(30 / 80 * 100) and semb["regret@3"] == pytest.approx(10 / 80 * 100)
     assert semb["lost@3"] == 10.0
     probe = r.quality("probe")  # b, d, a, c
     assert probe["regret@1"] == pytest.approx(12.5) and probe["regret@3"] == 0.0
+    assert probe["spearman"] == pytest.approx(0.0)  # ranks (truth, probe): a (3, 1), b (2, 3), c (1, 0), d (0, 2)
 
 
 def test_random_order_quality_is_its_exact_expectation():

@@ -17,7 +17,7 @@ from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.rank import finetune_over_seeds
-from coldfusion.selection.ranking_quality import ndcg, regret_at_k
+from coldfusion.selection.ranking_quality import ndcg, regret_at_k, spearman
 from coldfusion.selection.select import METHODS, score_sources
 from coldfusion.selection.settings import SelectionSettings
 from coldfusion.tasks import Task
@@ -45,11 +45,13 @@ class TargetResult:
         return sorted(self.scores[method], key=self.scores[method].get, reverse=True)
 
     def quality(self, method: str) -> dict[str, float]:
-        """Regret@1 and @3 (percent of the best accuracy), points lost by the top 3, NDCG."""
+        """Regret@1 and @3 (percent of the best accuracy), points lost by the top 3, NDCG, and
+        the rank correlation of the scores with the truth."""
         truth, order = self.mean_truth, self.predicted(method)
         best = max(truth.values())
         return {"regret@1": regret_at_k(truth, order, 1), "regret@3": regret_at_k(truth, order, 3),
-                "lost@3": best - max(truth[s] for s in order[:3]), "ndcg": ndcg(truth, order)}
+                "lost@3": best - max(truth[s] for s in order[:3]), "ndcg": ndcg(truth, order),
+                "spearman": spearman(truth, self.scores[method])}
 
     def random_quality(self) -> dict[str, float]:
         """What a random order scores on average (exactly: its top k is a uniform k-subset)."""
@@ -60,7 +62,8 @@ class TargetResult:
         discounts = [1 / math.log2(rank + 2) for rank in range(len(values))]
         ideal = sum(v * d for v, d in zip(sorted(values, reverse=True), discounts, strict=True))
         return {"regret@1": (best - expected_best[1]) / best * 100, "regret@3": (best - expected_best[3]) / best * 100,
-                "lost@3": best - expected_best[3], "ndcg": statistics.fmean(values) * sum(discounts) / ideal}
+                "lost@3": best - expected_best[3], "ndcg": statistics.fmean(values) * sum(discounts) / ideal,
+                "spearman": 0.0}
 
 
 def evaluate_target(target: Task, sources: list[Task], base: Body, s: SelectionSettings, store: Repository,
@@ -102,7 +105,7 @@ def summarize(results: list[TargetResult]) -> list[dict]:
             row["seconds"] = total(COMPONENTS[method])
             row["seconds_with_intertraining"] = row["seconds"] + (intertraining if method != "semb" else 0.0)
         rows.append(row)
-    rows.append({"method": "brute_force", "regret@1": 0.0, "regret@3": 0.0, "lost@3": 0.0, "ndcg": 1.0,
+    rows.append({"method": "brute_force", "regret@1": 0.0, "regret@3": 0.0, "lost@3": 0.0, "ndcg": 1.0, "spearman": 1.0,
                  "targets": len(results), "seconds": brute_force,
                  "seconds_with_intertraining": brute_force + intertraining})
     return rows

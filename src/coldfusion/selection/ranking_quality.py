@@ -34,3 +34,28 @@ def _check(true: Mapping[str, float], predicted: Sequence[str]) -> None:
     if sorted(true) != sorted(predicted):
         raise ValueError(f"the predicted order must rank exactly the scored candidates: "
                          f"{sorted(set(true) ^ set(predicted))} differ")
+
+
+def spearman(true: Mapping[str, float], predicted_scores: Mapping[str, float]) -> float:
+    """Rank correlation of predicted scores with true scores (tied values share their mean rank)."""
+    _check(true, list(predicted_scores))
+    names = sorted(true)
+    a, b = _ranks([true[n] for n in names]), _ranks([predicted_scores[n] for n in names])
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return cov / norm if norm > 0 else 0.0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
