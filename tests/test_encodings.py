@@ -239,3 +239,44 @@ def test_every_fusion_operator_fuses_every_encoding_as_it_fuses_the_decoded_bodi
                                   base=repo.path_of(v.sha256), stats=stat_paths)
             for k in expected:
                 assert torch.allclose(fused[k].float(), expected[k].float(), atol=1e-5), (kind, method, k)
+
+
+def test_a_fish_mask_restricts_training_to_its_entries():
+    from coldfusion.encodings.sparse import restrict_training, top_share
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    scores = {"weight": torch.arange(24.0).view(4, 6), "bias": torch.zeros(4)}
+    chosen = top_share(scores, density=4 / 28)
+    assert chosen["weight"].tolist() == [20, 21, 22, 23] and chosen["bias"].numel() == 0
+    hooks = restrict_training(layer, chosen)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        layer(torch.randn(8, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for hook in hooks:
+        hook.remove()
+    moved = (layer.weight.detach() != before["weight"]).flatten()
+    assert moved.nonzero().flatten().tolist() == [20, 21, 22, 23]
+    assert torch.equal(layer.bias.detach(), before["bias"])
+
+
+def test_a_fish_contributor_sends_exactly_its_mask(tiny_model_dir, toy_task_files):
+    from coldfusion.collab.contributor import Contributor
+    from coldfusion.encoder import Encoder
+    from coldfusion.tasks import TaskSpec, load_task
+    from coldfusion.training import FinetuneSettings
+
+    encoder = Encoder.load(str(tiny_model_dir))
+    task = load_task(TaskSpec(name="sentiment", path=toy_task_files["sentiment"]))
+    s = EncodingSettings(kind="sparse", score="fisher", density=0.05, dtype="float32")
+    result = Contributor(task, encoder, finetune_settings=FinetuneSettings(batch_size=16, weight_decay=0.0),
+                         max_length=32, pooling="mean", examples_per_iteration=64, validation_examples=30,
+                         keep_head=False, seed=0, statistics_examples=32, encoding=s).contribute(encoder.pretrained, 0)
+    sent = sum(v.numel() for k, v in result.body.items() if k.endswith(".indices"))
+    params = sum(v.numel() for v in encoder.new_body().parameters())
+    assert sent == round(0.05 * params)  # the mask, chosen before training, whatever the deltas became
+    values = torch.cat([v for k, v in result.body.items() if k.endswith(".values")])
+    assert (values != 0).float().mean() > 0.5  # and the mask is where training moved the weights

@@ -77,8 +77,21 @@ class Contributor:
             model.head.load_state_dict(self.head)
         data = self.train.take(self.examples_for(iteration))
         settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
-        result = finetune(model, data, self.validation, settings,
-                          seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
+        fish = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
+        hooks = []
+        if fish:  # FISH mask: the entries are chosen on the base, by Fisher on this data; only they train
+            from coldfusion.encodings.sparse import restrict_training, top_share
+
+            fish = top_share(diagonal_fisher(model, data, self.statistics_examples,
+                                             seed=derive_seed(self.seed, "fish", self.name, iteration)),
+                             self.encoding.density)
+            hooks = restrict_training(model.body, fish)
+        try:
+            result = finetune(model, data, self.validation, settings,
+                              seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
         payload = None
         if lora:  # send the factors; the statistics below are of the body with them folded in
@@ -88,15 +101,16 @@ class Contributor:
             model.body = model.body.merge_and_unload()
         metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
                    "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
-        stats, fisher = {}, None
-        sparse_by_fisher = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
-        if self.statistics == "fisher" or sparse_by_fisher:
-            fisher = diagonal_fisher(model, data, self.statistics_examples,
-                                     seed=derive_seed(self.seed, "fisher", self.name, iteration))
-            if self.statistics == "fisher":
-                stats["fisher"] = fisher
-        if self.statistics == "gram":
+        stats = {}
+        if self.statistics == "fisher":
+            stats["fisher"] = diagonal_fisher(model, data, self.statistics_examples,
+                                              seed=derive_seed(self.seed, "fisher", self.name, iteration))
+        elif self.statistics == "gram":
             stats["gram"] = gram_matrices(model, data, self.statistics_examples)
-        if payload is None:
-            payload = encode_contribution(body_tensors(model.body), base, self.encoding, fisher)
+        if fish:
+            from coldfusion.encodings.sparse import sparse_payload
+
+            payload = sparse_payload(body_tensors(model.body), base, fish, self.encoding.dtype)
+        elif payload is None:
+            payload = encode_contribution(body_tensors(model.body), base, self.encoding)
         return ContributionResult(self.name, self.name, payload, len(data), metrics, stats, self.encoding.record())

@@ -20,7 +20,7 @@ def encode_contribution(body: Tensors, base: Tensors, s: EncodingSettings, fishe
         return body
     if s.kind == "delta":
         return encode_delta(body, base, s.dtype)
-    if s.kind == "sparse":
+    if s.kind == "sparse":  # (a contributor with a FISH mask sends its trained entries instead: sparse.py)
         if s.score == "fisher" and fisher is None:
             raise ColdFusionError("a sparse contribution by Fisher score needs the contributor's Fisher")
         return encode_sparse(body, base, s.density, s.dtype, fisher if s.score == "fisher" else None)

@@ -28,8 +28,9 @@ class EncodingSettings(BaseModel):
         "float16", description="dtype of the delta values sent by `delta` and `sparse` (and of `lora` factors)")
     density: float = Field(0.02, gt=0, le=1, description="sparse: share of all delta entries sent")
     score: Literal["magnitude", "fisher"] = Field(
-        "magnitude", description="sparse: keep the largest |delta| entries, or those of largest diagonal Fisher "
-                                 "(FISH mask; the contributor computes it on its own data)")
+        "magnitude", description="sparse: send the largest |delta| entries after finetuning; or a FISH mask: "
+                                 "choose the entries of largest diagonal Fisher on the base (on the contributor's "
+                                 "own data) before finetuning, and train only those")
     lora: LoraSettings = LoraSettings()
 
     def record(self) -> dict:

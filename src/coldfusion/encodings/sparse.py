@@ -1,10 +1,13 @@
 """`sparse`: only the top `density` share of all delta entries, as (indices, values) per tensor.
 
-The entries are chosen over the whole body at once, by |delta| or by the contributor's
-diagonal Fisher (FISH mask, Sung et al. 2021): a tensor the task barely touched sends
-few or none. An entry not sent is a zero delta, so decoding gives base + kept deltas,
-and every fusion operator sees an ordinary body. Each kept entry costs 4 bytes of int32
-index and 2 of fp16 value: density d sends about 6d / 4 of the full body's bytes.
+The entries are chosen over the whole body at once: a tensor the task barely touched
+sends few or none. By `magnitude`, the largest |delta| after finetuning. By `fisher`, a
+FISH mask (Sung et al. 2021): the contributor ranks entries by its diagonal Fisher on the
+base *before* finetuning and trains only those (`restrict_training`), so what it sends is
+its whole update, not a cut of it. An entry not sent is a zero delta: decoding gives
+base + sent deltas, and every fusion operator sees an ordinary body. Each kept entry
+costs 4 bytes of int32 index and 2 of fp16 value: density d sends about 6d / 4 of the
+full body's bytes.
 """
 
 import torch
@@ -16,26 +19,49 @@ from coldfusion.errors import ColdFusionError
 INDICES, VALUES = ".indices", ".values"
 
 
+def top_share(scores: Tensors, density: float) -> dict[str, torch.Tensor]:
+    """Flat indices, per tensor, of the top `density` share of all entries by score."""
+    names = sorted(scores)
+    ranking = torch.cat([scores[k].float().flatten() for k in names])
+    kept = torch.zeros(ranking.numel(), dtype=torch.bool)
+    kept[torch.topk(ranking, max(1, round(density * ranking.numel())), sorted=False).indices] = True
+    out, start = {}, 0
+    for name in names:
+        n = scores[name].numel()
+        out[name] = kept[start:start + n].nonzero().flatten()
+        start += n
+    return out
+
+
+def restrict_training(body: torch.nn.Module, indices: dict[str, torch.Tensor]) -> list:
+    """Zero every gradient outside `indices`, so that finetuning changes only those entries
+    (Adam's step is zero where its gradients always were). Returns the hooks to remove."""
+    hooks = []
+    for name, param in body.named_parameters():
+        mask = torch.zeros(param.numel(), dtype=param.dtype)
+        mask[indices.get(name, torch.zeros(0, dtype=torch.long))] = 1
+        hooks.append(param.register_hook(lambda grad, m=mask.view_as(param): grad * m))
+    return hooks
+
+
+def sparse_payload(body: Tensors, base: Tensors, indices: dict[str, torch.Tensor], dtype: str) -> Tensors:
+    payload = {}
+    for name, where in sorted(indices.items()):
+        if where.numel():
+            delta = body[name].float().flatten()[where] - base[name].float().flatten()[where]
+            payload[name + INDICES] = where.to(torch.int32)
+            payload[name + VALUES] = delta.to(DTYPES[dtype])
+    return payload
+
+
 def encode_sparse(body: Tensors, base: Tensors, density: float, dtype: str,
                   scores: Tensors | None = None) -> Tensors:
     """`scores` (same names and shapes as the float tensors) rank the entries; default |delta|."""
     names = sorted(k for k, v in body.items() if v.is_floating_point())
-    deltas = {k: (body[k].float() - base[k].float()).flatten() for k in names}
     if scores is not None and (missing := [k for k in names if k not in scores]):
         raise ColdFusionError(f"sparse by Fisher score: no Fisher for tensors {missing[:3]}")
-    ranking = torch.cat([(scores[k].float().flatten() if scores is not None else deltas[k].abs()) for k in names])
-    k = max(1, round(density * ranking.numel()))
-    kept = torch.zeros(ranking.numel(), dtype=torch.bool)
-    kept[torch.topk(ranking, k, sorted=False).indices] = True
-    payload, start = {}, 0
-    for name in names:
-        n = deltas[name].numel()
-        where = kept[start:start + n].nonzero().flatten()
-        start += n
-        if where.numel():
-            payload[name + INDICES] = where.to(torch.int32)
-            payload[name + VALUES] = deltas[name][where].to(DTYPES[dtype])
-    return payload
+    ranking = {k: scores[k] if scores is not None else (body[k].float() - base[k].float()).abs() for k in names}
+    return sparse_payload(body, base, top_share(ranking, density), dtype)
 
 
 def decode_sparse(payload: Tensors, base: Tensors) -> Tensors:
