@@ -10,7 +10,7 @@ then a summary: bytes relative to `full`, and points of accuracy against `full`.
 Target: at least 20x fewer bytes than `full` with at most 0.5 points lost, for at least
 one encoding. About 5 minutes per encoding on 2 quiet cores.
 
-    python benchmarks/communication.py [--encodings full lora ...] [--iterations 2]
+    python benchmarks/communication.py [--encodings full lora_r8 ...] [--iterations 2] [--resume]
 """
 
 import argparse
@@ -58,7 +58,8 @@ def run(name: str, encoding: dict, args, workdir: Path) -> dict:
         r["accuracy"] for r in rows if r["kind"] == "probe" and r["iteration"] == it)
     contributions = [r for r in rows if r["kind"] == "contribution"]
     fusions = [r for r in rows if r["kind"] == "fusion"]
-    return {"encoding": name, "settings": encoding, "accuracy": round(accuracy(args.iterations), 2),
+    return {"encoding": name, "settings": encoding, "iterations": args.iterations,
+            "accuracy": round(accuracy(args.iterations), 2),
             "pretrained_accuracy": round(accuracy(0), 2),
             "bytes_per_contribution": round(statistics.fmean(r["bytes_sent"] for r in contributions)),
             "bytes_sent_per_iteration": [r["bytes_sent"] for r in fusions],
@@ -73,13 +74,22 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results" / "communication.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="take encodings already measured (same settings and iterations) from --out")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
+    if args.resume and args.out.exists():
+        for line in args.out.read_text().splitlines():
+            row = json.loads(line)
+            if row["part"] == "run" and row["encoding"] in args.encodings and \
+                    row["settings"] == ENCODINGS[row["encoding"]] and row["iterations"] == args.iterations:
+                results[row["encoding"]] = {k: v for k, v in row.items() if k != "part"}
     with tempfile.TemporaryDirectory(prefix="coldfusion-communication-") as tmp:
         for name in args.encodings:
-            results[name] = run(name, ENCODINGS[name], args, Path(tmp))
-            emit({"part": "run", **results[name]}, args.out)
+            if name not in results:
+                results[name] = run(name, ENCODINGS[name], args, Path(tmp))
+                emit({"part": "run", **results[name]}, args.out)
     if "full" not in results:
         return
     full = results["full"]
