@@ -3,7 +3,8 @@
 The quick start's setting (bundled MiniLM, four real tasks, 640 examples per contributor
 per iteration) for `--iterations` iterations, once per encoding, all in this run: `full`
 (fp32 body), `delta` (fp16), `sparse` (2% of delta entries, by magnitude and by Fisher)
-and `lora` (rank 8 on every attention and feed-forward linear layer). Each run goes
+and `lora` (rank 8 on every attention and feed-forward linear layer, and rank 16 at twice
+the learning rate). Each run goes
 through `coldfusion run`; its results.jsonl gives the bytes each contribution sent and
 the final base's linear-probe accuracy on the seen tasks. One JSON line per encoding,
 then a summary: bytes relative to `full`, and points of accuracy against `full`.
@@ -33,6 +34,7 @@ ENCODINGS = {
     "sparse_2pct_magnitude": {"kind": "sparse", "density": 0.02, "score": "magnitude"},
     "sparse_2pct_fisher": {"kind": "sparse", "density": 0.02, "score": "fisher"},
     "lora_r8": {"kind": "lora", "lora": {"r": 8}},
+    "lora_r16_lr1e-3": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "lr": 1e-3}},
 }
 
 
