@@ -11,7 +11,7 @@ then a summary: bytes relative to `full`, and points of accuracy against `full`.
 Target: at least 20x fewer bytes than `full` with at most 0.5 points lost, for at least
 one encoding. About 5 minutes per encoding on 2 quiet cores.
 
-    python benchmarks/communication.py [--encodings full lora_r8 ...] [--iterations 2] [--resume]
+    python benchmarks/communication.py [--encodings full lora_r16_lr1e-3 ...] [--iterations 2] [--resume]
 """
 
 import argparse
@@ -33,7 +33,7 @@ ENCODINGS = {
     "delta_fp16": {"kind": "delta", "dtype": "float16"},
     "sparse_2pct_magnitude": {"kind": "sparse", "density": 0.02, "score": "magnitude"},
     "sparse_2pct_fisher": {"kind": "sparse", "density": 0.02, "score": "fisher"},
-    "lora_r8": {"kind": "lora", "lora": {"r": 8}},
+    "lora_r8_lr5e-4": {"kind": "lora", "lora": {"r": 8, "alpha": 16, "lr": 5e-4}},
     "lora_r16_lr1e-3": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "lr": 1e-3}},
 }
 
