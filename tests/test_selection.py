@@ -221,7 +221,7 @@ def test_select_command_end_to_end(tiny_model_dir, toy_task_files, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["rank", "default", "--target", "no_such_task"], "unknown task 'no_such_task'"),
-    (["rank", "default", "--target", "sentiment", "--by", "vibes"], "rank by one of probe, logme"),
+    (["rank", "default", "--target", "sentiment", "--by", "vibes"], "rank by one of logme, probe"),
     (["select", "--target", "movie_sentiment", "--sources", "movie_sentiment"], "differ from the target"),
     (["select", "--target", "movie_sentiment", "--sources", "bbc_topic", "--by", "vibes"], "select by one of"),
 ])

@@ -182,7 +182,8 @@ def rank(
     candidates: list[str] = typer.Argument(..., help="candidate bodies: REPO (its newest version), REPO@VERSION, "
                                            "a model directory, 'default' (the bundled MiniLM) or a hub id"),
     target: str = typer.Option(..., help="the target task: a built-in name or a task file"),
-    by: str = typer.Option("probe", help="order by 'probe' (linear-probe accuracy) or 'logme'"),
+    by: str = typer.Option("logme", help="order by 'logme' or 'probe' (linear-probe accuracy); LogME ranked best "
+                           "in benchmarks/selection.py"),
     top_k: int = typer.Option(0, "--top-k", min=0, help="finetune the top K on the target (over the seeds) "
                               "to confirm, with their gain over --base"),
     base: str = typer.Option("default", help="the pretrained base the gains are measured against"),
@@ -220,7 +221,8 @@ def select(
     target: str = typer.Option(..., help="the target task: a built-in name or a task file"),
     sources: list[str] = typer.Option(..., help="candidate intermediate tasks (repeat the option, or separate "
                                       "by commas): built-in names or task files"),
-    by: str = typer.Option("probe", help="order by 'probe', 'logme' (of the source-finetuned bodies) or 'semb'"),
+    by: str = typer.Option("logme", help="order by 'logme' or 'probe' (of the source-finetuned bodies), or 'semb' "
+                           "(cheapest: no intertraining needed to score)"),
     base: str = typer.Option("default", help="the model intertrained on each source"),
     settings: Path | None = typer.Option(None, help=SETTINGS_HELP),
     cache: Path = _cache_option(),

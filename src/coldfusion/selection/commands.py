@@ -19,7 +19,7 @@ def task_argument(text: str) -> Task:
     return load_task(TaskSpec(name=path.stem, path=path) if path.is_file() else TaskSpec(name=text))
 
 
-def rank(target: str, candidates: list[str], s: SelectionSettings, cache: Path, by: str = "probe",
+def rank(target: str, candidates: list[str], s: SelectionSettings, cache: Path, by: str = "logme",
          top_k: int = 0, base: str | None = "default", progress=None) -> list[Ranked]:
     if by not in SCORES:
         raise ColdFusionError(f"rank by one of {', '.join(SCORES)}, not '{by}'")
@@ -31,7 +31,7 @@ def rank(target: str, candidates: list[str], s: SelectionSettings, cache: Path, 
                            progress or SilentProgress())
 
 
-def select(target: str, sources: list[str], s: SelectionSettings, cache: Path, by: str = "probe",
+def select(target: str, sources: list[str], s: SelectionSettings, cache: Path, by: str = "logme",
            base: str = "default", progress=None) -> list[SourceScore]:
     if by not in METHODS:
         raise ColdFusionError(f"select by one of {', '.join(METHODS)}, not '{by}'")

@@ -19,7 +19,7 @@ from coldfusion.selection.settings import SelectionSettings
 from coldfusion.selection.transfer import finetune_accuracy
 from coldfusion.tasks import Task
 
-SCORES = ("probe", "logme")
+SCORES = ("logme", "probe")
 
 
 @dataclass
@@ -58,7 +58,7 @@ def finetune_over_seeds(store: Repository, encoders: Encoders, body: Body, targe
 
 
 def rank_candidates(target: Task, candidates: list[Body], s: SelectionSettings, store: Repository,
-                    encoders: Encoders, by: str = "probe", top_k: int = 0, base: Body | None = None,
+                    encoders: Encoders, by: str = "logme", top_k: int = 0, base: Body | None = None,
                     progress=None) -> list[Ranked]:
     """The candidates, best first by `by`; the top `top_k` confirmed by finetuning."""
     if by not in SCORES:

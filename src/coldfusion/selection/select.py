@@ -38,7 +38,7 @@ class SourceScore:
 
 def score_sources(target: Task, sources: list[Task], base: Body, s: SelectionSettings, store: Repository,
                   encoders: Encoders, progress=None) -> list[SourceScore]:
-    """Every source's three scores for the target, best first by the probe."""
+    """Every source's three scores for the target, best first by LogME."""
     names = [t.name for t in sources]
     if target.name in names or len(set(names)) != len(names):
         raise ColdFusionError(f"sources must be distinct and differ from the target '{target.name}': {names}")
@@ -58,4 +58,4 @@ def score_sources(target: Task, sources: list[Task], base: Body, s: SelectionSet
             "intertrain": intertrain_seconds, "source_features": source_mean.seconds,
             "target_features": target_mean.seconds, "semb": semb_seconds, **cheap.costs}))
         progress.advance()
-    return sorted(scored, key=lambda r: r.probe, reverse=True)
+    return sorted(scored, key=lambda r: r.logme, reverse=True)
