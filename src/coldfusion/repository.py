@@ -330,6 +330,7 @@ class Repository:
         """(contribution id -> why it is refused, -> its delta norm, -> the file of its body:
         the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
         rejected, norms, dense = {}, {}, {}
+        bases: dict[int, Tensors] = {}  # each base an encoded contribution needs, read (and hashed) once
         if sha256_file(self.path_of(base.sha256)) != base.sha256:
             raise ColdFusionError(f"base version {base.id} ({self.path_of(base.sha256)}) does not match its "
                                   "checksum: the repository is damaged; run `coldfusion verify` on it")
@@ -345,7 +346,9 @@ class Repository:
             own_base = base if c.base_version == base.id else self.version(c.base_version)
             if c.encoding.get("kind", "full") != "full":
                 try:
-                    path = self._decode(c, own_base, scratch)
+                    if own_base.id not in bases:
+                        bases[own_base.id] = self.load(own_base.sha256)
+                    path = self._decode(c, bases[own_base.id], scratch)
                 except ColdFusionError as exc:
                     rejected[c.id] = f"its {c.encoding.get('kind')} encoding cannot be decoded: {exc}"
                     continue
@@ -360,10 +363,11 @@ class Repository:
             rejected[cid] = why
         return rejected, norms, dense
 
-    def _decode(self, contribution: Contribution, own_base: Version, scratch: Path) -> Path:
-        """Write the body an encoded contribution stands for into `scratch`; return its path."""
+    def _decode(self, contribution: Contribution, own_base: Tensors, scratch: Path) -> Path:
+        """Write the body an encoded contribution stands for (on `own_base`, the tensors of the
+        version it was trained from) into `scratch`; return its path."""
         payload = load_tensors(self.path_of(contribution.sha256))  # its checksum was just verified
-        body = decode_contribution(payload, contribution.encoding, self.load(own_base.sha256))
+        body = decode_contribution(payload, contribution.encoding, own_base)
         path = scratch / f"{contribution.id}.safetensors"
         save_tensors(path, body)
         return path
