@@ -161,6 +161,7 @@ def test_slicing_does_not_change_the_fusion(tmp_path, monkeypatch, method):
     whole = fuse_files(paths, method, **kwargs)
     for size in (1, 8, 24, 50):
         monkeypatch.setattr(streaming, "SLICE", size)
+        monkeypatch.setattr(streaming, "SLICE_MODELS", 1)
         sliced = fuse_files(paths, method, **kwargs)
         for k in shapes:
             assert sliced[k].shape == whole[k].shape
@@ -231,11 +232,44 @@ def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
 
     monkeypatch.setattr(SafetensorsReader, "read", recording)
     monkeypatch.setattr(streaming, "SLICE", 16)
+    monkeypatch.setattr(streaming, "SLICE_MODELS", 1)
     fuse_files(paths, method, base=base)
     whole = [s for s in sizes if s > 16]
     assert all(s == 200 for s in whole)
     # TIES reads each model's whole tensor once (and the base's) to find its cut; nobody else does
     assert len(whole) == (7 if method == "ties" else 0)
+
+
+@pytest.mark.parametrize("hold", [0, 1 << 20])
+def test_threads_do_not_change_the_fusion(tmp_path, monkeypatch, hold):
+    """Slices, models and column ranges are fused on as many threads as torch may use; every
+    operator gives bit for bit what it gives on one thread (TIES whether it holds whole
+    tensors or cuts first and merges slice by slice)."""
+    from coldfusion.fusion import dare, streaming
+
+    g = torch.Generator().manual_seed(4)
+    shapes = {"w": (37, 29), "v": (300,), "x": (3, 5)}
+    make = lambda: {k: torch.randint(-6, 7, s, generator=g).float() / 4 for k, s in shapes.items()}  # noqa: E731
+    paths = [write(tmp_path, str(i), make()) for i in range(5)]
+    base = write(tmp_path, "base", make())
+    stats = [write(tmp_path, f"s{i}", {k: torch.rand(s, generator=g) for k, s in shapes.items()}) for i in range(5)]
+    grams = [write(tmp_path, f"g{i}", {"w": (lambda a: a.T @ a)(torch.randn(40, 29, generator=g))}) for i in range(5)]
+    monkeypatch.setattr(streaming, "SLICE", 64)
+    monkeypatch.setattr(streaming, "HOLD_BYTES", hold)
+    monkeypatch.setattr(dare, "BLOCK", 16)
+    before = torch.get_num_threads()
+    try:
+        for method, op in sorted(REGISTRY.items()):
+            kwargs = dict(weights=[1, 2, 3, 1, 2], base=base, **SLICING_PARAMS.get(method, {}),
+                          stats={"fisher": stats, "gram": grams}.get(op.needs_stats))
+            torch.set_num_threads(1)
+            one = fuse_files(paths, method, **kwargs)
+            torch.set_num_threads(2)
+            two = fuse_files(paths, method, **kwargs)
+            for k in one:
+                assert torch.equal(one[k], two[k]), (method, k)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_slices_are_fused_on_one_thread_and_the_setting_is_restored(tmp_path, monkeypatch):

@@ -112,7 +112,6 @@ def test_sampled_magnitude_cut_is_exact(monkeypatch, threads):
     blind to the data)."""
     from coldfusion.fusion import ties_kernel
 
-    monkeypatch.setattr(ties_kernel.torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(ties_kernel, "PARALLEL_MIN", 1000)
     exact_calls = []
     exact = ties_kernel._exact_cut
@@ -123,13 +122,13 @@ def test_sampled_magnitude_cut_is_exact(monkeypatch, threads):
     coarse = torch.randint(-3, 4, (n,), generator=g).float()  # a seventh of the entries tie at every level
     rounded = (torch.randn(n, generator=g) * 50).round() / 50  # ties straddle the cut
     hidden = torch.randn(n, generator=g)
-    hidden[::ties_kernel.sample_step(n)] = 0  # every sampled entry is unchanged: the bracket is [0, 0]
+    ties_kernel.sample_view(hidden.numpy())[:] = 0  # every sampled entry is unchanged: the bracket is [0, 0]
     for data, sampled in ((smooth, True), (rounded, True), (coarse, False), (hidden, False)):
         base = torch.randn(n, generator=g)
         x = (base + data).numpy()
         for density in (0.01, 0.2, 0.5, 0.9):
             exact_calls.clear()
-            got = ties_kernel.model_cut(x, base.numpy(), density)
+            got = ties_kernel.model_cut(x, base.numpy(), density, parts=threads)
             assert (not exact_calls) == sampled, density
             magnitudes = lambda x=x, b=base.numpy(): np.abs(x - b)  # noqa: E731
             assert got == exact(magnitudes(), max(1, int(density * n)), magnitudes), density
@@ -152,6 +151,9 @@ def test_compiled_ties_merge_equals_its_definition(normalize):
             assert torch.allclose(got, expected, atol=1e-6), (density, size)
         blocked = ties_merge(models, base, cuts, weights, normalize=normalize, scale=0.7, block=7)
         assert torch.allclose(blocked, expected, atol=1e-6), density  # running sums 7 columns at a time
+    for workers in (2, 3):  # column ranges of whole blocks on several threads: the same, bit for bit
+        split = ties_merge(models, base, cuts, weights, normalize=normalize, scale=0.7, block=7, workers=workers)
+        assert torch.equal(split, blocked), workers
     # a magnitude cut of -inf keeps everything; +inf nothing
     everything = [MagnitudeCut(-math.inf, 500)] * 5
     assert torch.allclose(ties_merge(models, base, everything, weights, normalize=normalize),
@@ -323,3 +325,28 @@ def test_statistics_are_required(files):
     m = files("m", [1.0])
     with pytest.raises(ColdFusionError, match="needs fisher statistics from every contributor"):
         fused([m, m], "fisher")
+
+
+def test_cuts_of_whole_tensors_on_threads_reuse_the_engine_buffer():
+    """The prepare step cuts a model per thread, reading into reused buffers (the first the
+    engine's idle scratch); each cut is the one computed on its own."""
+    from coldfusion.fusion.ties_kernel import magnitude_cuts
+
+    g = torch.Generator().manual_seed(5)
+    n, size = 5, 70_000  # above the size that is cut by a sampled bracket
+    base = torch.randn(size, generator=g)
+    models = base + torch.randn(n, size, generator=g) * torch.rand(n, 1, generator=g)
+    scratch, used = torch.empty(size + 10), []
+
+    class Engine(list):  # what the engine hands prepare: read_into a buffer, and a scratch
+        def read_into(self, i, out):
+            used.append(out.data_ptr())
+            return out.copy_(self[i])
+
+    engine = Engine(models)
+    engine.scratch = scratch
+    expected = [magnitude_cut(m - base, 0.2) for m in models]
+    for workers in (1, 2):
+        used.clear()
+        assert magnitude_cuts(engine, base, 0.2, workers=workers) == expected, workers
+        assert scratch.data_ptr() in used and len(set(used)) == workers

@@ -9,10 +9,12 @@ Most operators act entry by entry (`elementwise=True`): the engine then hands th
 slices of a few hundred thousand entries of every model at a time (`offset` is where the
 slice starts), so memory stays flat however many models and however large the tensor.
 An operator that needs a whole-tensor quantity of each model first (TIES: the magnitude
-cut-off of each task vector) names a `prepare(tensors, base, **params)` function; the
-engine calls it with whole tensors, one model at a time, and passes its result to every
-slice as `prepared`. When all models' tensors fit in `streaming.HOLD_BYTES`, it passes
-them whole instead, without `prepared` (one read of each model). An operator that scales
+cut-off of each task vector) names a `prepare(tensors, base, workers, **params)`
+function; the engine calls it with whole tensors, which it reads `workers` models at a
+time, and passes its result to every slice as `prepared`. When all models' tensors fit in
+`streaming.HOLD_BYTES`, it passes them whole instead, without `prepared` (one read of
+each model). The engine fuses several slices at once, one per thread; an operator given
+whole tensors that takes `workers` may use that many threads itself. An operator that scales
 each model by the size of its whole update (norm clipping) sets `needs_norms` and gets
 `norms`, each model's ||m_i - b|| over all its tensors.
 """
@@ -29,7 +31,7 @@ from coldfusion.errors import ColdFusionError
 FuseFn = Callable[..., torch.Tensor]
 
 # Arguments every operator may receive from the engine; everything else is a parameter.
-ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats", "offset", "prepared", "norms")
+ENGINE_ARGUMENTS = ("tensors", "weights", "base", "name", "stats", "offset", "prepared", "norms", "workers")
 # Statistics an operator may need from each contributor ("fisher": diagonal Fisher of
 # every tensor; "gram": X^T X of the inputs of every linear layer, keyed by its weight).
 STATISTICS = ("fisher", "gram")
@@ -46,7 +48,7 @@ class Operator:
     needs_stats: str | None
     doc: str
     elementwise: bool = False  # fusing any slice of the flattened tensors on its own gives that slice
-    prepare: Callable | None = None  # prepare(tensors, base, **params): whole-tensor facts per model
+    prepare: Callable | None = None  # prepare(tensors, base, workers, **params): whole-tensor facts per model
     needs_norms: bool = False  # gets `norms`: each model's delta norm ||m_i - b|| over all its tensors
 
     # Cached: the engine asks once per tensor, and a signature never changes.

@@ -3,11 +3,14 @@
 Checkpoints are safetensors (one file or shards); each contributed tensor is read from
 disk only when the operator indexes it. `fuse_stream` yields the fused result a slice
 at a time (for writing straight to disk); `fuse_readers` / `fuse_files` collect it.
+Slices are read and fused on as many threads as torch may use (parallel.py), a slice per
+thread, so one thread reads while another computes.
 """
 
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,13 +18,15 @@ import torch
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.faults import failpoint
+from coldfusion.fusion.parallel import budget, ordered_map, parallel_map
 from coldfusion.fusion.registry import Operator, get_operator
 from coldfusion.runtime import torch_threads
 from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
 
-# Entries per slice for elementwise operators: 256 KB of float32 per model, which keeps
-# the working set of 16 models in cache and memory flat in the number of models.
-SLICE = 1 << 16
+# Entries per slice for elementwise operators: SLICE x SLICE_MODELS over all the models
+# (4 MB of float32, which stays in a core's cache), and at least SLICE per model: memory
+# is flat in the number of models, and fewer models take longer slices (less overhead).
+SLICE, SLICE_MODELS = 1 << 16, 16
 # An operator with a `prepare` step (TIES) gets a tensor whole, all models at once, when
 # they fit in this much memory: then each model is read once, not twice.
 HOLD_BYTES = 64 << 20
@@ -32,11 +37,13 @@ class LazyTensors(Sequence):
 
     fresh = True  # every access reads into a buffer of its own, which the operator may overwrite
 
-    def __init__(self, readers, name: str, span: tuple[int, int] | None = None, scratch: torch.Tensor | None = None):
+    def __init__(self, readers, name: str, span: tuple[int, int] | None = None, scratch: torch.Tensor | None = None,
+                 workers: int = 1):
         """`scratch` (flat float32), when large enough, holds `stacked()`: the engine reuses
         one buffer across tensors, because a fresh one of tens of MB is returned to the
-        system when freed and its pages are faulted in again for the next tensor."""
-        self.readers, self.name, self.span, self.scratch = readers, name, span, scratch
+        system when freed and its pages are faulted in again for the next tensor.
+        `stacked()` reads `workers` models at a time."""
+        self.readers, self.name, self.span, self.scratch, self.workers = readers, name, span, scratch, workers
 
     def __len__(self) -> int:
         return len(self.readers)
@@ -58,8 +65,7 @@ class LazyTensors(Sequence):
         size = len(self) * math.prod(shape)
         fits = self.scratch is not None and self.scratch.numel() >= size
         out = self.scratch[:size].view(len(self), *shape) if fits else torch.empty((len(self), *shape))
-        for i in range(len(self)):
-            self.read_into(i, out[i].view(-1))
+        parallel_map(lambda i: self.read_into(i, out[i].view(-1)), range(len(self)), self.workers)
         return out
 
     def __getitem__(self, i):
@@ -154,6 +160,7 @@ def delta_norms(readers: Sequence[SafetensorsReader], base: SafetensorsReader, n
 
 def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict):
     stat_names = stats[0].keys() if stats else set()
+    workers = budget()
     hold = torch.empty(HOLD_BYTES // 4) if op.prepare else None  # whole tensors of every model, reused
     for name in names:
         failpoint("fusion.tensor")
@@ -170,10 +177,12 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
             _check_same_shape(name, [readers[0], *stats])
         numel = readers[0].numel(name)
         if not op.elementwise or (op.prepare and len(readers) * numel * 4 <= HOLD_BYTES):
-            # whole tensors: RegMean solves per linear layer; TIES reads each model once
+            # whole tensors: RegMean solves per linear layer; TIES reads each model once.
+            # Threads only for more than a slice's work: handing off costs more on small ones.
+            threads = workers if len(readers) * numel > SLICE else 1
             with torch_threads(1) if op.elementwise else nullcontext():
-                fused = op.fuse(LazyTensors(readers, name, scratch=hold), w,
-                                **_engine_args(op, base, stats, stat_names, name), **params)
+                fused = op.fuse(LazyTensors(readers, name, scratch=hold, workers=threads), w,
+                                **_engine_args(op, base, stats, stat_names, name, workers=threads), **params)
             if hold is not None and fused.untyped_storage().data_ptr() == hold.untyped_storage().data_ptr():
                 fused = fused.clone()  # a view of the inputs would change under the caller with the next tensor
             yield name, 0, fused.to(dtype).flatten()
@@ -181,19 +190,28 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
         prepared, full_base = {}, None
         if op.prepare:  # the whole base it reads is kept for the slices: one read fewer, same peak memory
             full_base = base.get_tensor(name).reshape(-1) if op.needs_base else None
-            prepared = {"prepared": op.prepare(LazyTensors(readers, name), full_base, **op.prepare_params(params))}
-        for start in range(0, numel, SLICE):
-            span = (start, min(start + SLICE, numel))
-            args = _engine_args(op, base, stats, stat_names, name, span, full_base)
-            # A slice is too small for torch to gain from a second thread; on a busy machine
-            # the threads' hand-offs made averaging 3-4x slower.
-            with torch_threads(1):
-                fused = op.fuse(LazyTensors(readers, name, span), w, **args, **prepared, **params)
-            yield name, start, fused.to(dtype)
+            prepared = {"prepared": op.prepare(LazyTensors(readers, name, scratch=hold), full_base, workers=workers,
+                                               **op.prepare_params(params))}
+        step = SLICE * max(1, SLICE_MODELS // len(readers))
+        spans = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+        fuse_slice = partial(_fuse_slice, op, readers, w, base, stats, stat_names, name, full_base, dtype,
+                             {**prepared, **params})
+        # A slice per thread, each fused on one: a slice is too small for torch to gain from
+        # splitting it (on a busy machine, the hand-offs made averaging 3-4x slower).
+        with torch_threads(1):
+            for span, fused in zip(spans, ordered_map(fuse_slice, spans, workers), strict=True):
+                yield name, span[0], fused
+
+
+def _fuse_slice(op: Operator, readers, w, base, stats, stat_names, name: str, full_base, dtype, params: dict,
+                span: tuple[int, int]) -> torch.Tensor:
+    """One slice of one tensor, fused (on a worker thread)."""
+    args = _engine_args(op, base, stats, stat_names, name, span, full_base)
+    return op.fuse(LazyTensors(readers, name, span), w, **args, **params).to(dtype)
 
 
 def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[int, int] | None = None,
-                 full_base: torch.Tensor | None = None) -> dict:
+                 full_base: torch.Tensor | None = None, workers: int = 1) -> dict:
     """What the operator takes besides tensors and weights, read for this tensor (or slice);
     the base from `full_base` (flat) when it is already in memory."""
     args = {}
@@ -207,6 +225,8 @@ def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[i
         args["name"] = name
     if "offset" in op.arguments:
         args["offset"] = span[0] if span else 0
+    if "workers" in op.arguments:
+        args["workers"] = workers
     return args
 
 

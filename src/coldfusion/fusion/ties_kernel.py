@@ -6,24 +6,27 @@ vectorised pass (a sample brackets the k-th largest magnitude; the pass counts t
 entries above the bracket and flags the few inside it, which are then collected), and
 the trim, sign election and disjoint mean are one vectorised pass per model over a
 slice. Both give exactly what their definitions in METHODS.md give
-(tests/test_operators.py checks them against torch spellings). Compiled once per machine
-and cached next to this file (`cache=True`); ties.py imports this module only when TIES
-runs.
+(tests/test_operators.py checks them against torch spellings). With `workers` threads,
+models are cut and column ranges merged that many at a time (numba releases the GIL).
+Compiled once per machine and cached next to this file (`cache=True`); ties.py imports
+this module only when TIES runs.
 """
 
-import functools
 import math
+import queue
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numba import njit
 
+from coldfusion.fusion.parallel import parallel_map
+
 SAMPLE, SAMPLE_MAX = 1 << 14, 1 << 18  # magnitudes sampled to bracket a cut: n/16 within these bounds
+RUN = 16  # the sample takes runs of this many adjacent entries: one cache line each
 PARALLEL_MIN = 1 << 20  # from this many entries, the bracketing pass runs on two threads
-BLOCK = 1 << 20  # entries the bracketing pass flags before collecting them
+BLOCK = 1 << 16  # entries the bracketing pass flags before collecting them (still in cache)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class MagnitudeCut:
     last_tie: int
 
 
-# The two loops that run on worker threads are compiled for their one signature at import
+# The loops, which run on worker threads, are compiled for their one signature at import
 # (loaded from the cache after the first time): workers never wait on the compiler, and a
 # wrong dtype or layout fails loudly instead of compiling a slow variant.
 @njit("UniTuple(int64, 2)(float32[::1], float32[::1], float32, float32, boolean[::1])", cache=True, nogil=True)
@@ -73,18 +76,19 @@ def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
             found += 1
 
 
-@njit(cache=True, nogil=True)
-def _merge(models, base, tie_kept_below, drop_ties_from, last_tie, weights, normalize, scale, block,
+@njit("void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int64[::1], float32[::1], boolean, float32, "
+      "int64, int64, int64, float32[::1])", cache=True, nogil=True)
+def _merge(models, base, tie_kept_below, drop_ties_from, last_tie, weights, normalize, scale, block, first, end,
            out):  # pragma: no cover (compiled)
-    """Trim, sign election and disjoint mean, `block` columns at a time (the four running
-    sums of a block stay in cache however long the rows are)."""
-    n, length = models.shape
+    """Trim, sign election and disjoint mean of columns [first, end), `block` columns at a
+    time (the four running sums of a block stay in cache however long the rows are)."""
+    n = models.shape[0]
     zero = np.float32(0.0)
-    size = min(block, length)
+    size = max(0, min(block, end - first))
     plus, plus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
     minus, minus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
-    for start in range(0, length, block):
-        stop = min(start + block, length)
+    for start in range(first, end, block):
+        stop = min(start + block, end)
         plus[:], plus_mass[:], minus[:], minus_mass[:] = zero, zero, zero, zero
         for i in range(n):
             w, row, lo, hi, last = weights[i], models[i], tie_kept_below[i], drop_ties_from[i], last_tie[i]
@@ -111,8 +115,9 @@ def magnitude_cut(delta: torch.Tensor, density: float) -> MagnitudeCut:
     return model_cut(d, np.zeros_like(d), density)
 
 
-def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
-    """The cut of the task vector x - base (flat float32 arrays)."""
+def model_cut(x: np.ndarray, base: np.ndarray, density: float, parts: int = 1) -> MagnitudeCut:
+    """The cut of the task vector x - base (flat float32 arrays); a large one is scanned
+    in `parts` pieces on as many threads."""
     n = x.size
     if density >= 1.0:
         return MagnitudeCut(-math.inf, n)
@@ -125,14 +130,14 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
     # The k-th largest magnitude is the (1 - k/n) quantile: bracket it by a sample's
     # quantiles four standard errors either side, so the pass collects 1-3% of the entries
     # (collecting costs more than flagging) and a miss, i.e. a fallback, has odds ~1e-4.
-    # An evenly strided sample (a random one costs more to draw than the pass it saves); an
-    # odd stride walks across the columns of a matrix. A biased sample only costs a fallback.
-    step = sample_step(n)
-    sample = np.sort(np.abs(x[::step] - base[::step]))  # numpy's vectorised sort beats two selections
+    # Evenly spaced runs of adjacent entries: a random sample costs more to draw than the
+    # pass it saves, and single entries at a stride would touch every cache line. An odd
+    # stride walks across the columns of a matrix. A biased sample only costs a fallback.
+    sample = np.sort(np.abs(sample_view(x) - sample_view(base)), axis=None)  # vectorised; beats two selections
     m = sample.size
     rank, spread = (1 - k / n) * (m - 1), 4 * math.sqrt(m * k / n * (1 - k / n)) + 8
     low, high = sample[max(0, int(rank - spread))], sample[min(m - 1, int(math.ceil(rank + spread)))]
-    above, values, positions = _bracket(x, base, low, high)
+    above, values, positions = _bracket(x, base, low, high, parts)
     need = k - above  # how many of the bracketed entries are among the k largest
     if values is None or not 1 <= need <= values.size:  # the sample missed (rare): select over everything
         return _exact_cut(magnitudes(), k, magnitudes)
@@ -145,29 +150,34 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float) -> MagnitudeCut:
     return MagnitudeCut(float(value), int(ties[ties_needed - 1]))
 
 
-def sample_step(n: int) -> int:
-    """Every how many entries the bracketing sample takes one (n/16 samples, within bounds)."""
-    return (n // min(max(n // 16, SAMPLE), SAMPLE_MAX)) | 1
+def sample_view(a: np.ndarray) -> np.ndarray:
+    """The entries of a flat array (of over 4 x SAMPLE entries) that bracket its cut: n/16
+    within bounds, as evenly spaced runs of RUN adjacent entries (a view, no copy)."""
+    runs = min(max(a.size // 16, SAMPLE), SAMPLE_MAX) // RUN
+    stride = (a.size // runs - 1) | 1
+    return a[:runs * stride].reshape(runs, stride)[:, :RUN]
 
 
-def _bracket(x: np.ndarray, base: np.ndarray, low, high) -> tuple[int, np.ndarray | None, np.ndarray | None]:
-    """(how many |x - base| are above high, those in [low, high], their positions), in two
-    halves on two threads when torch may use two (numba releases the GIL). The latter two
-    are None when over an eighth of the entries are inside (huge tie groups): collecting
-    them would cost more memory than a full selection."""
-    parts = 2 if torch.get_num_threads() > 1 and x.size >= PARALLEL_MIN else 1
+def _bracket(x: np.ndarray, base: np.ndarray, low, high, parts: int) -> tuple[int, np.ndarray | None,
+                                                                             np.ndarray | None]:
+    """(how many |x - base| are above high, those in [low, high], their positions), in
+    `parts` pieces on as many threads when x is large. The latter two are None when over an
+    eighth of the entries are inside (huge tie groups): collecting them would cost more
+    memory than a full selection."""
+    parts = parts if x.size >= PARALLEL_MIN else 1
     bounds = [(x.size * p // parts, x.size * (p + 1) // parts) for p in range(parts)]
 
     def part(bound):
-        # block by block, so the flags stay in cache and take 1 MB, not a byte per entry
+        # block by block: the flags take 64 KB, not a byte per entry, and each block is
+        # still in cache when its flagged entries are collected
         start, stop = bound
-        mask, above, values, positions = np.empty(min(BLOCK, stop - start), np.bool_), 0, [], []
+        mask, above, found, values, positions = np.empty(min(BLOCK, stop - start), np.bool_), 0, 0, [], []
         for s in range(start, stop, BLOCK):
             e = min(s + BLOCK, stop)
             xs, bs, flags = x[s:e], base[s:e], mask[:e - s]
             block_above, inside = _mark(xs, bs, low, high, flags)
-            above += block_above
-            if inside + sum(v.size for v in values) > (stop - start) // 8:
+            above, found = above + block_above, found + inside
+            if found > (stop - start) // 8:
                 return above, None, None
             values.append(np.empty(inside, np.float32))
             positions.append(np.empty(inside, np.int64))
@@ -175,16 +185,11 @@ def _bracket(x: np.ndarray, base: np.ndarray, low, high) -> tuple[int, np.ndarra
             positions[-1] += s
         return above, np.concatenate(values), np.concatenate(positions)
 
-    found = list(_threads().map(part, bounds)) if parts > 1 else [part(bounds[0])]
+    found = parallel_map(part, bounds, parts)
     above = sum(f[0] for f in found)
     if any(f[1] is None for f in found):
         return above, None, None
     return above, np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
-
-
-@functools.cache
-def _threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(2, thread_name_prefix="ties")
 
 
 def _exact_cut(magnitude: np.ndarray, k: int, magnitudes_again: Callable[[], np.ndarray]) -> MagnitudeCut:
@@ -200,26 +205,49 @@ def _exact_cut(magnitude: np.ndarray, k: int, magnitudes_again: Callable[[], np.
     return MagnitudeCut(value, int(ties[ties_needed - 1]))
 
 
-def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float) -> list[MagnitudeCut]:
-    """The cut of every model's whole task vector, one model at a time: memory holds one
-    model's tensor (read into one reused buffer when `tensors` can, as the engine's can)."""
+def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float,
+                   workers: int = 1) -> list[MagnitudeCut]:
+    """The cut of every model's whole task vector, `workers` models at a time: memory holds
+    that many models' tensors (read into reused buffers when `tensors` can, as the engine's
+    can; the first is its idle `scratch` when that is large enough)."""
     b = base.float().flatten().contiguous().numpy()
     read_into = getattr(tensors, "read_into", None)
-    buffer = torch.empty(b.size) if read_into else None
-    flat = (lambda i: read_into(i, buffer)) if read_into else (lambda i: tensors[i].flatten().float().contiguous())
-    return [model_cut(flat(i).numpy(), b, density) for i in range(len(tensors))]
+    if read_into is None:
+        return parallel_map(lambda i: model_cut(tensors[i].flatten().float().contiguous().numpy(), b, density),
+                            range(len(tensors)), workers)
+    threads, workers = workers, max(1, min(workers, len(tensors)))
+    scratch = getattr(tensors, "scratch", None)
+    buffers = queue.SimpleQueue()
+    for k in range(workers):
+        fits = k == 0 and scratch is not None and scratch.numel() >= b.size
+        buffers.put(scratch[:b.size] if fits else torch.empty(b.size))
+
+    def cut(i: int) -> MagnitudeCut:
+        buffer = buffers.get()
+        try:  # a thread per model, or, with one model, the threads share its bracketing pass
+            return model_cut(read_into(i, buffer).numpy(), b, density, parts=1 if workers > 1 else threads)
+        finally:
+            buffers.put(buffer)
+
+    return parallel_map(cut, range(len(tensors)), workers)
 
 
 def ties_merge(models: torch.Tensor, base: torch.Tensor, cuts: Sequence[MagnitudeCut], weights: torch.Tensor,
-               offset: int = 0, normalize: bool = True, scale: float = 1.0, block: int = 1 << 16) -> torch.Tensor:
+               offset: int = 0, normalize: bool = True, scale: float = 1.0, block: int = 1 << 16,
+               workers: int = 1) -> torch.Tensor:
     """base + scale * TIES-merge of the task vectors `models[i] - base` (float32 (n, length)
-    and (length,), flat slices starting at flat position `offset`), each trimmed by its cut."""
+    and (length,), flat slices starting at flat position `offset`), each trimmed by its cut;
+    column ranges of whole blocks on `workers` threads."""
     n, length = models.shape
     value = np.array([c.value for c in cuts], dtype=np.float32)
     # entries at positions <= last_tie keep magnitudes >= value (ties kept), later ones only > value
     kept_below = np.nextafter(value, np.float32(-math.inf))
     last = np.array([min(max(c.last_tie - offset, -1), length) for c in cuts], dtype=np.int64)
     out = np.empty(length, dtype=np.float32)
-    _merge(np.ascontiguousarray(models.numpy()), np.ascontiguousarray(base.float().numpy()), kept_below, value, last,
-           weights.float().numpy(), normalize, np.float32(scale), block, out)
+    rows, flat_base = np.ascontiguousarray(models.numpy()), np.ascontiguousarray(base.float().numpy())
+    w = np.ascontiguousarray(weights.float().numpy())
+    blocks = -(-length // block)
+    bounds = [min(length, blocks * p // workers * block) for p in range(workers + 1)]
+    parallel_map(lambda p: _merge(rows, flat_base, kept_below, value, last, w, normalize, np.float32(scale), block,
+                                  bounds[p], bounds[p + 1], out), range(workers), workers)
     return torch.from_numpy(out)
