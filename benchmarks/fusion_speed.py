@@ -127,13 +127,19 @@ def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def fusion_and_read_once(method: str, base: Path, dirs: list[Path], repeats: int) -> tuple[float, float]:
-    """Median read-once and fusion seconds, measured alternately in this process, after one
-    untimed fusion that loads the compiled TIES loops (their load is in the command times)."""
+def fusion_and_read_once(method: str, base: Path, dirs: list[Path], repeats: int) -> dict:
+    """Read-once and fusion seconds, measured alternately in this process, after one untimed
+    fusion that loads the compiled TIES loops (their load is in the command times). The
+    ratio is the median of each round's fusion / read-once: the machine's load drifts, and
+    a round's two measurements see the same load."""
     our_fusion_seconds(method, base, dirs[:1])
     inputs = [d / "model.safetensors" for d in dirs] + ([base / "model.safetensors"] if method != "linear" else [])
     pairs = [(read_once(inputs), our_fusion_seconds(method, base, dirs)) for _ in range(repeats)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    ratios = sorted(f / r for r, f in pairs)
+    return {"fusion_seconds": round(statistics.median(f for _, f in pairs), 3),
+            "read_once_seconds": round(statistics.median(r for r, _ in pairs), 3),
+            "fusion_over_read_once": round(statistics.median(ratios), 2),
+            "fusion_over_read_once_range": [round(ratios[0], 2), round(ratios[-1], 2)]}
 
 
 def compare(a_dir: Path, b_dir: Path, method: str, base: Path, dirs: list[Path]) -> dict:
@@ -173,6 +179,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "coldfusion-fusion-bench")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each command (median time, max memory)")
+    p.add_argument("--fusion-repeats", type=int, default=7, help="rounds of our fusion against reading once")
     p.add_argument("--fusion-only", action="store_true", help="only our fusion against reading the inputs once")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,10 +205,8 @@ def main() -> None:
         files = [d / "model.safetensors" for d in dirs]
         for method in args.methods:
             if args.fusion_only:
-                read_s, fuse_s = fusion_and_read_once(method, base, dirs, args.repeats)
-                print(json.dumps({"kind": "fusion", "n": n, "method": method, "fusion_seconds": round(fuse_s, 3),
-                                  "read_once_seconds": round(read_s, 3),
-                                  "fusion_over_read_once": round(fuse_s / read_s, 2)}), flush=True)
+                timing = fusion_and_read_once(method, base, dirs, args.fusion_repeats)
+                print(json.dumps({"kind": "fusion", "n": n, "method": method, **timing}), flush=True)
                 continue
             ours_cfg, theirs_cfg = write_configs(args.workdir, method, base, dirs)
             out_theirs, out_naive = args.workdir / "out-mergekit", args.workdir / "out-naive.safetensors"
@@ -227,14 +232,13 @@ def main() -> None:
                                   "peak_rss_mb": round(rss, 1),
                                   "peak_above_import_mb": round(above, 1),
                                   "memory_ratio_to_one_model": round(above / one_model_mb, 2)}), flush=True)
-            read_s, fuse_s = fusion_and_read_once(method, base, dirs, args.repeats)
+            timing = fusion_and_read_once(method, base, dirs, args.fusion_repeats)
             agreement = compare(args.workdir / "out-ours", out_theirs, method, base, dirs)
             ours_mem = (runs["coldfusion"][1] - baselines["coldfusion"]) / one_model_mb
             summary = {
                 "kind": "summary", "n": n, "method": method,
                 "time_ratio_vs_mergekit": round(runs["coldfusion"][0] / runs["mergekit"][0], 3),
-                "fusion_seconds": round(fuse_s, 3), "read_once_seconds": round(read_s, 3),
-                "fusion_over_read_once": round(fuse_s / read_s, 2),
+                **timing,
                 "memory_ratio": round(ours_mem, 2),
                 **agreement,
             }

@@ -330,3 +330,39 @@ def test_whole_tensors_share_one_buffer_without_aliasing_what_was_yielded(tmp_pa
     assert [n for n, _, _ in yielded] == ["a", "b"]
     assert torch.equal(yielded[0][2], models[0]["a"].flatten())
     assert torch.equal(yielded[1][2], models[0]["b"])
+
+
+def test_slices_returned_as_views_of_a_reused_buffer_are_kept(tmp_path, monkeypatch):
+    """Each thread reads its slices into one buffer that it reuses; an operator that returns
+    a view of its input must still yield what it returned, however long the caller keeps
+    the slices, on one thread or two."""
+    import dataclasses
+
+    from coldfusion.fusion import registry, streaming
+    from coldfusion.fusion.task_vectors import stack_float
+    from coldfusion.tensorfile import SafetensorsReader
+
+    def first_model(tensors, weights):
+        return stack_float(tensors)[0]  # a view into the thread's buffer
+
+    average = registry.get_operator("average")
+    monkeypatch.setitem(registry.REGISTRY, "first", dataclasses.replace(average, name="first", fuse=first_model))
+    monkeypatch.setattr(streaming, "SLICE", 8)
+    monkeypatch.setattr(streaming, "SLICE_MODELS", 1)
+    g = torch.Generator().manual_seed(1)
+    models = [{"a": torch.randn(9, 7, generator=g), "b": torch.randn(30, generator=g)} for _ in range(3)]
+    paths = [write(tmp_path, str(i), m) for i, m in enumerate(models)]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            readers = [SafetensorsReader([p]) for p in paths]
+            yielded = list(streaming.fuse_stream(readers, "first"))  # every slice kept, none copied
+            for r in readers:
+                r.close()
+            assert len(yielded) > 4
+            for name, start, values in yielded:
+                expected = models[0][name].flatten()[start:start + values.numel()]
+                assert torch.equal(values, expected), (threads, name, start)
+    finally:
+        torch.set_num_threads(before)

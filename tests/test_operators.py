@@ -328,15 +328,15 @@ def test_statistics_are_required(files):
 
 
 def test_cuts_of_whole_tensors_on_threads_reuse_the_engine_buffer():
-    """The prepare step cuts a model per thread, reading into reused buffers (the first the
-    engine's idle scratch); each cut is the one computed on its own."""
+    """The prepare step reads each model's tensor into the engine's idle scratch, as many
+    at once as it has room for; each cut is the one computed on its own."""
     from coldfusion.fusion.ties_kernel import magnitude_cuts
 
     g = torch.Generator().manual_seed(5)
     n, size = 5, 70_000  # above the size that is cut by a sampled bracket
     base = torch.randn(size, generator=g)
     models = base + torch.randn(n, size, generator=g) * torch.rand(n, 1, generator=g)
-    scratch, used = torch.empty(size + 10), []
+    scratch, used = torch.empty(size + 10), []  # room for one model's tensor
 
     class Engine(list):  # what the engine hands prepare: read_into a buffer, and a scratch
         def read_into(self, i, out):
@@ -346,7 +346,12 @@ def test_cuts_of_whole_tensors_on_threads_reuse_the_engine_buffer():
     engine = Engine(models)
     engine.scratch = scratch
     expected = [magnitude_cut(m - base, 0.2) for m in models]
-    for workers in (1, 2):
+    for workers in (1, 2):  # one model at a time, in the scratch: memory holds one tensor
         used.clear()
         assert magnitude_cuts(engine, base, 0.2, workers=workers) == expected, workers
-        assert scratch.data_ptr() in used and len(set(used)) == workers
+        assert set(used) == {scratch.data_ptr()}
+    engine.scratch = torch.empty(2 * size)  # room for two: two models at once, both in the scratch
+    used.clear()
+    assert magnitude_cuts(engine, base, 0.2, workers=2) == expected
+    assert set(used) == {engine.scratch.data_ptr(), engine.scratch[size:].data_ptr()}
+    assert magnitude_cuts(models, base, 0.2, workers=2) == expected  # a plain list: read as it comes

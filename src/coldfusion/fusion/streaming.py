@@ -8,6 +8,7 @@ thread, so one thread reads while another computes.
 """
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from functools import partial
@@ -28,7 +29,8 @@ from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
 # is flat in the number of models, and fewer models take longer slices (less overhead).
 SLICE, SLICE_MODELS = 1 << 16, 16
 # An operator with a `prepare` step (TIES) gets a tensor whole, all models at once, when
-# they fit in this much memory: then each model is read once, not twice.
+# they fit in this much memory: then each model is read once, not twice. Otherwise the
+# same buffer holds the models that `prepare` reads, as many at once as fit.
 HOLD_BYTES = 64 << 20
 
 
@@ -207,7 +209,23 @@ def _fuse_slice(op: Operator, readers, w, base, stats, stat_names, name: str, fu
                 span: tuple[int, int]) -> torch.Tensor:
     """One slice of one tensor, fused (on a worker thread)."""
     args = _engine_args(op, base, stats, stat_names, name, span, full_base)
-    return op.fuse(LazyTensors(readers, name, span), w, **args, **params).to(dtype)
+    scratch = _thread_scratch(len(readers) * (span[1] - span[0]))
+    fused = op.fuse(LazyTensors(readers, name, span, scratch=scratch), w, **args, **params)
+    if fused.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
+        fused = fused.clone()  # the thread's next slice refills the scratch before this one is written
+    return fused.to(dtype)
+
+
+_local = threading.local()
+
+
+def _thread_scratch(size: int) -> torch.Tensor:
+    """This thread's buffer for a slice of every model, reused across slices and tensors:
+    with a fresh one per slice, each thread's allocator kept tens of MB of freed buffers."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.numel() < size:
+        scratch = _local.scratch = torch.empty(size)
+    return scratch
 
 
 def _engine_args(op: Operator, base, stats, stat_names, name: str, span: tuple[int, int] | None = None,

@@ -41,10 +41,7 @@ class MagnitudeCut:
     last_tie: int
 
 
-# The loops, which run on worker threads, are compiled for their one signature at import
-# (loaded from the cache after the first time): workers never wait on the compiler, and a
-# wrong dtype or layout fails loudly instead of compiling a slow variant.
-@njit("UniTuple(int64, 2)(float32[::1], float32[::1], float32, float32, boolean[::1])", cache=True, nogil=True)
+@njit(inline="always")
 def _mark(x, base, low, high, mask):  # pragma: no cover (compiled)
     """Flag the entries with |x - base| in [low, high] (a byte each); count those above
     high and those flagged. Branch-free, so it compiles to vector instructions."""
@@ -58,22 +55,67 @@ def _mark(x, base, low, high, mask):  # pragma: no cover (compiled)
     return above, inside
 
 
-@njit("void(float32[::1], float32[::1], boolean[::1], float32[::1], int64[::1])", cache=True, nogil=True)
-def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
-    """The flagged magnitudes and their positions, in order. Flags are few, so it skips
-    eight unflagged entries at a time (one 64-bit word of the mask)."""
-    found, whole = 0, mask.size // 8 * 8
+@njit(inline="always")
+def _collect(x, base, mask, values, positions, found, offset):  # pragma: no cover (compiled)
+    """Append the flagged magnitudes and their positions (+ offset) from index `found`, in
+    order. Flags are few, so it skips eight unflagged entries at a time (one 64-bit word)."""
+    whole = mask.size // 8 * 8
     words = mask[:whole].view(np.uint64)
     for w in range(words.size):
         if words[w] != 0:
             for j in range(8 * w, 8 * w + 8):
                 if mask[j]:
-                    values[found], positions[found] = abs(x[j] - base[j]), j
+                    values[found], positions[found] = abs(x[j] - base[j]), offset + j
                     found += 1
     for j in range(whole, mask.size):
         if mask[j]:
-            values[found], positions[found] = abs(x[j] - base[j]), j
+            values[found], positions[found] = abs(x[j] - base[j]), offset + j
             found += 1
+    return found
+
+
+# The loops, which run on worker threads, are compiled for their one signature at import
+# (loaded from the cache after the first time): workers never wait on the compiler, and a
+# wrong dtype or layout fails loudly instead of compiling a slow variant.
+@njit("UniTuple(int64, 2)(float32[::1], float32[::1], float32, float32, int64, float32[::1], int64[::1])", cache=True,
+      nogil=True)
+def _scan(x, base, low, high, block, values, positions):  # pragma: no cover (compiled)
+    """(how many |x - base| are above high, how many are in [low, high]), the latter
+    written to `values` and `positions` in order, or -1 when more than fit. Block by block:
+    the flags take one small buffer, and a block is still in cache when it is collected."""
+    n, cap = x.size, values.size
+    mask = np.empty(min(block, n), np.bool_)
+    above, found = 0, 0
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        flags = mask[:stop - start]
+        block_above, inside = _mark(x[start:stop], base[start:stop], low, high, flags)
+        above += block_above
+        if found + inside > cap:
+            return above, -1
+        found = _collect(x[start:stop], base[start:stop], flags, values, positions, found, start)
+    return above, found
+
+
+@njit(inline="always")
+def _kept(d, j, lo, hi, last, w):  # pragma: no cover (compiled)
+    """Model i's part of the four sums at entry j: (w d, w) to the + side or the - side
+    when it survives the trim (beyond its magnitude cut), else zeros."""
+    zero = np.float32(0.0)
+    kept = abs(d) > (lo if j <= last else hi)
+    up, down = kept & (d > zero), kept & (d < zero)
+    return w * d if up else zero, w if up else zero, w * d if down else zero, w if down else zero
+
+
+@njit(inline="always")
+def _elect(plus, plus_mass, minus, minus_mass, b, normalize, scale):  # pragma: no cover (compiled)
+    """base + scale x the disjoint mean (or sum) of the side with more mass; a tie goes to +, as in mergekit."""
+    zero = np.float32(0.0)
+    elected_plus = plus + minus >= zero
+    total = plus if elected_plus else minus
+    mass = plus_mass if elected_plus else minus_mass
+    merged = (total / mass if mass > zero else zero) if normalize else total
+    return b + scale * merged
 
 
 @njit("void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int64[::1], float32[::1], boolean, float32, "
@@ -81,32 +123,42 @@ def _collect(x, base, mask, values, positions):  # pragma: no cover (compiled)
 def _merge(models, base, tie_kept_below, drop_ties_from, last_tie, weights, normalize, scale, block, first, end,
            out):  # pragma: no cover (compiled)
     """Trim, sign election and disjoint mean of columns [first, end), `block` columns at a
-    time (the four running sums of a block stay in cache however long the rows are)."""
+    time (the four running sums of a block stay in cache however long the rows are). The
+    first model's pass starts the sums and the last one's finishes them straight into
+    `out`: with few models, most of the traffic would otherwise be the sums'."""
     n = models.shape[0]
-    zero = np.float32(0.0)
     size = max(0, min(block, end - first))
-    plus, plus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
-    minus, minus_mass = np.empty(size, np.float32), np.empty(size, np.float32)
+    plus, plus_mass = np.zeros(size, np.float32), np.zeros(size, np.float32)
+    minus, minus_mass = np.zeros(size, np.float32), np.zeros(size, np.float32)
+    last_row = n - 1
     for start in range(first, end, block):
         stop = min(start + block, end)
-        plus[:], plus_mass[:], minus[:], minus_mass[:] = zero, zero, zero, zero
-        for i in range(n):
+        for i in range(n - 1):
             w, row, lo, hi, last = weights[i], models[i], tie_kept_below[i], drop_ties_from[i], last_tie[i]
+            if i == 0:
+                for j in range(start, stop):
+                    k = j - start
+                    plus[k], plus_mass[k], minus[k], minus_mass[k] = _kept(row[j] - base[j], j, lo, hi, last, w)
+            else:
+                for j in range(start, stop):
+                    k = j - start
+                    a, b, c, e = _kept(row[j] - base[j], j, lo, hi, last, w)
+                    plus[k] += a
+                    plus_mass[k] += b
+                    minus[k] += c
+                    minus_mass[k] += e
+        w, row = weights[last_row], models[last_row]
+        lo, hi, last = tie_kept_below[last_row], drop_ties_from[last_row], last_tie[last_row]
+        if n == 1:
             for j in range(start, stop):
-                d = row[j] - base[j]
-                kept = abs(d) > (lo if j <= last else hi)  # the trim: beyond this model's magnitude cut
-                up, down, k = kept & (d > zero), kept & (d < zero), j - start
-                plus[k] += w * d if up else zero
-                plus_mass[k] += w if up else zero
-                minus[k] += w * d if down else zero
-                minus_mass[k] += w if down else zero
-        for j in range(start, stop):
-            k = j - start
-            elected_plus = plus[k] + minus[k] >= zero  # the sign with more mass; a tie goes to +, as in mergekit
-            total = plus[k] if elected_plus else minus[k]
-            mass = plus_mass[k] if elected_plus else minus_mass[k]
-            merged = (total / mass if mass > zero else zero) if normalize else total
-            out[j] = base[j] + scale * merged
+                a, b, c, e = _kept(row[j] - base[j], j, lo, hi, last, w)
+                out[j] = _elect(a, b, c, e, base[j], normalize, scale)
+        else:
+            for j in range(start, stop):
+                k = j - start
+                a, b, c, e = _kept(row[j] - base[j], j, lo, hi, last, w)
+                out[j] = _elect(plus[k] + a, plus_mass[k] + b, minus[k] + c, minus_mass[k] + e, base[j], normalize,
+                                scale)
 
 
 def magnitude_cut(delta: torch.Tensor, density: float) -> MagnitudeCut:
@@ -136,8 +188,8 @@ def model_cut(x: np.ndarray, base: np.ndarray, density: float, parts: int = 1) -
     sample = np.sort(np.abs(sample_view(x) - sample_view(base)), axis=None)  # vectorised; beats two selections
     m = sample.size
     rank, spread = (1 - k / n) * (m - 1), 4 * math.sqrt(m * k / n * (1 - k / n)) + 8
-    low, high = sample[max(0, int(rank - spread))], sample[min(m - 1, int(math.ceil(rank + spread)))]
-    above, values, positions = _bracket(x, base, low, high, parts)
+    lowest, highest = max(0, int(rank - spread)), min(m - 1, int(math.ceil(rank + spread)))
+    above, values, positions = _bracket(x, base, sample[lowest], sample[highest], parts, (highest - lowest + 1) / m)
     need = k - above  # how many of the bracketed entries are among the k largest
     if values is None or not 1 <= need <= values.size:  # the sample missed (rare): select over everything
         return _exact_cut(magnitudes(), k, magnitudes)
@@ -158,37 +210,30 @@ def sample_view(a: np.ndarray) -> np.ndarray:
     return a[:runs * stride].reshape(runs, stride)[:, :RUN]
 
 
-def _bracket(x: np.ndarray, base: np.ndarray, low, high, parts: int) -> tuple[int, np.ndarray | None,
-                                                                             np.ndarray | None]:
+def _bracket(x: np.ndarray, base: np.ndarray, low, high, parts: int, expected: float) -> tuple[
+        int, np.ndarray | None, np.ndarray | None]:
     """(how many |x - base| are above high, those in [low, high], their positions), in
-    `parts` pieces on as many threads when x is large. The latter two are None when over an
-    eighth of the entries are inside (huge tie groups): collecting them would cost more
-    memory than a full selection."""
+    `parts` pieces on as many threads when x is large. The latter two are None when more
+    than twice the `expected` share of entries (plus a margin), or over an eighth, are
+    inside (huge tie groups, or a sample far off): then a full selection is cheaper."""
     parts = parts if x.size >= PARALLEL_MIN else 1
     bounds = [(x.size * p // parts, x.size * (p + 1) // parts) for p in range(parts)]
 
     def part(bound):
-        # block by block: the flags take 64 KB, not a byte per entry, and each block is
-        # still in cache when its flagged entries are collected
         start, stop = bound
-        mask, above, found, values, positions = np.empty(min(BLOCK, stop - start), np.bool_), 0, 0, [], []
-        for s in range(start, stop, BLOCK):
-            e = min(s + BLOCK, stop)
-            xs, bs, flags = x[s:e], base[s:e], mask[:e - s]
-            block_above, inside = _mark(xs, bs, low, high, flags)
-            above, found = above + block_above, found + inside
-            if found > (stop - start) // 8:
-                return above, None, None
-            values.append(np.empty(inside, np.float32))
-            positions.append(np.empty(inside, np.int64))
-            _collect(xs, bs, flags, values[-1], positions[-1])
-            positions[-1] += s
-        return above, np.concatenate(values), np.concatenate(positions)
+        cap = min(int(2 * expected * (stop - start)) + 4096, (stop - start) // 8)
+        values, positions = np.empty(cap, np.float32), np.empty(cap, np.int64)
+        above, found = _scan(x[start:stop], base[start:stop], low, high, BLOCK, values, positions)
+        if found < 0:
+            return above, None, None
+        return above, values[:found], positions[:found] + start
 
     found = parallel_map(part, bounds, parts)
     above = sum(f[0] for f in found)
     if any(f[1] is None for f in found):
         return above, None, None
+    if len(found) == 1:
+        return found[0]
     return above, np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
 
 
@@ -207,29 +252,30 @@ def _exact_cut(magnitude: np.ndarray, k: int, magnitudes_again: Callable[[], np.
 
 def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float,
                    workers: int = 1) -> list[MagnitudeCut]:
-    """The cut of every model's whole task vector, `workers` models at a time: memory holds
-    that many models' tensors (read into reused buffers when `tensors` can, as the engine's
-    can; the first is its idle `scratch` when that is large enough)."""
+    """The cut of every model's whole task vector. Memory holds one model's tensor, read
+    into the engine's idle `scratch` when `tensors` can (as the engine's can), and the
+    `workers` threads share its bracketing pass; when the scratch has room for several,
+    that many models are cut at once, a thread each."""
     b = base.float().flatten().contiguous().numpy()
     read_into = getattr(tensors, "read_into", None)
     if read_into is None:
-        return parallel_map(lambda i: model_cut(tensors[i].flatten().float().contiguous().numpy(), b, density),
-                            range(len(tensors)), workers)
-    threads, workers = workers, max(1, min(workers, len(tensors)))
+        return [model_cut(tensors[i].flatten().float().contiguous().numpy(), b, density, workers)
+                for i in range(len(tensors))]
     scratch = getattr(tensors, "scratch", None)
+    room = scratch.numel() // max(b.size, 1) if scratch is not None else 0
+    at_once = max(1, min(workers, room, len(tensors)))
     buffers = queue.SimpleQueue()
-    for k in range(workers):
-        fits = k == 0 and scratch is not None and scratch.numel() >= b.size
-        buffers.put(scratch[:b.size] if fits else torch.empty(b.size))
+    for k in range(at_once):
+        buffers.put(scratch[k * b.size:(k + 1) * b.size] if k < room else torch.empty(b.size))
 
     def cut(i: int) -> MagnitudeCut:
         buffer = buffers.get()
-        try:  # a thread per model, or, with one model, the threads share its bracketing pass
-            return model_cut(read_into(i, buffer).numpy(), b, density, parts=1 if workers > 1 else threads)
+        try:
+            return model_cut(read_into(i, buffer).numpy(), b, density, parts=1 if at_once > 1 else workers)
         finally:
             buffers.put(buffer)
 
-    return parallel_map(cut, range(len(tensors)), workers)
+    return parallel_map(cut, range(len(tensors)), at_once)
 
 
 def ties_merge(models: torch.Tensor, base: torch.Tensor, cuts: Sequence[MagnitudeCut], weights: torch.Tensor,
