@@ -10,8 +10,8 @@ slices of a few hundred thousand entries of every model at a time (`offset` is w
 slice starts), so memory stays flat however many models and however large the tensor.
 An operator that needs a whole-tensor quantity of each model first (TIES: the magnitude
 cut-off of each task vector) names a `prepare(tensors, base, workers, **params)`
-function; the engine calls it with whole tensors, which it reads `workers` models at a
-time, and passes its result to every slice as `prepared`. When all models' tensors fit in
+function; the engine calls it with whole tensors (it may use `workers` threads) and
+passes its result to every slice as `prepared`. When all models' tensors fit in
 `streaming.HOLD_BYTES`, it passes them whole instead, without `prepared` (one read of
 each model). The engine fuses several slices at once, one per thread; an operator given
 whole tensors that takes `workers` may use that many threads itself. An operator that scales

@@ -1,9 +1,10 @@
 """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
 The trim keeps each task vector's largest magnitudes over the whole tensor, so for a
-large tensor the engine first finds each model's cut (`prepare`, a model per thread)
+large tensor the engine first finds each model's cut (`prepare`: as many models at once
+as its buffer holds, a thread each, or one at a time with the threads sharing its scan)
 and the merge, entry by entry, then runs slice by slice. When all models' tensors fit in
-the engine's budget, each is read once, cut, and merged from memory, on `workers`
+the engine's buffer, each is read once, cut, and merged from memory, on `workers`
 threads. Both loops are compiled (ties_kernel.py), which is imported here only when TIES
 runs, so other commands do not load numba.
 """
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from coldfusion.fusion.parallel import parallel_map
 from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import stack_float
 
@@ -30,7 +32,6 @@ def fuse_ties(
     density: float = 0.2, scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
-    from coldfusion.fusion.parallel import parallel_map
     from coldfusion.fusion.ties_kernel import model_cut, ties_merge
 
     models, flat_base = stack_float(tensors).flatten(1), base.flatten()

@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coldfusion.tasks import Split
+if TYPE_CHECKING:  # the CLI imports this module for its defaults; tasks would pull in torch and pandas
+    from coldfusion.tasks import Split
 
 
 def digest(kind: str, **parts) -> str:
@@ -19,7 +21,7 @@ def digest(kind: str, **parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def split_fingerprint(split: Split) -> str:
+def split_fingerprint(split: "Split") -> str:
     """Of the examples themselves: a task file edited since gets new keys."""
     h = hashlib.sha256()
     for column in (split.texts, split.pairs or [], split.labels):
