@@ -89,24 +89,24 @@ def test_bad_weights_and_unknown_method(tmp_path):
 
 def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
     """The operator sees a lazy sequence: no tensor is read before the operator asks for it."""
-    from coldfusion.fusion import streaming
+    from coldfusion.tensorfile import SafetensorsReader
 
     paths = [write(tmp_path, str(i), {"a": torch.full((3,), float(i)), "b": torch.ones(2) * i}) for i in range(4)]
     reads = []
-    original = streaming.LazyTensors.__getitem__
+    original = SafetensorsReader.read
 
-    def counting(self, i):
-        reads.append((self.name, i))
-        return original(self, i)
+    def counting(self, name, start=0, stop=None, out=None):
+        reads.append((name, self.label))
+        return original(self, name, start, stop, out)
 
-    monkeypatch.setattr(streaming.LazyTensors, "__getitem__", counting)
+    monkeypatch.setattr(SafetensorsReader, "read", counting)
     fused = fuse_files(paths)
     assert torch.allclose(fused["a"], torch.full((3,), 1.5))
     # name by name: all of "a" is read before any of "b"
     names = [n for n, _ in reads]
     assert names == sorted(names)
     # ... and every contributed tensor is read exactly once
-    assert sorted(reads) == [(n, i) for n in ("a", "b") for i in range(4)]
+    assert sorted(reads) == [(n, str(p)) for n in ("a", "b") for p in paths]
 
 
 def test_reader_reads_every_dtype_like_safetensors(tmp_path):
@@ -242,9 +242,9 @@ def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
 
 @pytest.mark.parametrize("hold", [0, 1 << 20])
 def test_threads_do_not_change_the_fusion(tmp_path, monkeypatch, hold):
-    """Slices, models and column ranges are fused on as many threads as torch may use; every
-    operator gives bit for bit what it gives on one thread (TIES whether it holds whole
-    tensors or cuts first and merges slice by slice)."""
+    """A compute-bound operator's slices, models and column ranges are fused on as many
+    threads as torch may use; every operator gives bit for bit what it gives on one thread
+    (TIES whether it holds whole tensors or cuts first and merges slice by slice)."""
     from coldfusion.fusion import dare, streaming
 
     g = torch.Generator().manual_seed(4)
@@ -273,29 +273,46 @@ def test_threads_do_not_change_the_fusion(tmp_path, monkeypatch, hold):
 
 
 def test_slices_are_fused_on_one_thread_and_the_setting_is_restored(tmp_path, monkeypatch):
-    """A 64K-entry slice gains nothing from torch's second thread, and on a busy machine
-    the hand-offs made averaging several times slower: slices run on one thread."""
+    """A slice gains nothing from torch's second thread, and on a busy machine the hand-offs
+    made averaging several times slower: slices run on one thread each. A memory-bound
+    operator (averaging) runs them all on the caller's thread: a second one only slowed
+    it down; a compute-bound one spreads them over the threads torch may use."""
     import dataclasses
+    import threading
 
-    from coldfusion.fusion import registry
+    from coldfusion.fusion import registry, streaming
 
     seen = []
     average = registry.get_operator("average")
 
     def spy(tensors, weights):
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), threading.get_ident()))
         return average.fuse(tensors, weights)
 
-    monkeypatch.setitem(registry.REGISTRY, "average", dataclasses.replace(average, fuse=spy))
-    paths = [write(tmp_path, str(i), {"w": torch.randn(10)}) for i in range(2)]
+    monkeypatch.setattr(streaming, "SLICE", 4)
+    monkeypatch.setattr(streaming, "SLICE_MODELS", 1)
+    paths = [write(tmp_path, str(i), {"w": torch.randn(40)}) for i in range(2)]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        fuse_files(paths, "average")
-        assert seen and set(seen) == {1}
-        assert torch.get_num_threads() == 2
+        for compute_bound in (False, True):
+            seen.clear()
+            operator = dataclasses.replace(average, fuse=spy, compute_bound=compute_bound)
+            monkeypatch.setitem(registry.REGISTRY, "average", operator)
+            fused = fuse_files(paths, "average")
+            assert torch.allclose(fused["w"], (load(paths[0]) + load(paths[1])) / 2)
+            assert len(seen) == 10 and {threads for threads, _ in seen} == {1}
+            callers = {caller for _, caller in seen}
+            assert (threading.get_ident() not in callers) if compute_bound else callers == {threading.get_ident()}
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def load(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)["w"]
 
 
 def test_whole_tensors_share_one_buffer_without_aliasing_what_was_yielded(tmp_path, monkeypatch):
@@ -346,7 +363,8 @@ def test_slices_returned_as_views_of_a_reused_buffer_are_kept(tmp_path, monkeypa
         return stack_float(tensors)[0]  # a view into the thread's buffer
 
     average = registry.get_operator("average")
-    monkeypatch.setitem(registry.REGISTRY, "first", dataclasses.replace(average, name="first", fuse=first_model))
+    first = dataclasses.replace(average, name="first", fuse=first_model, compute_bound=True)  # on threads
+    monkeypatch.setitem(registry.REGISTRY, "first", first)
     monkeypatch.setattr(streaming, "SLICE", 8)
     monkeypatch.setattr(streaming, "SLICE_MODELS", 1)
     g = torch.Generator().manual_seed(1)

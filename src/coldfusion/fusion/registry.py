@@ -13,8 +13,9 @@ cut-off of each task vector) names a `prepare(tensors, base, workers, **params)`
 function; the engine calls it with whole tensors (it may use `workers` threads) and
 passes its result to every slice as `prepared`. When all models' tensors fit in
 `streaming.HOLD_BYTES`, it passes them whole instead, without `prepared` (one read of
-each model). The engine fuses several slices at once, one per thread; an operator given
-whole tensors that takes `workers` may use that many threads itself. An operator that scales
+each model). For a `compute_bound` operator the engine fuses several slices at once, one
+per thread, and one given whole tensors that takes `workers` may use that many threads
+itself. An operator that scales
 each model by the size of its whole update (norm clipping) sets `needs_norms` and gets
 `norms`, each model's ||m_i - b|| over all its tensors.
 """
@@ -50,6 +51,9 @@ class Operator:
     elementwise: bool = False  # fusing any slice of the flattened tensors on its own gives that slice
     prepare: Callable | None = None  # prepare(tensors, base, workers, **params): whole-tensor facts per model
     needs_norms: bool = False  # gets `norms`: each model's delta norm ||m_i - b|| over all its tensors
+    # Fusing costs far more than reading (TIES): the engine fuses on every thread torch may
+    # use. Otherwise on one, which is as fast for a memory-bound sum and leaves the caller a core.
+    compute_bound: bool = False
 
     # Cached: the engine asks once per tensor, and a signature never changes.
     @cached_property
@@ -82,14 +86,16 @@ REGISTRY: dict[str, Operator] = {}
 
 
 def register(name: str, *, weighting: str = "uniform", needs_base: bool = False, needs_stats: str | None = None,
-             elementwise: bool = False, prepare: Callable | None = None, needs_norms: bool = False):
+             elementwise: bool = False, prepare: Callable | None = None, needs_norms: bool = False,
+             compute_bound: bool = False):
     assert needs_stats in (None, *STATISTICS), needs_stats
     assert prepare is None or elementwise, "prepare only makes sense for an elementwise operator"
     assert needs_base or not needs_norms, "a delta norm is measured from the base"
 
     def wrap(fn: FuseFn) -> FuseFn:
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc, elementwise, prepare, needs_norms)
+        REGISTRY[name] = Operator(name, fn, weighting, needs_base, needs_stats, doc, elementwise, prepare, needs_norms,
+                                  compute_bound)
         return fn
 
     return wrap
@@ -103,10 +109,12 @@ def get_operator(name: str) -> Operator:
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i t_i / sum_i w_i in float32, reading one tensor at a time."""
+    from coldfusion.fusion.task_vectors import each_float
+
     total = None
-    for w, t in zip(weights.tolist(), tensors, strict=True):
+    for w, t in zip(weights.tolist(), each_float(tensors), strict=True):
         if total is None:
-            total = t.float() * w  # a new tensor: the inputs are never modified
+            total = t * w  # a new tensor: the inputs are never modified
         else:
-            total.add_(t.float(), alpha=w)  # no temporary
+            total.add_(t, alpha=w)  # no temporary
     return total.div_(float(weights.sum()))

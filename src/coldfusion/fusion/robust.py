@@ -6,12 +6,13 @@ import torch
 
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import register
+from coldfusion.fusion.task_vectors import stack_float
 
 
 @register("median", elementwise=True)
 def fuse_median(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Element-wise median (the mean of the two middle values when n is even)."""
-    ordered = torch.stack([t.float() for t in tensors]).sort(dim=0).values
+    ordered = stack_float(tensors).sort(dim=0).values
     n = ordered.shape[0]
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
@@ -21,7 +22,7 @@ def fuse_trimmed_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor, tr
     """Element-wise mean after dropping the floor(trim * n) largest and smallest values."""
     if not 0.0 <= trim < 0.5:
         raise ColdFusionError(f"trimmed_mean: trim must be in [0, 0.5), not {trim}")
-    ordered = torch.stack([t.float() for t in tensors]).sort(dim=0).values
+    ordered = stack_float(tensors).sort(dim=0).values
     n = ordered.shape[0]
     k = min(int(trim * n), (n - 1) // 2)
     return ordered[k : n - k].mean(0)

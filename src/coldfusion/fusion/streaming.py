@@ -3,8 +3,8 @@
 Checkpoints are safetensors (one file or shards); each contributed tensor is read from
 disk only when the operator indexes it. `fuse_stream` yields the fused result a slice
 at a time (for writing straight to disk); `fuse_readers` / `fuse_files` collect it.
-Slices are read and fused on as many threads as torch may use (parallel.py), a slice per
-thread, so one thread reads while another computes.
+A compute-bound operator's slices (TIES) are read and fused on as many threads as torch
+may use (parallel.py), a slice per thread, so one thread reads while another computes.
 """
 
 import math
@@ -60,6 +60,15 @@ class LazyTensors(Sequence):
         if reader.dtype(self.name) == "F32":
             return reader.read(self.name, *(self.span or (0, None)), out=out)
         return out.copy_(self[i].view(-1))
+
+    def streamed(self) -> Iterator[torch.Tensor]:
+        """Each model's tensor (or slice) in turn, flat float32, read into one buffer that the
+        next one overwrites (the first row of `scratch` when that is large enough)."""
+        size = self.readers[0].numel(self.name) if self.span is None else self.span[1] - self.span[0]
+        shape = self.readers[0].shape(self.name) if self.span is None else (size,)
+        buffer = self.scratch[:size] if self.scratch is not None and self.scratch.numel() >= size else torch.empty(size)
+        for i in range(len(self)):
+            yield self.read_into(i, buffer).view(shape)
 
     def stacked(self) -> torch.Tensor:
         """All of them in one float32 (n, ...) tensor."""
@@ -162,7 +171,7 @@ def delta_norms(readers: Sequence[SafetensorsReader], base: SafetensorsReader, n
 
 def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict):
     stat_names = stats[0].keys() if stats else set()
-    workers = budget()
+    workers = budget() if op.compute_bound else 1
     hold = torch.empty(HOLD_BYTES // 4) if op.prepare else None  # whole tensors of every model, reused
     for name in names:
         failpoint("fusion.tensor")

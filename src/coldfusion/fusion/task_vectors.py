@@ -4,7 +4,7 @@ A task vector is t_i = m_i - b. These helpers act on one tensor's task vectors (
 the same flat slice of each).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -13,6 +13,13 @@ def stack_float(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The tensors as one float32 (n, *shape) tensor; the engine's lazy reads go straight into it."""
     stacked = getattr(tensors, "stacked", None)
     return stacked() if stacked else torch.stack([t.float() for t in tensors])
+
+
+def each_float(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The tensors one at a time as float32, for an operator that uses each once and keeps
+    none: the engine reads them all into one reused buffer (no allocation per model)."""
+    streamed = getattr(tensors, "streamed", None)
+    return streamed() if streamed else (t.float() for t in tensors)
 
 
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -24,8 +31,8 @@ def add_task_vectors(tensors: Sequence[torch.Tensor], weights: Sequence[float], 
     """b + sum_i w_i (m_i - b) in float32, reading one model at a time, without temporaries."""
     b = base.float()
     total = torch.zeros_like(b)
-    for wi, t in zip(weights, tensors, strict=True):
-        total.add_(t.float(), alpha=wi)
+    for wi, t in zip(weights, each_float(tensors), strict=True):
+        total.add_(t, alpha=wi)
     # sum_i w_i (m_i - b) = sum_i w_i m_i - (sum_i w_i) b
     return total.add_(b, alpha=1 - float(sum(weights)))
 

@@ -25,7 +25,7 @@ def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density:
     return ties_kernel.magnitude_cuts(tensors, base, density, workers)
 
 
-@register("ties", needs_base=True, elementwise=True, prepare=magnitude_cuts)
+@register("ties", needs_base=True, elementwise=True, prepare=magnitude_cuts, compute_bound=True)
 def fuse_ties(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor,
     offset: int = 0, prepared: Sequence | None = None, workers: int = 1,
