@@ -25,7 +25,7 @@ from coldfusion.fusion.parallel import parallel_map
 
 SAMPLE, SAMPLE_MAX = 1 << 14, 1 << 18  # magnitudes sampled to bracket a cut: n/16 within these bounds
 RUN = 16  # the sample takes runs of this many adjacent entries: one cache line each
-PARALLEL_MIN = 1 << 20  # from this many entries, the bracketing pass runs on two threads
+PARALLEL_MIN = 1 << 20  # from this many entries, a cut's bracketing scan may be split over threads
 BLOCK = 1 << 16  # entries the bracketing pass flags before collecting them (still in cache)
 
 
