@@ -62,22 +62,28 @@ class LazyTensors(Sequence):
         return out.copy_(self[i].view(-1))
 
     def streamed(self) -> Iterator[torch.Tensor]:
-        """Each model's tensor (or slice) in turn, flat float32, read into one buffer that the
+        """Each model's tensor (or slice) in turn, float32, read into one buffer that the
         next one overwrites (the first row of `scratch` when that is large enough)."""
-        size = self.readers[0].numel(self.name) if self.span is None else self.span[1] - self.span[0]
-        shape = self.readers[0].shape(self.name) if self.span is None else (size,)
-        buffer = self.scratch[:size] if self.scratch is not None and self.scratch.numel() >= size else torch.empty(size)
+        shape = self._shape()
+        buffer = self._buffer(math.prod(shape))
         for i in range(len(self)):
             yield self.read_into(i, buffer).view(shape)
 
     def stacked(self) -> torch.Tensor:
         """All of them in one float32 (n, ...) tensor."""
-        shape = self.readers[0].shape(self.name) if self.span is None else (self.span[1] - self.span[0],)
-        size = len(self) * math.prod(shape)
-        fits = self.scratch is not None and self.scratch.numel() >= size
-        out = self.scratch[:size].view(len(self), *shape) if fits else torch.empty((len(self), *shape))
+        shape = self._shape()
+        out = self._buffer(len(self) * math.prod(shape)).view(len(self), *shape)
         parallel_map(lambda i: self.read_into(i, out[i].view(-1)), range(len(self)), self.workers)
         return out
+
+    def _shape(self) -> tuple[int, ...]:
+        """The shape of one model's tensor, or of the slice (flat)."""
+        return self.readers[0].shape(self.name) if self.span is None else (self.span[1] - self.span[0],)
+
+    def _buffer(self, size: int) -> torch.Tensor:
+        """`size` float32 entries: the start of `scratch` when it is large enough, else new ones."""
+        fits = self.scratch is not None and self.scratch.numel() >= size
+        return self.scratch[:size] if fits else torch.empty(size)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -194,9 +200,8 @@ def _fuse(op: Operator, readers, w, base, stats, names: list[str], params: dict)
             with torch_threads(1) if op.elementwise else nullcontext():
                 fused = op.fuse(LazyTensors(readers, name, scratch=hold, workers=threads), w,
                                 **_engine_args(op, base, stats, stat_names, name, workers=threads), **params)
-            if hold is not None and fused.untyped_storage().data_ptr() == hold.untyped_storage().data_ptr():
-                fused = fused.clone()  # a view of the inputs would change under the caller with the next tensor
-            yield name, 0, fused.to(dtype).flatten()
+            # a view of the inputs would change under the caller with the next tensor
+            yield name, 0, _not_in(hold, fused).to(dtype).flatten()
             continue
         prepared, full_base = {}, None
         if op.prepare:  # the whole base it reads is kept for the slices: one read fewer, same peak memory
@@ -220,9 +225,14 @@ def _fuse_slice(op: Operator, readers, w, base, stats, stat_names, name: str, fu
     args = _engine_args(op, base, stats, stat_names, name, span, full_base)
     scratch = _thread_scratch(len(readers) * (span[1] - span[0]))
     fused = op.fuse(LazyTensors(readers, name, span, scratch=scratch), w, **args, **params)
-    if fused.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
-        fused = fused.clone()  # the thread's next slice refills the scratch before this one is written
-    return fused.to(dtype)
+    return _not_in(scratch, fused).to(dtype)  # the thread's next slice refills the scratch before this is written
+
+
+def _not_in(buffer: torch.Tensor | None, fused: torch.Tensor) -> torch.Tensor:
+    """`fused`, copied when it is a view into the engine's reused `buffer`."""
+    if buffer is not None and fused.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return fused.clone()
+    return fused
 
 
 _local = threading.local()
