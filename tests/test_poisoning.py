@@ -56,7 +56,7 @@ def test_defences_hold_against_a_poisoned_contributor(tiny_model_dir, four_tasks
     assert all(list(f["rejected"]) == ["topic_b"] for f in fusions)  # refused every iteration, with its reason
     assert all("median of the other contributions'" in f["rejected"]["topic_b"] for f in fusions)
     summary = (tmp_path / "validated" / "summary.md").read_text()
-    assert "**Left out of fusion:**" in summary and "- iteration 2: topic_b refused: delta norm" in summary
+    assert "**Left out:**" in summary and "- iteration 2: topic_b refused: delta norm" in summary
     defended = {"validation": validated}
     for method, params in [("median", {}), ("trimmed_mean", {"trim": 0.25}), ("norm_clipping", {})]:
         defended[method], _ = final_accuracy(tiny_model_dir, four_tasks, tmp_path, method,

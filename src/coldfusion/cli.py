@@ -46,11 +46,12 @@ def run(
 
     try:
         cfg = load_config(config)
-        if cfg.engine == "flower" and cfg.flower.mode == "deployment":
+        if cfg.deployment:
             raise ColdFusionError(
                 f"{config} runs on a Flower deployment: write its Flower app with `coldfusion flower app {config} "
-                f"APP_DIR` and submit it with `flwr run APP_DIR`, or try it on this machine with "
-                f"`coldfusion flower local {config}` (see the README, 'Across machines on Flower')")
+                f"APP_DIR` and submit it with `flwr run APP_DIR` once every contributor's SuperNode is up (see the "
+                f"README, 'Across machines on Flower'); to try a deployment on this machine, give `coldfusion "
+                f"flower local` a one-file config that lists the tasks with their data")
         with RichProgress() as progress:
             if cfg.engine == "flower":
                 from coldfusion.collab.flower.simulation import run_on_simulation
@@ -388,7 +389,8 @@ app.add_typer(flower, name="flower")
 
 @flower.command("app")
 def flower_app(
-    config: Path = typer.Argument(..., help="run config (YAML) with engine: flower"),
+    config: Path = typer.Argument(..., help="the server's run config (YAML): engine: flower, mode: deployment, "
+                                            "contributors: [NAME, ...]"),
     out_dir: Path = typer.Argument(..., help="directory to write the Flower app to"),
     run_dir: Path | None = typer.Option(None, help="run directory on the SuperLink's machine"),
     resume: bool = typer.Option(False, "--resume", help="continue the run from its last finished iteration"),
@@ -406,30 +408,27 @@ def flower_app(
 
 @flower.command("local")
 def flower_local(
-    config: Path = typer.Argument(..., help="run config (YAML) with engine: flower"),
-    workdir: Path | None = typer.Option(None, help="logs, Flower home and app (default: <run dir>-flower)"),
+    config: Path = typer.Argument(..., help="a one-file run config (its tasks with their data), as for `run`"),
+    workdir: Path | None = typer.Option(None, help="the server's and the nodes' directories (default: "
+                                                   "<run dir>-flower)"),
 ) -> None:
     """Run the experiment on a real Flower deployment on this machine.
 
-    A SuperLink and one SuperNode per task run as separate processes on 127.0.0.1; all are
-    stopped at the end.
+    The config is cut as a deployment keeps it apart: the server's config (contributors
+    named, no task data) in WORKDIR/server/, each contributor's task file, node config and
+    head directory in WORKDIR/nodes/NAME/. A SuperLink and one SuperNode per task run as
+    separate processes on 127.0.0.1; all are stopped at the end.
     """
-    import yaml
-
-    from coldfusion.collab.flower.deployment import LocalFederation, write_app
+    from coldfusion.collab.flower.deployment import LocalFederation, split_run_config, write_app
     from coldfusion.config import load_config
 
     try:
         cfg = load_config(config)
         root = (workdir or cfg.output_dir / f"{cfg.name}-flower").resolve()
-        specs = {}
-        for task in cfg.tasks:  # each SuperNode reads its own task spec, as on its own machine
-            specs[task.name] = str(root / "tasks" / f"{task.name}.yaml")
-            (root / "tasks").mkdir(parents=True, exist_ok=True)
-            Path(specs[task.name]).write_text(yaml.safe_dump(task.model_dump(mode="json", exclude_none=True)))
-        app_dir = write_app(config, root / "app")
-        with LocalFederation(root, specs) as federation:
-            console.print(f"SuperLink on {federation.address}, {len(specs)} SuperNodes; logs in {root}")
+        server_config, nodes = split_run_config(config, root)
+        app_dir = write_app(server_config, root / "server" / "app")
+        with LocalFederation(root, nodes) as federation:
+            console.print(f"SuperLink on {federation.address}, {len(nodes)} SuperNodes; logs in {root}")
             finished = federation.run(app_dir, timeout=7 * 24 * 3600)
     except ColdFusionError as exc:
         _fail(exc)

@@ -13,7 +13,8 @@ from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import TaskSpec
-from coldfusion.training import FinetuneSettings, ProbeSettings
+from coldfusion.training import FinetuneSettings
+from coldfusion.training.probe import ProbeProtocol
 from coldfusion.validation import ValidationSettings
 
 
@@ -31,11 +32,13 @@ class LoopSettings(Strict):
     validation_examples: int = Field(200, ge=1, description="validation examples for early stopping")
 
 
-class EvaluationSettings(Strict):
-    train_examples: int | None = Field(600, ge=1, description="examples the linear-probe head is fit on")
-    validation_examples: int | None = Field(200, ge=1)
-    test_examples: int | None = Field(600, ge=1)
-    probe: ProbeSettings = ProbeSettings()
+class EvaluationSettings(ProbeProtocol):
+    model_config = ConfigDict(extra="forbid")
+
+    suite: list[TaskSpec] = Field(
+        default_factory=list,
+        description="the repository owner's own evaluation tasks (public benchmarks), scored on the server; "
+                    "the contributors' tasks are scored by the contributors themselves")
 
 
 class FusionSettings(Strict):
@@ -78,7 +81,11 @@ class RunConfig(Strict):
     model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"
-    tasks: list[TaskSpec] = Field(min_length=1, description="the seen tasks: one contributor each")
+    tasks: list[TaskSpec] = Field(
+        default_factory=list, description="the seen tasks, one contributor each (local engine and simulation)")
+    contributors: list[str] = Field(
+        default_factory=list, description="Flower deployment: the contributors' names; each SuperNode brings its "
+                                          "own task (node config task=...), so the server holds no task data")
     engine: Literal["local", "flower"] = Field(
         "local", description="local: contributors train in this process; flower: on Flower (see `flower`)")
     flower: FlowerSettings = FlowerSettings()
@@ -93,13 +100,42 @@ class RunConfig(Strict):
     attack: AttackSettings | None = Field(
         None, description="robustness experiments only: these contributors send a poisoned update")
 
+    @property
+    def deployment(self) -> bool:
+        return self.engine == "flower" and self.flower.mode == "deployment"
+
+    @property
+    def contributor_names(self) -> list[str]:
+        return self.contributors if self.deployment else [t.name for t in self.tasks]
+
+    @model_validator(mode="after")
+    def _contributors_or_tasks(self):
+        if self.deployment:
+            if self.tasks:
+                raise ValueError(
+                    "a Flower deployment's server config names its contributors, not their data: replace `tasks:` "
+                    "by `contributors: [NAME, ...]` and give each SuperNode its own task (node config "
+                    "task='TASK.yaml'); `coldfusion flower local` splits a one-file config for you")
+            if not self.contributors:
+                raise ValueError("a Flower deployment needs `contributors: [NAME, ...]` (one per SuperNode)")
+        elif self.contributors:
+            raise ValueError("`contributors` names the SuperNodes of a Flower deployment (flower.mode: deployment); "
+                             "here list the seen tasks under `tasks:`")
+        elif not self.tasks:
+            raise ValueError("`tasks` needs at least one task (one contributor each)")
+        names = self.contributor_names + [t.name for t in self.evaluation.suite]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"names must be unique across contributors and evaluation.suite: {repeated} repeat")
+        return self
+
     @model_validator(mode="after")
     def _attackers_are_contributors(self):
         if self.attack:
-            unknown = sorted(set(self.attack.contributors) - {t.name for t in self.tasks})
+            unknown = sorted(set(self.attack.contributors) - set(self.contributor_names))
             if unknown:
-                raise ValueError(f"attack.contributors {unknown} are not among the tasks "
-                                 f"{[t.name for t in self.tasks]}")
+                raise ValueError(f"attack.contributors {unknown} are not among the contributors "
+                                 f"{self.contributor_names}")
             if self.contribution.kind != "full":
                 raise ValueError("attack: poisoned updates are simulated on full bodies; "
                                  f"use contribution.kind: full, not {self.contribution.kind}")

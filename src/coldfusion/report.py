@@ -44,7 +44,10 @@ def summary_markdown(rows: list[dict], title: str) -> str:
     first, last = iterations[0], iterations[-1]
     correct = {(r["task"], r["iteration"]): correctness(r["test_correct"])
                for r in rows if r["kind"] == "probe" and "test_correct" in r}
-    paired = all((t, i) in correct for t in tasks for i in (first, last))
+    # A contributor that sent no scores for an iteration leaves a hole: the gain and the
+    # means are over the tasks scored in both the first and the last iteration.
+    compared = [t for t in tasks if (t, first) in acc and (t, last) in acc]
+    paired = all((t, i) in correct for t in compared for i in (first, last))
 
     def gain_of(task_list: list[str]) -> tuple[float, float | None, float | None]:
         if paired:
@@ -54,35 +57,44 @@ def summary_markdown(rows: list[dict], title: str) -> str:
     header = ["task"] + [f"it {i}" for i in iterations] + ["gain [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     wins = 0
+    server = {r["task"] for r in rows if r["kind"] == "probe" and r.get("scored_by") == "server"}
     for t in tasks:
-        gain, lo, hi = gain_of([t])
-        wins += gain > 0
-        lines.append("| " + " | ".join([t] + [_pct(acc.get((t, i))) for i in iterations] + [_gain_cell(gain, lo, hi)])
-                     + " |")
-    means = {i: sum(acc.get((t, i), 0) for t in tasks) / len(tasks) for i in iterations}
-    gain, lo, hi = gain_of(tasks)
+        cell = ""
+        if t in compared:
+            task_gain = gain_of([t])
+            wins += task_gain[0] > 0
+            cell = _gain_cell(*task_gain)
+        label = f"{t} (server)" if t in server else t
+        lines.append("| " + " | ".join([label] + [_pct(acc.get((t, i))) for i in iterations] + [cell]) + " |")
+    means = {i: sum(acc.get((t, i), 0) for t in compared) / max(len(compared), 1) for i in iterations}
+    gain, lo, hi = gain_of(compared) if compared else (0.0, None, None)
     cells = ["**mean**"] + [f"**{_pct(means[i])}**" for i in iterations] + [f"**{_gain_cell(gain, lo, hi)}**"]
     lines.append("| " + " | ".join(cells) + " |")
     fusion = [r for r in rows if r["kind"] == "fusion"]
     method = fusion[-1]["method"] if fusion else "average"
     ci = "" if lo is None else f", 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    scorers = "each scored by its contributor on its own data"
+    if server:
+        scorers += " (rows marked (server): the repository owner's own suite, scored on the server)"
+    subset = f" (the mean is over the {len(compared)} of {len(tasks)} tasks scored in both)" \
+        if len(compared) < len(tasks) else ""
     return "\n".join([
         f"# {title}",
         "",
-        f"Linear-probe test accuracy (%) of the base after each iteration on the seen tasks; "
+        f"Linear-probe test accuracy (%) of the base after each iteration on the seen tasks, {scorers}; "
         f"iteration 0 is the pretrained base, fusion method `{method}`.",
         "",
         *lines,
         "",
         f"**Result:** after {last} iteration(s) the fused base {_verdict(gain, lo, hi)} the pretrained one: "
         f"mean accuracy {_pct(means[first])} -> {_pct(means[last])} ({100 * gain:+.1f} points{ci}), "
-        f"better on {wins} of {len(tasks)} tasks.",
+        f"better on {wins} of {len(compared)} tasks{subset}.",
         "",
         "Intervals are paired bootstraps over the test examples (same examples for both bases); "
         "they do not include the variance over training seeds, which a single run cannot measure.",
         "",
         *_communication(fusion),
-        *_left_out(fusion),
+        *_left_out(fusion + [r for r in rows if r["kind"] == "unscored"]),
         "![accuracy per iteration](plots/accuracy.png)",
         "",
     ])
@@ -103,12 +115,16 @@ def _communication(fusion_rows: list[dict]) -> list[str]:
     return ["**Communication** (what contributors sent, kept as sent; stored adds the new base):", "", *lines, ""]
 
 
-def _left_out(fusion_rows: list[dict]) -> list[str]:
-    """Contributions refused by validation, and contributors that sent nothing, per iteration."""
+def _left_out(rows: list[dict]) -> list[str]:
+    """Contributions refused by validation, contributors that declined or sent nothing (and
+    those that sent no scores: `unscored` rows), per iteration."""
     lines = [f"- iteration {r['iteration']}: {name} {verb}: {why}"
-             for r in fusion_rows for key, verb in (("rejected", "refused"), ("missing", "sent nothing"))
+             for r in rows if r["kind"] == "fusion"
+             for key, verb in (("rejected", "refused"), ("declined", "declined"), ("missing", "sent nothing"))
              for name, why in (r.get(key) or {}).items()]
-    return ["**Left out of fusion:**", "", *lines, ""] if lines else []
+    lines += [f"- iteration {r['iteration']}: {r['task']} sent no scores: {r['reason']}"
+              for r in rows if r["kind"] == "unscored"]
+    return ["**Left out:**", "", *lines, ""] if lines else []
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:

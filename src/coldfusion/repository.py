@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS versions (
     sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
     parent INTEGER REFERENCES versions(id),
     model_source TEXT NOT NULL,
-    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "rejected"?,
+    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "declined"?, "rejected"?,
                               --        "rebased"?}; NULL for a root
     run TEXT, iteration INTEGER, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS contributions (
@@ -272,11 +272,12 @@ class Repository:
     def fuse(
         self, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
         params: dict | None = None, run: str | None = None, iteration: int | None = None,
-        missing: dict[str, str] | None = None, validation: ValidationSettings | None = None,
+        missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
+        validation: ValidationSettings | None = None,
     ) -> Version:
         """Validate the contributions, fuse those that pass into a new version whose parent is
         `base_version`. `missing` (contributor -> reason) records the chosen contributors that
-        sent nothing. Refused contributions keep their reason in the index and in the
+        sent nothing, `declined` those that chose not to train on the base. Refused contributions keep their reason in the index and in the
         version's fusion record; with fewer than `validation.min_accepted` left, nothing is
         fused and the error lists every reason.
         """
@@ -315,6 +316,7 @@ class Repository:
         fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
                   "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
                   **({"missing": missing} if missing else {}),
+                  **({"declined": declined} if declined else {}),
                   **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
                   **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
         with self._db() as db:

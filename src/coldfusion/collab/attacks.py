@@ -50,4 +50,4 @@ def poison_round(round_: RoundResult, base: Tensors, attack: AttackSettings, see
         if r.contributor in attack.contributors else r
         for r in round_.results
     ]
-    return RoundResult(results, round_.missing)
+    return replace(round_, results=results)

@@ -1,8 +1,10 @@
-"""A contributor: holds one private task, finetunes the base it is sent, returns its update.
+"""A contributor: holds one private task, finetunes the base it is sent, returns its update,
+and scores each new base on its own task.
 
 Its data never leaves it; what it sends is its finetuned body, encoded as the run says
-(the full body, a delta, a sparse delta or LoRA factors; see encodings/), and its
-example count.
+(the full body, a delta, a sparse delta or LoRA factors; see encodings/), its example
+count, and its evaluation numbers (accuracy, macro-F1, per-example correctness bits).
+It may decline a round (`declines`), saying why.
 """
 
 from dataclasses import dataclass, field
@@ -11,12 +13,15 @@ import numpy as np
 import torch
 
 from coldfusion.checkpoint import Tensors
+from coldfusion.collab.node import HeadStore
 from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.encodings import FULL, EncodingSettings, encode_contribution
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks import Task
 from coldfusion.training import Encoded, FinetuneSettings, encode, finetune
+from coldfusion.training.probe import ProbeProtocol
 from coldfusion.training.statistics import diagonal_fisher, gram_matrices
+from coldfusion.training.task_probe import TaskProbe
 
 
 @dataclass
@@ -37,12 +42,17 @@ class Contributor:
         self, task: Task, encoder: Encoder, *, finetune_settings: FinetuneSettings, max_length: int,
         pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
         seed: int, head: Tensors | None = None, statistics: str | None = None, statistics_examples: int = 128,
-        encoding: EncodingSettings | None = None,
+        encoding: EncodingSettings | None = None, heads: HeadStore | None = None, device: torch.device | str = "cpu",
+        evaluation: ProbeProtocol | None = None, last_round: int | None = None,
     ):
         self.task, self.encoder, self.settings = task, encoder, finetune_settings
         self.pooling, self.keep_head, self.seed = pooling, keep_head, seed
+        self.max_length, self.device, self.last_round = max_length, torch.device(device), last_round
         self.examples_per_iteration = examples_per_iteration
         self.head = head  # kept across iterations when keep_head
+        self.heads = heads  # where the head survives restarts (else it lives in memory only)
+        self.evaluation = evaluation
+        self._probe: TaskProbe | None = None
         self.statistics, self.statistics_examples = statistics, statistics_examples
         self.encoding = encoding or EncodingSettings()
         self.train: Encoded = encode(task.train, encoder.tokenizer, max_length)
@@ -62,7 +72,36 @@ class Contributor:
         start = (iteration * n) % len(self.order)
         return np.take(self.order, range(start, start + n), mode="wrap")
 
+    def declines(self, base: Tensors, iteration: int) -> str | None:
+        """Why this contributor will not train on `base` in this round, or None."""
+        if self.last_round is not None and iteration > self.last_round:
+            return f"it trains in rounds up to {self.last_round} only (node config last-round)"
+        expected = self.encoder.pretrained
+        if base.keys() != expected.keys():
+            unknown, absent = sorted(base.keys() - expected.keys()), sorted(expected.keys() - base.keys())
+            return f"the base does not fit its model (unexpected {unknown[:3]}, absent {absent[:3]})"
+        for name, value in base.items():
+            if value.shape != expected[name].shape:
+                return f"the base does not fit its model: {name} is {tuple(value.shape)}, not {tuple(expected[name].shape)}"
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"the base has non-finite values in {name}"
+        return None
+
+    def evaluate(self, body: Tensors, on_step=None) -> dict:
+        """Score `body` by linear probing on this contributor's own task (see TaskProbe)."""
+        if self._probe is None:  # tokenized once, on first use
+            self._probe = TaskProbe(self.task, self.encoder, self.evaluation or ProbeProtocol(), self.max_length,
+                                    self.pooling, self.device)
+        return self._probe.score(body, on_step)
+
+    def num_evaluation_examples(self) -> int:
+        e = self.evaluation or ProbeProtocol()
+        return sum(min(n or len(s), len(s)) for n, s in ((e.train_examples, self.task.train),
+                   (e.validation_examples, self.task.validation), (e.test_examples, self.task.test)))
+
     def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
+        if self.heads is not None:  # the head after the last round it trained in before this one
+            self.head = self.heads.before(iteration)
         lora = self.encoding.kind == "lora"
         # A fresh head (and LoRA's A factors) depend only on these names, not on what else ran
         # in this process: engines that run contributors elsewhere, and resumed runs, agree.
@@ -75,6 +114,7 @@ class Contributor:
                 model.body = attach_lora(model.body, self.encoding.lora)
         if self.keep_head and self.head is not None:
             model.head.load_state_dict(self.head)
+        model.to(self.device)
         data = self.train.take(self.examples_for(iteration))
         settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
         fish = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
@@ -92,7 +132,9 @@ class Contributor:
         finally:
             for hook in hooks:
                 hook.remove()
-        self.head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        self.head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
+        if self.heads is not None:
+            self.heads.save(iteration, self.head)
         payload = None
         if lora:  # send the factors; the statistics below are of the body with them folded in
             from coldfusion.encodings.lora import lora_factors

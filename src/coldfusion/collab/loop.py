@@ -4,14 +4,20 @@
     for i in 1..T:
         contributors of iteration i each finetune v_{i-1} on their own task
         v_i = fuse(their bodies)               (the repository; only bodies are fused)
-        score v_i by linear probing on the seen tasks
+        every contributor scores v_i on its own task; the server scores it on its own suite
+
+The loop runs on the repository's side and holds no contributor's data: the engine
+(local, or Flower) reaches the contributors, who train and score where their data is and
+send back bodies and numbers.
 
 The run directory is the unit of resumption: `state.json` names the last finished
-iteration and its version, heads/ keeps each contributor's head, and rows of
-`results.jsonl` past the last finished iteration are dropped on resume.
+iteration and its version, `run-id` names the run for the nodes' heads (heads/ holds
+them for the local engine and the simulation), and rows of `results.jsonl` past the last
+finished iteration are dropped on resume.
 """
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from coldfusion.checkpoint import atomic_write_bytes
+from coldfusion.checkpoint import Tensors, atomic_write_bytes
 from coldfusion.collab.attacks import poison_round
 from coldfusion.collab.local_engine import LocalEngine
-from coldfusion.collab.round import RoundResult
+from coldfusion.collab.round import EvaluationRound, RoundResult
 from coldfusion.config import RunConfig, dump_config
-from coldfusion.encoder import Classifier, Encoder
+from coldfusion.encoder import Encoder
 from coldfusion.errors import ColdFusionError
 from coldfusion.faults import failpoint
 from coldfusion.progress import SilentProgress
@@ -32,9 +38,8 @@ from coldfusion.report import write_report
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
 from coldfusion.runtime import derive_seed, seed_everything, set_threads
-from coldfusion.tasks import Task, load_task
-from coldfusion.training import encode
-from coldfusion.training.probe import extract_features, probe_features
+from coldfusion.tasks import load_task
+from coldfusion.training.task_probe import TaskProbe
 
 
 @dataclass
@@ -51,36 +56,27 @@ class RunState:
         atomic_write_bytes(run_dir / "state.json", json.dumps(self.__dict__).encode())
 
 
-class SeenTaskProbe:
-    """Scores a body by linear probing on each seen task (splits tokenized once)."""
+class ServerSuite:
+    """The repository owner's own evaluation tasks (`evaluation.suite`), scored on the server.
+    By default there are none: contributors score their own tasks."""
 
-    def __init__(self, tasks: list[Task], encoder: Encoder, config: RunConfig):
-        ev = config.evaluation
-        self.encoder, self.config = encoder, config
-        self.data = {
-            t.name: (t, {split: encode(getattr(t, split).head(n), encoder.tokenizer, config.max_length)
-                         for split, n in (("train", ev.train_examples), ("validation", ev.validation_examples),
-                                          ("test", ev.test_examples))})
-            for t in tasks
-        }
+    def __init__(self, config: RunConfig, encoder: Encoder):
+        self.probes = [TaskProbe(load_task(spec), encoder, config.evaluation, config.max_length, config.pooling)
+                       for spec in config.evaluation.suite]
 
     def num_examples(self) -> int:
-        return sum(len(d) for _, splits in self.data.values() for d in splits.values())
+        return sum(p.num_examples() for p in self.probes)
 
-    def score(self, body_tensors, progress) -> dict[str, dict]:
-        body = self.encoder.new_body(body_tensors)
-        scores = {}
-        for name, (task, splits) in self.data.items():
-            model = Classifier(body, task.num_labels, pooling=self.config.pooling)
-            feats = {}
-            for split, data in splits.items():
-                feats[split] = (extract_features(model, data, self.config.evaluation.probe.batch_size), data.labels)
-                progress.advance(len(data))
-            result = probe_features(feats["train"], feats["validation"], feats["test"], task.num_labels,
-                                    self.config.evaluation.probe)
-            scores[name] = {**result.test, "l2": result.l2, "validation_accuracy": result.validation_accuracy,
-                            "test_correct": "".join("1" if c else "0" for c in result.test_correct)}
-        return scores
+    def score(self, body: Tensors, progress) -> dict[str, dict]:
+        return {p.task.name: p.score(body, progress.advance) for p in self.probes}
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The run's identity, made when its directory is made: nodes keep their heads under it."""
+    path = run_dir / "run-id"
+    if not path.exists():
+        atomic_write_bytes(path, secrets.token_hex(8).encode())
+    return path.read_text().strip()
 
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState | None:
@@ -114,32 +110,41 @@ def _changed_keys(old, new, prefix: str = "") -> set[str]:
 
 
 def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                    progress=None, engine=None) -> Path:
+                    progress=None, engine_for=None) -> Path:
     """Run (or resume) a ColD Fusion experiment; return its run directory.
 
-    `engine` runs the contributors (default: a LocalEngine over the config's tasks); it
-    has `contributor_names`, `run_round(base, iteration, names, progress) -> RoundResult`
-    and `save_heads(dir)`.
+    `engine_for(run_dir, run_id)` makes the engine that reaches the contributors (default:
+    a LocalEngine over the config's tasks, heads under <run dir>/heads). An engine has
+    `contributor_names`, `run_round(base, iteration, names, progress) -> RoundResult` and
+    `evaluate(body, iteration, progress) -> EvaluationRound`.
     """
     progress = progress or SilentProgress()
     run_dir = Path(run_dir or config.output_dir / config.name)
     state = _prepare_run_dir(config, run_dir, resume)
+    run_id = run_id_of(run_dir)
     set_threads(config.threads)
     seed_everything(config.seed)
     repo = Repository(config.repository or run_dir / "repository")
     log = ResultsLog(run_dir / "results.jsonl")
     encoder = Encoder.load(config.model)
-    tasks = [load_task(spec) for spec in config.tasks]
-    done = state.completed_iterations if state else 0
-    engine = engine or LocalEngine(config, tasks, encoder, _heads_dir(run_dir, done))
-    probe = SeenTaskProbe(tasks, encoder, config)
-    progress.start_run(config.loop.iterations, done)
+    if engine_for is None:  # one machine: the contributors' tasks are loaded here, by the engine only
+        engine = LocalEngine(config, [load_task(spec) for spec in config.tasks], encoder, run_dir / "heads", run_id)
+    else:
+        engine = engine_for(run_dir, run_id)
+    suite = ServerSuite(config, encoder)
+    progress.start_run(config.loop.iterations, state.completed_iterations if state else 0)
+
+    def evaluation_rows(version: int, body: Tensors, iteration: int) -> list[dict]:
+        evaluated = engine.evaluate(body, iteration, progress)
+        progress.phase(f"iteration {iteration}: scoring the base on the server's suite", suite.num_examples())
+        own = EvaluationRound(suite.score(body, progress))
+        return (_probe_rows(repo, version, iteration, evaluated, config, "contributor")
+                + _probe_rows(repo, version, iteration, own, config, "server"))
 
     if state is None:  # iteration 0: store and score the pretrained base
         log.keep_until(-1)
         base = repo.add_version(encoder.pretrained, model_source=encoder.source, run=config.name, iteration=0)
-        progress.phase("probing the pretrained base", probe.num_examples())
-        log.extend(_probe_rows(repo, base.id, 0, probe.score(encoder.pretrained, progress), config.name))
+        log.extend(evaluation_rows(base.id, encoder.pretrained, 0))
         state = RunState(completed_iterations=0, version=base.id)
         state.write(run_dir)
     else:
@@ -157,12 +162,8 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         rows, version = _fuse_round(repo, config, state.version, iteration, round_)
         fusion_row = rows[-1]
         fusion_row["train_seconds"] = round(train_seconds, 2)
-        progress.phase(f"iteration {iteration}: probing the fused base", probe.num_examples())
-        scores = probe.score(repo.load_version(version), progress)
-        rows += _probe_rows(repo, version, iteration, scores, config.name)
+        rows += evaluation_rows(version, repo.load_version(version), iteration)
         fusion_row["iteration_seconds"] = round(time.perf_counter() - started, 2)
-        # A crash before state.json is written resumes with the heads of the last finished iteration.
-        engine.save_heads(_heads_dir(run_dir, iteration))
         log.extend(rows)
         failpoint("loop.unrecorded")
         state = RunState(completed_iterations=iteration, version=version)
@@ -171,10 +172,6 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
 
     write_report(run_dir)
     return run_dir
-
-
-def _heads_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / "heads" / f"iter{iteration:03d}"
 
 
 def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteration: int,
@@ -190,14 +187,15 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
                      "encoding": r.encoding["kind"], "bytes_sent": c.num_bytes, **r.metrics})
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
-                        run=config.name, iteration=iteration, missing=round_.missing,
+                        run=config.name, iteration=iteration, missing=round_.missing, declined=round_.declined,
                         validation=config.fusion.validation)
     task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
     rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
     fused = [task_of[str(c)] for c in version.fusion["contributions"]]
     sent = sum(row["bytes_sent"] for row in rows)
     rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,
-                 "method": config.fusion.method, "contributors": fused, "missing": round_.missing, "rejected": rejected,
+                 "method": config.fusion.method, "contributors": fused, "missing": round_.missing,
+                 "declined": round_.declined, "rejected": rejected,
                  "fuse_seconds": round(time.perf_counter() - started, 2), "encoding": config.contribution.kind,
                  # what arrived (and is kept as it arrived), and that plus the new base: this iteration's disk use
                  "bytes_sent": sent, "bytes_stored": sent + repo.checkpoint_bytes(version.sha256)})
@@ -212,11 +210,18 @@ def _choose_contributors(names: list[str], config: RunConfig, iteration: int) ->
     return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
 
-def _probe_rows(repo: Repository, version: int, iteration: int, scores: dict, run: str) -> list[dict]:
+def _probe_rows(repo: Repository, version: int, iteration: int, evaluated: EvaluationRound, config: RunConfig,
+                scored_by: str) -> list[dict]:
+    """A `probe` row per task scored (contributors' tasks in the run's order), an `unscored`
+    row per contributor that sent no scores."""
+    order = config.contributor_names + [t.name for t in config.evaluation.suite]
     rows = []
-    for task, values in scores.items():
+    for task in sorted(evaluated.scores, key=lambda t: order.index(t) if t in order else len(order)):
+        values = evaluated.scores[task]
         summary = {k: v for k, v in values.items() if k != "test_correct"}  # the index keeps numbers only
-        repo.record_metrics(version, task, "linear_probe", summary, run=run)
+        repo.record_metrics(version, task, "linear_probe", summary, run=config.name)
         rows.append({"kind": "probe", "iteration": iteration, "version": version, "task": task,
-                     "protocol": "linear_probe", "split": "test", **values})
+                     "protocol": "linear_probe", "split": "test", "scored_by": scored_by, **values})
+    rows += [{"kind": "unscored", "iteration": iteration, "version": version, "task": task, "reason": why}
+             for task, why in evaluated.missing.items()]
     return rows

@@ -36,8 +36,8 @@ def lora_factors(peft_body: torch.nn.Module, dtype: str) -> Tensors:
     payload = {}
     for name, module in inner.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            payload[f"{name}.weight{A}"] = module.lora_A[ADAPTER].weight.detach().to(DTYPES[dtype]).clone()
-            payload[f"{name}.weight{B}"] = module.lora_B[ADAPTER].weight.detach().to(DTYPES[dtype]).clone()
+            payload[f"{name}.weight{A}"] = module.lora_A[ADAPTER].weight.detach().to("cpu", DTYPES[dtype]).clone()
+            payload[f"{name}.weight{B}"] = module.lora_B[ADAPTER].weight.detach().to("cpu", DTYPES[dtype]).clone()
     return payload
 
 

@@ -40,6 +40,7 @@ def restrict_training(body: torch.nn.Module, indices: dict[str, torch.Tensor]) -
     for name, param in body.named_parameters():
         mask = torch.zeros(param.numel(), dtype=param.dtype)
         mask[indices.get(name, torch.zeros(0, dtype=torch.long))] = 1
+        mask = mask.to(param.device)
         hooks.append(param.register_hook(lambda grad, m=mask.view_as(param): grad * m))
     return hooks
 

@@ -74,8 +74,13 @@ def length_bucketed_batches(
     return batches
 
 
-def collate(data: Encoded, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """Pad one batch to its own longest example."""
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are: batches go there (training and inference follow the model)."""
+    return next(model.parameters()).device
+
+
+def collate(data: Encoded, indices: np.ndarray, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Pad one batch to its own longest example (and move it to `device`)."""
     rows = [data.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
@@ -90,4 +95,6 @@ def collate(data: Encoded, indices: np.ndarray) -> dict[str, torch.Tensor]:
             t = data.token_type_ids[i]
             types[j, : len(t)] = torch.tensor(t)
         batch["token_type_ids"] = types
+    if device is not None and torch.device(device).type != "cpu":
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from coldfusion.encoder import Classifier
-from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 
 
 def classification_metrics(predictions, labels) -> dict[str, float]:
@@ -26,9 +26,9 @@ def classification_metrics(predictions, labels) -> dict[str, float]:
 def predict_logits(model: Classifier, data: Encoded, batch_size: int = 64) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = torch.empty((len(data), model.head.out_features))
+    out, device = torch.empty((len(data), model.head.out_features)), device_of(model)
     for idx in length_bucketed_batches(data.lengths, batch_size, rng=None):
-        out[torch.as_tensor(idx)] = model(**collate(data, idx)).float()
+        out[torch.as_tensor(idx)] = model(**collate(data, idx, device)).float().cpu()
     model.train(was_training)
     return out
 

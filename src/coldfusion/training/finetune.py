@@ -13,7 +13,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from coldfusion.encoder import Classifier
 from coldfusion.faults import failpoint
-from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import evaluate
 
 
@@ -76,13 +76,14 @@ def finetune(
     optimizer = make_optimizer(model.body, [model.head], s)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total_steps), total_steps)
     loss_fn = torch.nn.CrossEntropyLoss()
+    device = device_of(model)
 
     best_acc, best_state, bad_checks, stopped = None, None, 0, False
     history, step, seen, start = [], 0, 0, time.perf_counter()
     model.train()
     while step < total_steps and not stopped:
         for idx in length_bucketed_batches(train.lengths, s.batch_size, rng):
-            loss = loss_fn(model(**collate(train, idx)), train.labels[idx])
+            loss = loss_fn(model(**collate(train, idx, device)), train.labels[idx].to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             optimizer.step()

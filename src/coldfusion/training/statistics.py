@@ -8,7 +8,7 @@ import torch
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.encoder import Classifier
-from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 
 
 def diagonal_fisher(model: Classifier, data: Encoded, num_examples: int = 128, seed: int = 0) -> Tensors:
@@ -22,10 +22,11 @@ def diagonal_fisher(model: Classifier, data: Encoded, num_examples: int = 128, s
     params = dict(model.body.named_parameters())
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     n = min(num_examples, len(data))
+    device = device_of(model)
     for i in range(n):
-        batch = collate(data, [i])
+        batch = collate(data, [i], device)
         log_probs = torch.log_softmax(model(**batch), dim=-1)[0]
-        y = torch.multinomial(log_probs.detach().exp(), 1, generator=g).item()
+        y = torch.multinomial(log_probs.detach().float().cpu().exp(), 1, generator=g).item()
         model.zero_grad(set_to_none=True)
         log_probs[y].backward()
         for name, p in params.items():
@@ -33,7 +34,7 @@ def diagonal_fisher(model: Classifier, data: Encoded, num_examples: int = 128, s
                 fisher[name].add_(p.grad.detach() ** 2)
     model.zero_grad(set_to_none=True)
     state_names = {id(t): k for k, t in model.body.state_dict(keep_vars=True).items()}
-    return {state_names[id(params[name])]: f / n for name, f in fisher.items()}
+    return {state_names[id(params[name])]: (f / n).cpu() for name, f in fisher.items()}
 
 
 @torch.inference_mode()
@@ -59,11 +60,12 @@ def gram_matrices(model: Classifier, data: Encoded, num_examples: int = 256, bat
                for name, m in model.body.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         subset = data.take(range(min(num_examples, len(data))))
+        device = device_of(model)
         for idx in length_bucketed_batches(subset.lengths, batch_size, rng=None):
-            batch = collate(subset, idx)
+            batch = collate(subset, idx, device)
             mask_now[:] = [batch["attention_mask"]]
             model.embed(**batch)
     finally:
         for h in handles:
             h.remove()
-    return {k: v.float() for k, v in grams.items()}
+    return {k: v.float().cpu() for k, v in grams.items()}

@@ -2,12 +2,17 @@
 
 - `write_app(config, out_dir)`: the Flower app directory that `flwr run` submits. Its
   components are this package's ServerApp and ClientApp (every machine has coldfusion
-  installed, so nothing is installed at run time); its run config names the run's YAML.
+  installed, so nothing is installed at run time); its run config names the server's
+  YAML, which names contributors and holds none of their data.
+- `split_run_config(config, root)`: a one-file run config (tasks with their data) cut
+  into what a deployment keeps apart: the server's config under `root/server/`, and
+  each contributor's task file and node config under `root/nodes/NAME/`.
 - `write_connection(flwr_home, name, address, ...)`: the SuperLink connection that
   `flwr run APP NAME` uses, in a Flower home of its own (`FLWR_HOME`).
 - `LocalFederation`: a SuperLink and SuperNodes as separate processes on 127.0.0.1 (for
-  tests and benchmarks, and to try a deployment on one machine). Every process it starts
-  is stopped, with its children, when it exits.
+  tests and benchmarks, and to try a deployment on one machine), the SuperLink working
+  in `root/server/`, each SuperNode in `root/nodes/NAME/`. Every process it starts is
+  stopped, with its children, when it exits.
 
 Pitfalls handled here: runtime dependency installation is disabled (otherwise Flower
 may pip-install into the environment, e.g. a CUDA torch), each federation has its own
@@ -22,6 +27,8 @@ import sys
 import time
 from contextlib import closing, suppress
 from pathlib import Path
+
+import yaml
 
 from coldfusion.errors import ColdFusionError
 
@@ -69,6 +76,52 @@ def write_app(config: Path, out_dir: Path, run_dir: Path | None = None, resume: 
         name=cfg.name.replace("_", "-"), config=Path(config).resolve(),
         run_dir=Path(run_dir or cfg.output_dir / cfg.name).resolve(), resume=str(resume).lower()))
     return out_dir
+
+
+def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
+    """Cut a one-file run config into a deployment's parts: the server's config
+    (`root/server/run.yaml`: contributors named, no task data, relative paths made
+    absolute) and, per contributor, its task file and node config (`root/nodes/NAME/`).
+    Returns the server config's path and each contributor's node config."""
+    from coldfusion.collab.node import safe_name
+    from coldfusion.config import dump_config, load_config
+
+    cfg = load_config(config)
+    if cfg.deployment:
+        raise ColdFusionError(f"{config} is already a deployment's server config (it names contributors, not "
+                              f"their data); start its SuperNodes with their own tasks and submit it with flwr run")
+    root = Path(root).resolve()
+    nodes = {}
+    for spec in cfg.tasks:
+        home = root / "nodes" / safe_name(spec.name, "task")
+        home.mkdir(parents=True, exist_ok=True)
+        absolute = {k: str(Path(v).resolve()) for k, v in spec.model_dump(include={"path", "train", "validation",
+                                                                                  "test"}).items() if v}
+        task_file = home / "task.yaml"
+        task_file.write_text(yaml.safe_dump({**spec.model_dump(mode="json", exclude_none=True), **absolute}))
+        nodes[spec.name] = {"task": str(task_file), "state-dir": str(home / "state"), "threads": cfg.threads,
+                            **({"model": str(Path(cfg.model).resolve())} if Path(cfg.model).is_dir() else {})}
+    server = cfg.model_copy(update={
+        "tasks": [], "contributors": [t.name for t in cfg.tasks], "engine": "flower",
+        "flower": cfg.flower.model_copy(update={"mode": "deployment"}),
+        "output_dir": cfg.output_dir.resolve(), "repository": cfg.repository and cfg.repository.resolve(),
+        "model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model})
+    (root / "server").mkdir(parents=True, exist_ok=True)
+    path = root / "server" / "run.yaml"
+    path.write_text(dump_config(server))
+    return path, nodes
+
+
+def node_config_arg(settings: dict) -> str:
+    """A node config as `flower-supernode --node-config` takes it: key='text' or key=number."""
+    def value(v) -> str:
+        if isinstance(v, bool | int | float):
+            return str(v).lower() if isinstance(v, bool) else str(v)
+        text = str(v)
+        if "'" in text:
+            raise ColdFusionError(f"node config values cannot hold a single quote: {text!r}")
+        return f"'{text}'"
+    return " ".join(f"{k}={value(v)}" for k, v in settings.items())
 
 
 def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
@@ -121,21 +174,24 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
 
 
 class LocalFederation:
-    """A SuperLink and one SuperNode per task on 127.0.0.1, in `root` (logs, FLWR_HOME).
+    """A SuperLink and one SuperNode per contributor on 127.0.0.1.
 
-    `tasks` maps a name to its node config `task` (a built-in task name or a task-spec
-    YAML). With `tls=(ca, cert, key)` the SuperLink serves HTTPS and the SuperNodes and
-    the CLI verify it against the CA. With `authenticate`, the SuperLink accepts only
-    SuperNodes whose public key was registered (`flwr supernode register`) and each
-    SuperNode signs its requests with its private key.
+    `nodes` maps a contributor's name to its node config (`task`, `state-dir`, ...; see
+    collab/node.py). The SuperLink works in `root/server/` (its log, FLWR_HOME and its
+    state database `state.db`, which holds the messages); each SuperNode in
+    `root/nodes/NAME/` (its log). With `tls=(ca, cert, key)` the SuperLink serves HTTPS
+    and the SuperNodes and the CLI verify it against the CA. With `authenticate`, the
+    SuperLink accepts only SuperNodes whose public key was registered (`flwr supernode
+    register`) and each SuperNode signs its requests with its private key.
     """
 
-    def __init__(self, root: Path, tasks: dict[str, str], tls: tuple[Path, Path, Path] | None = None,
+    def __init__(self, root: Path, nodes: dict[str, dict], tls: tuple[Path, Path, Path] | None = None,
                  authenticate: bool = False):
         if authenticate and tls is None:
             raise ColdFusionError("SuperNode authentication needs TLS: pass tls=make_certificates(...)")
-        self.root, self.tasks, self.tls, self.authenticate = Path(root), tasks, tls, authenticate
-        self.home = self.root / "flwr-home"
+        self.root, self.nodes, self.tls, self.authenticate = Path(root), nodes, tls, authenticate
+        self.server = self.root / "server"
+        self.home = self.server / "flwr-home"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
@@ -147,10 +203,15 @@ class LocalFederation:
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).with_name(name))
 
-    def _start(self, label: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{label}.log", "w")  # noqa: SIM115 (closed with the process)
+    def log(self, label: str) -> Path:
+        """The log of a process: `superlink`, or a SuperNode's label."""
+        return self.server / "superlink.log" if label == "superlink" else self.root / "nodes" / label / "supernode.log"
+
+    def _start(self, label: str, args: list[str], cwd: Path) -> subprocess.Popen:
+        cwd.mkdir(parents=True, exist_ok=True)
+        log = open(self.log(label), "w")  # noqa: SIM115 (closed with the process)
         # Its own session, so stopping it stops the processes it starts (SuperExec, apps).
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
                                    start_new_session=True)
         self.processes[label] = process
         return process
@@ -164,15 +225,16 @@ class LocalFederation:
         return ["--root-certificates", str(ca)]
 
     def __enter__(self) -> "LocalFederation":
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.server.mkdir(parents=True, exist_ok=True)
         write_connection(self.home, "local", self.address, self.tls[0] if self.tls else None)
         try:
             link = self._start("superlink", [self._bin("flower-superlink"), *self._security(True),
                                              *(["--enable-supernode-auth"] if self.authenticate else []),
                                              "--disable-runtime-dependency-installation",
-                                             "--host", "127.0.0.1", "--port", str(self.port)])
-            _wait_for_port(self.port, link, self.root / "superlink.log")
-            for name in self.tasks:
+                                             "--database", str(self.server / "state.db"),
+                                             "--host", "127.0.0.1", "--port", str(self.port)], self.server)
+            _wait_for_port(self.port, link, self.log("superlink"))
+            for name in self.nodes:
                 self.start_node(name)
         except BaseException:
             self.stop()
@@ -182,36 +244,40 @@ class LocalFederation:
     def register(self, public_key: Path) -> None:
         """Allow the SuperNode with this public key in (`flwr supernode register`)."""
         done = subprocess.run([self._bin("flwr"), "supernode", "register", str(public_key), "local"], env=self.env,
-                              cwd=self.root, capture_output=True, text=True, timeout=120)
+                              cwd=self.server, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ColdFusionError(f"flwr supernode register failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def start_node(self, name: str, label: str | None = None, register: bool = True) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of contributor `name` (`label`: its process and
-        log name, default `supernode-NAME`). When SuperNodes must authenticate it gets a key
-        pair, registered first unless `register` is False (a node the SuperLink must refuse)."""
-        label, port, auth = label or f"supernode-{name}", free_port(), []
+    def start_node(self, name: str, label: str | None = None, register: bool = True,
+                   node_config: dict | None = None) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of contributor `name` (`label`: its process name and
+        directory, default NAME; `node_config`: default the one given for NAME). When
+        SuperNodes must authenticate it gets a key pair, registered first unless `register`
+        is False (a node the SuperLink must refuse)."""
+        label, port, auth = label or name, free_port(), []
+        home = self.root / "nodes" / label
         if self.authenticate:
             from coldfusion.collab.flower.security import make_supernode_key
 
-            private, public = make_supernode_key(self.root / "keys", label)
+            private, public = make_supernode_key(home / "keys", label)
             if register:
                 self.register(public)
             auth = ["--auth-supernode-private-key", str(private)]
         node = self._start(label, [
             self._bin("flower-supernode"), *self._security(False), *auth, "--superlink", self.address,
-            "--host", "127.0.0.1", "--port", str(port), "--node-config", f"task='{self.tasks[name]}'"])
-        _wait_for_port(port, node, self.root / f"{label}.log")
+            "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", node_config_arg(self.nodes[name] if node_config is None else node_config)], home)
+        _wait_for_port(port, node, self.log(label))
         return node
 
-    def kill_node(self, name: str) -> None:
-        """Kill contributor `name`'s SuperNode and whatever it started (SIGKILL: a crash)."""
-        self._signal(self.processes.pop(f"supernode-{name}"), signal.SIGKILL)
+    def kill_node(self, label: str) -> None:
+        """Kill a SuperNode and whatever it started (SIGKILL: a crash)."""
+        self._signal(self.processes.pop(label), signal.SIGKILL)
 
     def run(self, app: Path, timeout: float = 1800, stream: bool = True) -> subprocess.CompletedProcess:
         """`flwr run APP local` against this federation; with `stream`, wait until the run ends."""
         return subprocess.run([self._bin("flwr"), "run", str(app), "local", *(["--stream"] if stream else [])],
-                              env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+                              env=self.env, cwd=self.server, capture_output=True, text=True, timeout=timeout)
 
     def _signal(self, process: subprocess.Popen, sig: int) -> None:
         """Signal the process and every descendant (Flower detaches its SuperExec into a

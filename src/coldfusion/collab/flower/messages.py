@@ -1,23 +1,30 @@
-"""What travels between the ServerApp and the ClientApps, as Flower records.
+"""What travels between the ServerApp and the ClientApps, and nothing else.
 
-Out: the base body (`arrays`) and the run's settings (`config`: the run config as YAML
-and the round). Back: the finetuned body as the run encodes it (and the encoding), the
-statistics the fusion method needs, the example count (`metrics["num-examples"]`,
-Flower's convention) and the contributor's name and training metrics. Tensors keep their
-names and dtypes exactly.
+Down (train and evaluate messages): the base body and the consortium's settings
+(`ConsortiumSettings`: finetune settings, encoding, statistics, evaluation protocol,
+seeds, the run id) with the round. Never a task spec, a path, another contributor's name
+or settings, or the `attack:` block.
+
+Up: for train, the finetuned body as the run encodes it, the statistics the fusion
+method needs, the example count (`metrics["num-examples"]`, Flower's convention), the
+contributor's name and training metrics; or that it declined, and why. For evaluate,
+the scores of the base on the contributor's own task: accuracy, macro-F1, the probe's
+L2 and validation accuracy, and per-example correctness bits. Tensors keep their names
+and dtypes exactly.
 """
 
 import json
 
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from coldfusion.checkpoint import Tensors
+from coldfusion.collab.consortium import ConsortiumSettings
 from coldfusion.collab.contributor import ContributionResult
-from coldfusion.config import RunConfig, dump_config, parse_config
 from coldfusion.fusion.registry import STATISTICS
 
 ARRAYS, CONFIG, METRICS, CONTRIBUTOR = "arrays", "config", "metrics", "contributor"
+DECLINED, SCORES, CORRECT = "declined", "scores", "correct"
+ROUND = "server-round"  # as FedAvg names it
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
@@ -28,15 +35,13 @@ def from_record(record: ArrayRecord) -> Tensors:
     return dict(record.to_torch_state_dict())
 
 
-def settings_record(config: RunConfig) -> ConfigRecord:
-    """The run's settings; the round (= iteration) is added as `server-round`, as FedAvg does."""
-    return ConfigRecord({"run-config": dump_config(config)})
+def consortium_record(settings: ConsortiumSettings, server_round: int = 0) -> ConfigRecord:
+    return ConfigRecord({"consortium": settings.model_dump_json(), ROUND: server_round})
 
 
-def read_settings(record: ConfigRecord) -> tuple[RunConfig, int]:
-    """(run config, round) from a message's config record (round 0 outside training)."""
-    config = parse_config(yaml.safe_load(str(record["run-config"])), "the run config the ServerApp sent")
-    return config, int(record.get("server-round", 0))
+def read_consortium(record: ConfigRecord) -> tuple[ConsortiumSettings, int]:
+    """(consortium settings, round) from a message's config record."""
+    return ConsortiumSettings.model_validate_json(str(record["consortium"])), int(record.get(ROUND, 0))
 
 
 def contribution_content(result: ContributionResult) -> RecordDict:
@@ -49,6 +54,15 @@ def contribution_content(result: ContributionResult) -> RecordDict:
     return RecordDict(records)
 
 
+def declined_content(reason: str) -> RecordDict:
+    return RecordDict({DECLINED: ConfigRecord({"reason": reason})})
+
+
+def read_declined(content: RecordDict) -> str | None:
+    """Why the contributor declined the round, or None if it sent a contribution."""
+    return str(content.config_records[DECLINED]["reason"]) if DECLINED in content.config_records else None
+
+
 def read_contribution(content: RecordDict) -> ContributionResult:
     about = content.config_records[CONTRIBUTOR]
     stats = {kind: from_record(content.array_records[kind]) for kind in STATISTICS
@@ -56,3 +70,17 @@ def read_contribution(content: RecordDict) -> ContributionResult:
     return ContributionResult(str(about["name"]), str(about["task"]), from_record(content.array_records[ARRAYS]),
                               int(content.metric_records[METRICS]["num-examples"]),
                               json.loads(str(about["metrics"])), stats, json.loads(str(about["encoding"])))
+
+
+def scores_content(scores: dict) -> RecordDict:
+    numbers = {k: float(v) for k, v in scores.items() if k != "test_correct"}
+    return RecordDict({SCORES: MetricRecord(numbers),
+                       CORRECT: ConfigRecord({"test_correct": str(scores["test_correct"])})})
+
+
+def read_scores(content: RecordDict) -> dict:
+    scores = {k: float(v) for k, v in content.metric_records[SCORES].items()}
+    bits = str(content.config_records[CORRECT]["test_correct"])
+    if set(bits) - {"0", "1"}:
+        raise ValueError("test_correct must be a string of 0 and 1")
+    return {**scores, "test_correct": bits}

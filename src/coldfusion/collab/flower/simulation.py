@@ -1,30 +1,40 @@
 """Run a ColD Fusion experiment on Flower's simulation runtime, on this machine.
 
 Each contributor is a simulated SuperNode whose partition id is its task's position in
-the config. Contributors get `flower.client_cpus` CPUs each (default: `threads`), so on a
-machine of that many cores they train one at a time, as with the local engine.
+the config; the ClientApp gives it that task and its node settings (the run's threads,
+its heads under `<run dir>/heads`), exactly what a SuperNode's node config would. So
+tasks stay with the simulated nodes: messages carry what a deployment's carry.
+Contributors get `flower.client_cpus` CPUs each (default: `threads`), so on a machine of
+that many cores they train one at a time, as with the local engine.
 """
 
 import logging
 import os
 from pathlib import Path
 
+from coldfusion.collab.node import NodeSettings
 from coldfusion.config import RunConfig
 
 
-def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress=None) -> Path:
+def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress=None,
+                      client_mods: list | None = None) -> Path:
+    """Run (or resume) `config` on Flower's simulation runtime; `client_mods` are Flower mods
+    wrapped around every node's handlers (as a deployment's ClientApp could add its own)."""
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")  # never let Flower pip-install
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from coldfusion.collab.flower.client_app import app as client_app
+    from coldfusion.collab.flower.client_app import client_app_for
     from coldfusion.collab.flower.server_app import server_app_for
 
+    run_dir = Path(run_dir or config.output_dir / config.name).resolve()
+    nodes = [NodeSettings(task=spec, model=config.model, device="cpu", threads=config.threads,
+                          state_dir=run_dir / "heads") for spec in config.tasks]
     outcome: dict = {}
     cpus = config.flower.client_cpus or config.threads
     run_simulation(
-        server_app=server_app_for(config, run_dir, resume, progress, outcome), client_app=client_app,
-        num_supernodes=len(config.tasks),
+        server_app=server_app_for(config, run_dir, resume, progress, outcome), client_app=client_app_for(nodes, client_mods),
+        num_supernodes=len(nodes),
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                         "init_args": {"num_cpus": max(cpus, os.cpu_count() or 1), "include_dashboard": False,
                                       "logging_level": logging.ERROR}})

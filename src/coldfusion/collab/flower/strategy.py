@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from coldfusion.collab.contributor import ContributionResult
-from coldfusion.collab.flower.messages import from_record, read_contribution, to_record
+from coldfusion.collab.flower.messages import from_record, read_contribution, read_declined, to_record
 from coldfusion.fusion import get_operator
 from coldfusion.repository import Repository
 from coldfusion.validation import ValidationSettings
@@ -29,8 +29,10 @@ from coldfusion.validation import ValidationSettings
 class ColdFusionStrategy(FedAvg):
     def __init__(self, method: str = "average", params: dict | None = None, min_contributors: int = 1,
                  validation: ValidationSettings | None = None, **fedavg):
+        # Contributors score each base on their own task; the loop's FlowerEngine sends those
+        # evaluate messages itself (to every contributor, not a sample).
         super().__init__(min_train_nodes=min_contributors, min_available_nodes=min_contributors,
-                         fraction_evaluate=0.0, **fedavg)  # evaluation is the repository's linear probes
+                         fraction_evaluate=0.0, **fedavg)
         self.operator, self.params = get_operator(method), get_operator(method).check_params(params or {})
         self.validation = validation
         self.min_contributors = min_contributors
@@ -46,21 +48,25 @@ class ColdFusionStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, list(self.targets), MessageType.TRAIN)
 
-    def contributions(self, replies: Iterable[Message]) -> tuple[dict[int, ContributionResult], dict[int, str]]:
-        """The contributions in the replies, and why the others failed, by node id."""
-        results, failures = {}, {}
+    def contributions(self, replies: Iterable[Message]
+                      ) -> tuple[dict[int, ContributionResult], dict[int, str], dict[int, str]]:
+        """By node id: the contributions in the replies, why some declined, why the others failed."""
+        results, declined, failures = {}, {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failures[node] = msg.error.reason
                 log(WARNING, "node %d sent no contribution: %s", node, msg.error.reason)
+            elif (why := read_declined(msg.content)) is not None:
+                declined[node] = why
+                log(INFO, "node %d declined the round: %s", node, why)
             else:
                 results[node] = read_contribution(msg.content)
-        return results, failures
+        return results, declined, failures
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        results, _ = self.contributions(replies)
+        results, _, _ = self.contributions(replies)
         if len(results) < self.min_contributors:
             log(WARNING, "round %d: %d contributions, fewer than the minimum %d; nothing fused",
                 server_round, len(results), self.min_contributors)
