@@ -230,7 +230,8 @@ def test_private_deployment_keeps_every_contributors_data_on_its_node(tiny_model
     local = run_cold_fusion(tiny_config(tiny_model_dir, corpus, tmp_path / "local"))
     root = tmp_path / "federation"
     server_config = _server_config(tiny_model_dir, corpus, root)
-    nodes = {name: _node(root, name, path, tiny_model_dir) for name, path in corpus.items()}
+    nodes = {name: _node(root, name, path, tiny_model_dir, **{"audit-log": str(root / "nodes" / name / "audit.jsonl")})
+             for name, path in corpus.items()}
     app_dir = write_app(server_config, root / "server" / "app")
     with LocalFederation(root, nodes) as federation:
         finished = federation.run(app_dir, timeout=900)
@@ -257,13 +258,33 @@ def test_private_deployment_keeps_every_contributors_data_on_its_node(tiny_model
     secrets += [str(root / "nodes" / name / path.name) for name, path in corpus.items()]
     server_files = [p for p in (root / "server").rglob("*") if p.is_file()]
     assert root / "server" / "state.db" in server_files and run_dir / "results.jsonl" in server_files
-    state = (root / "server" / "state.db").read_bytes()
-    assert b"consortium" in state and b"test_correct" in state  # the messages both ways are in there
     for path in server_files:
         content = path.read_bytes()
         for secret in secrets:
             assert secret.encode() not in content, f"{path} names {secret}"
         assert not re.search(rb"zqprivate|zqlabel", content), f"{path} holds a contributor's text or label"
+
+    # Every message that crossed the line, as each node wrote it down (node config audit-log)
+    body_keys = set(a)
+    for name in corpus:
+        entries = [json.loads(line) for line in (root / "nodes" / name / "audit.jsonl").read_text().splitlines()]
+        assert {(e["direction"], e["type"]) for e in entries} == {
+            (d, t) for d in ("received", "sent") for t in ("query", "train", "evaluate")}
+        text = json.dumps(entries)
+        for secret in secrets + [str(root / "nodes" / name)]:
+            assert secret not in text, f"a message of {name} names {secret}"
+        assert not re.search(r"zqprivate|zqlabel", text), f"a message of {name} holds its text or labels"
+        assert not any(other in text for other in corpus if other != name)  # nothing of the others either
+        for e in entries:
+            assert "error" not in e, e
+            if e["direction"] == "received" and e["type"] != "query":
+                assert set(e["config"]) == {"config"} and set(e["config"]["config"]) == {"consortium", "server-round"}
+            if e["direction"] == "sent" and e["type"] == "train":  # the body, its example count, its name
+                assert set(e["arrays"]) == {"arrays"} and set(e["arrays"]["arrays"]) == body_keys
+            if e["direction"] == "sent" and e["type"] == "evaluate":  # numbers only
+                assert e["arrays"] == {} and set(e["metrics"]["scores"]) == {
+                    "accuracy", "macro_f1", "l2", "validation_accuracy"}
+                assert set(e["config"]["correct"]["test_correct"]) <= {"0", "1"}
 
 
 def test_contributors_that_die_decline_or_cannot_start_are_recorded_and_the_rounds_go_on(

@@ -49,6 +49,10 @@ class NodeSettings(BaseModel):
     last_round: int | None = Field(
         None, ge=0, alias="last-round", description="the last round of a run this node trains in; it declines "
                                                     "later ones (a node with a budget)")
+    audit_log: Path | None = Field(
+        None, alias="audit-log", description="a JSON-lines file where the node writes down every message it "
+                                             "receives and every reply it sends (record names, settings, metrics, "
+                                             "tensor names, dtypes and shapes): what crossed the line")
     batch_size: int | None = Field(None, ge=1, alias="batch-size")
     eval_batch_size: int | None = Field(None, ge=1, alias="eval-batch-size")
 

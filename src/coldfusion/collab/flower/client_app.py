@@ -9,10 +9,13 @@ its `partition-id`) the node settings that the run's one YAML file describes.
 Three handlers: `query` (which contributor is this node?), `train` (finetune the base,
 send the body back, or decline) and `evaluate` (score a base on the node's own task,
 send numbers back). An error on the node is logged there in full and answered with a
-reason that names no path of the node's.
+reason that names no path of the node's. With node config `audit-log`, the node writes
+down every message it receives and every reply it sends.
 """
 
+import json
 import re
+import time
 import traceback
 from collections.abc import Callable
 from logging import ERROR
@@ -114,7 +117,39 @@ def _contributor(consortium: ConsortiumSettings, node: NodeSettings, built: dict
     return built["contributors"][key]
 
 
-def _serve(app: ClientApp, settings_of: NodeSettingsOf) -> ClientApp:
+def describe(msg: Message) -> dict:
+    """What a message carries, for an audit log: its records' names and settings, its metrics,
+    its tensors' names, dtypes and shapes (not their values), or its error."""
+    if msg.has_error():
+        return {"error": msg.error.reason}
+    content = msg.content
+    return {"config": {name: {k: v if isinstance(v, int | float | bool) else str(v) for k, v in record.items()}
+                       for name, record in content.config_records.items()},
+            "metrics": {name: dict(record) for name, record in content.metric_records.items()},
+            "arrays": {name: {k: [a.dtype, list(a.shape)] for k, a in record.items()}
+                       for name, record in content.array_records.items()}}
+
+
+def _audit_mod(settings_of: NodeSettingsOf):
+    """A Flower mod that writes down, when the node's config asks for it, what crossed the line."""
+    def audit(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        try:
+            path = settings_of(context).audit_log
+        except ColdFusionError:  # a broken node config: the handler has answered with the error
+            return reply
+        if path is not None:
+            entries = [{"time": time.time(), "direction": direction, "type": msg.metadata.message_type,
+                        **describe(m)} for direction, m in (("received", msg), ("sent", reply))]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.writelines(json.dumps(e) + "\n" for e in entries)
+        return reply
+    return audit
+
+
+def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
+    app = ClientApp(mods=[_audit_mod(settings_of), *(mods or [])])
     built: dict = {}
 
     def settings(context: Context) -> NodeSettings:
@@ -183,7 +218,7 @@ def _serve(app: ClientApp, settings_of: NodeSettingsOf) -> ClientApp:
 def client_app_for(nodes: list[NodeSettings], mods: list | None = None) -> ClientApp:
     """A ClientApp whose simulated node `partition-id` i holds `nodes[i]` (simulation), with
     Flower mods (`mods`) around its handlers."""
-    return _serve(ClientApp(mods=mods), lambda context: nodes[int(context.node_config["partition-id"])])
+    return _serve(lambda context: nodes[int(context.node_config["partition-id"])], mods)
 
 
-app = _serve(ClientApp(), deployment_node)
+app = _serve(deployment_node)
