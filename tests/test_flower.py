@@ -33,7 +33,7 @@ from coldfusion.collab.flower.messages import (  # noqa: E402
 from coldfusion.collab.flower.security import make_certificates  # noqa: E402
 from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
 from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
-from coldfusion.config import AttackSettings, FlowerSettings, FusionSettings, dump_config, parse_config  # noqa: E402
+from coldfusion.config import AttackSettings, FusionSettings, dump_config, parse_config  # noqa: E402
 from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 

@@ -197,3 +197,22 @@ def test_fusion_without_the_needed_statistics_is_refused(tmp_path):
     c = repo.add_contribution({"w": torch.ones(2)}, base_version=base.id, contributor="a", task="t", num_examples=1)
     with pytest.raises(ColdFusionError, match=r"needs gram statistics, which contributions \[1\] did not send"):
         repo.fuse(base.id, [c.id], method="regmean")
+
+
+def test_the_servers_own_suite_is_scored_beside_the_contributors_tasks(tiny_model_dir, toy_task_files, tmp_path):
+    """`evaluation.suite`: tasks the repository owner holds, scored on the server; they are
+    reported beside (not as) the contributors' scores, and no contributor trains on them."""
+    from coldfusion.config import RunConfig
+
+    data = tiny_config(tiny_model_dir, {"sentiment": toy_task_files["sentiment"]}, tmp_path, iterations=1).model_dump()
+    data["evaluation"]["suite"] = [{"name": "public_topic", "path": str(toy_task_files["topic"])}]
+    run_dir = run_cold_fusion(RunConfig.model_validate(data))
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    scored = {(r["task"], r["iteration"], r["scored_by"]) for r in rows if r["kind"] == "probe"}
+    assert scored == {(t, i, by) for t, by in (("sentiment", "contributor"), ("public_topic", "server"))
+                      for i in (0, 1)}
+    assert [r["contributors"] for r in rows if r["kind"] == "fusion"] == [["sentiment"]]
+    assert "| public_topic (server) |" in (run_dir / "summary.md").read_text()
+    data["evaluation"]["suite"] = [{"name": "sentiment", "path": str(toy_task_files["topic"])}]
+    with pytest.raises(ValueError, match=r"unique across contributors and evaluation.suite: \['sentiment'\]"):
+        RunConfig.model_validate(data)

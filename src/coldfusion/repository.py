@@ -277,9 +277,10 @@ class Repository:
     ) -> Version:
         """Validate the contributions, fuse those that pass into a new version whose parent is
         `base_version`. `missing` (contributor -> reason) records the chosen contributors that
-        sent nothing, `declined` those that chose not to train on the base. Refused contributions keep their reason in the index and in the
-        version's fusion record; with fewer than `validation.min_accepted` left, nothing is
-        fused and the error lists every reason.
+        sent nothing, `declined` those that chose not to train on the base. Refused
+        contributions keep their reason in the index and in the version's fusion record;
+        with fewer than `validation.min_accepted` left, nothing is fused and the error lists
+        every reason.
         """
         params, validation = params or {}, validation or ValidationSettings()
         op = get_operator(method)

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 

@@ -82,7 +82,8 @@ class Contributor:
             return f"the base does not fit its model (unexpected {unknown[:3]}, absent {absent[:3]})"
         for name, value in base.items():
             if value.shape != expected[name].shape:
-                return f"the base does not fit its model: {name} is {tuple(value.shape)}, not {tuple(expected[name].shape)}"
+                shapes = f"{tuple(value.shape)}, not {tuple(expected[name].shape)}"
+                return f"the base does not fit its model: {name} is {shapes}"
             if value.is_floating_point() and not torch.isfinite(value).all():
                 return f"the base has non-finite values in {name}"
         return None

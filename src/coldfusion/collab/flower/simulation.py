@@ -33,7 +33,8 @@ def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bo
     outcome: dict = {}
     cpus = config.flower.client_cpus or config.threads
     run_simulation(
-        server_app=server_app_for(config, run_dir, resume, progress, outcome), client_app=client_app_for(nodes, client_mods),
+        server_app=server_app_for(config, run_dir, resume, progress, outcome),
+        client_app=client_app_for(nodes, client_mods),
         num_supernodes=len(nodes),
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                         "init_args": {"num_cpus": max(cpus, os.cpu_count() or 1), "include_dashboard": False,
