@@ -32,7 +32,7 @@ def test_wrong_type_names_the_field(tmp_path):
 
 
 def test_missing_tasks_unknown_method_and_bad_yaml(tmp_path):
-    with pytest.raises(ColdFusionError, match="'tasks': Field required"):
+    with pytest.raises(ColdFusionError, match=r"`tasks` needs at least one task \(one contributor each\)"):
         load_config(write(tmp_path, {"name": "x"}))
     with pytest.raises(ColdFusionError, match="'fusion': unknown fusion method 'mean'"):
         load_config(write(tmp_path, {"tasks": ["a"], "fusion": {"method": "mean"}}))
@@ -96,3 +96,17 @@ def test_any_nested_section_is_accepted_or_names_the_field(section, value):
         assert str(exc).startswith("nested.yaml: invalid config:") and section in str(exc), str(exc)
     else:
         assert isinstance(cfg, RunConfig)
+
+
+def test_a_deployment_names_contributors_and_only_a_deployment_does():
+    deployment = {"engine": "flower", "flower": {"mode": "deployment"}}
+    cfg = parse_config({**deployment, "contributors": ["acme", "globex"]})
+    assert cfg.contributor_names == ["acme", "globex"] and cfg.tasks == []
+    with pytest.raises(ColdFusionError, match=r"needs `contributors: \[NAME, ...\]`"):
+        parse_config(deployment)
+    with pytest.raises(ColdFusionError, match="names its contributors, not their data"):
+        parse_config({**deployment, "contributors": ["acme"], "tasks": [{"name": "acme", "path": "claims.csv"}]})
+    with pytest.raises(ColdFusionError, match="`contributors` names the SuperNodes of a Flower deployment"):
+        parse_config({"tasks": ["bbc_topic"], "contributors": ["acme"]})
+    with pytest.raises(ColdFusionError, match=r"unique across contributors and evaluation.suite: \['acme'\]"):
+        parse_config({**deployment, "contributors": ["acme", "acme"]})

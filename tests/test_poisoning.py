@@ -81,7 +81,7 @@ def test_attacks_known_answers():
 def test_attackers_must_be_contributors(tiny_model_dir, four_tasks):
     from coldfusion.errors import ColdFusionError
 
-    with pytest.raises(ColdFusionError, match=r"attack.contributors \['nobody'\] are not among the tasks"):
+    with pytest.raises(ColdFusionError, match=r"attack.contributors \['nobody'\] are not among the contributors"):
         parse_config({"model": str(tiny_model_dir), "tasks": [{"name": "t", "path": str(four_tasks["topic"])}],
                       "attack": {"contributors": ["nobody"]}})
 

@@ -83,13 +83,13 @@ def contributor_for(consortium: ConsortiumSettings, node: NodeSettings, task: Ta
         device = resolve_device(node.device)
     except ValueError as exc:
         raise ColdFusionError(f"node config device: {exc}") from None
-    heads = None
+    head_store = None
     if consortium.keep_head and node.state_dir is not None:
-        heads = HeadStore(Path(node.state_dir) / safe_name(consortium.run_id, "run id")
+        head_store = HeadStore(Path(node.state_dir) / safe_name(consortium.run_id, "run id")
                           / safe_name(task.name, "contributor"))
     return Contributor(
         task, encoder, finetune_settings=finetune, max_length=consortium.max_length, pooling=consortium.pooling,
         examples_per_iteration=consortium.examples_per_round, validation_examples=consortium.validation_examples,
         keep_head=consortium.keep_head, seed=consortium.seed, statistics=consortium.statistics,
-        statistics_examples=consortium.statistics_examples, encoding=consortium.contribution, heads=heads,
+        statistics_examples=consortium.statistics_examples, encoding=consortium.contribution, head_store=head_store,
         device=device, evaluation=evaluation, last_round=node.last_round)

@@ -42,7 +42,8 @@ class Contributor:
         self, task: Task, encoder: Encoder, *, finetune_settings: FinetuneSettings, max_length: int,
         pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
         seed: int, head: Tensors | None = None, statistics: str | None = None, statistics_examples: int = 128,
-        encoding: EncodingSettings | None = None, heads: HeadStore | None = None, device: torch.device | str = "cpu",
+        encoding: EncodingSettings | None = None, head_store: HeadStore | None = None,
+        device: torch.device | str = "cpu",
         evaluation: ProbeProtocol | None = None, last_round: int | None = None,
     ):
         self.task, self.encoder, self.settings = task, encoder, finetune_settings
@@ -50,8 +51,8 @@ class Contributor:
         self.max_length, self.device, self.last_round = max_length, torch.device(device), last_round
         self.examples_per_iteration = examples_per_iteration
         self.head = head  # kept across iterations when keep_head
-        self.heads = heads  # where the head survives restarts (else it lives in memory only)
-        self.evaluation = evaluation
+        self.head_store = head_store  # where the head survives restarts (else it lives in memory only)
+        self.evaluation = evaluation or ProbeProtocol()
         self._probe: TaskProbe | None = None
         self.statistics, self.statistics_examples = statistics, statistics_examples
         self.encoding = encoding or EncodingSettings()
@@ -91,18 +92,18 @@ class Contributor:
     def evaluate(self, body: Tensors, on_step=None) -> dict:
         """Score `body` by linear probing on this contributor's own task (see TaskProbe)."""
         if self._probe is None:  # tokenized once, on first use
-            self._probe = TaskProbe(self.task, self.encoder, self.evaluation or ProbeProtocol(), self.max_length,
-                                    self.pooling, self.device)
+            self._probe = TaskProbe(self.task, self.encoder, self.evaluation, self.max_length, self.pooling,
+                                    self.device)
         return self._probe.score(body, on_step)
 
     def num_evaluation_examples(self) -> int:
-        e = self.evaluation or ProbeProtocol()
+        e = self.evaluation
         return sum(min(n or len(s), len(s)) for n, s in ((e.train_examples, self.task.train),
                    (e.validation_examples, self.task.validation), (e.test_examples, self.task.test)))
 
     def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
-        if self.heads is not None:  # the head after the last round it trained in before this one
-            self.head = self.heads.before(iteration)
+        if self.head_store is not None:  # the head after the last round it trained in before this one
+            self.head = self.head_store.before(iteration)
         lora = self.encoding.kind == "lora"
         # A fresh head (and LoRA's A factors) depend only on these names, not on what else ran
         # in this process: engines that run contributors elsewhere, and resumed runs, agree.
@@ -134,8 +135,8 @@ class Contributor:
             for hook in hooks:
                 hook.remove()
         self.head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
-        if self.heads is not None:
-            self.heads.save(iteration, self.head)
+        if self.head_store is not None:
+            self.head_store.save(iteration, self.head)
         payload = None
         if lora:  # send the factors; the statistics below are of the body with them folded in
             from coldfusion.encodings.lora import lora_factors

@@ -95,14 +95,13 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
     for spec in cfg.tasks:
         home = root / "nodes" / safe_name(spec.name, "task")
         home.mkdir(parents=True, exist_ok=True)
-        absolute = {k: str(Path(v).resolve()) for k, v in spec.model_dump(include={"path", "train", "validation",
-                                                                                  "test"}).items() if v}
         task_file = home / "task.yaml"
-        task_file.write_text(yaml.safe_dump({**spec.model_dump(mode="json", exclude_none=True), **absolute}))
+        task_file.write_text(yaml.safe_dump(_absolute(spec).model_dump(mode="json", exclude_none=True)))
         nodes[spec.name] = {"task": str(task_file), "state-dir": str(home / "state"), "threads": cfg.threads,
                             **({"model": str(Path(cfg.model).resolve())} if Path(cfg.model).is_dir() else {})}
     server = cfg.model_copy(update={
         "tasks": [], "contributors": [t.name for t in cfg.tasks], "engine": "flower",
+        "evaluation": cfg.evaluation.model_copy(update={"suite": [_absolute(s) for s in cfg.evaluation.suite]}),
         "flower": cfg.flower.model_copy(update={"mode": "deployment"}),
         "output_dir": cfg.output_dir.resolve(), "repository": cfg.repository and cfg.repository.resolve(),
         "model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model})
@@ -110,6 +109,13 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
     path = root / "server" / "run.yaml"
     path.write_text(dump_config(server))
     return path, nodes
+
+
+def _absolute(spec):
+    """A task spec whose files are named by absolute paths (the processes run elsewhere)."""
+    files = {k: Path(v).resolve() for k, v in spec.model_dump(include={"path", "train", "validation", "test"}).items()
+             if v is not None}
+    return spec.model_copy(update=files)
 
 
 def node_config_arg(settings: dict) -> str:
