@@ -167,6 +167,53 @@ def test_attack_block_and_other_settings_never_reach_a_node(tiny_model_dir, thre
         assert secret not in text, secret
 
 
+def test_the_client_app_says_who_it_is_scores_declines_and_names_no_path_in_errors(
+        tiny_model_dir, toy_task_files, tmp_path, monkeypatch):
+    """The deployment ClientApp called as Flower calls it, with a node config per case."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from coldfusion.collab.flower.client_app import app as client_app
+    from coldfusion.collab.flower.messages import ARRAYS, CONFIG, read_declined, read_scores
+    from coldfusion.encoder import Encoder
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as inside a SuperLink's run
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    (tmp_path / "sentiment.yaml").write_text(yaml.safe_dump({"name": "sentiment",
+                                                             "path": str(toy_task_files["sentiment"])}))
+
+    def ask(message_type: str, node_config: dict, content: RecordDict | None = None) -> Message:
+        msg = Message(content or RecordDict(), dst_node_id=5, message_type=message_type)
+        context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+        return client_app(msg, context)
+
+    def who(node_config: dict) -> dict:
+        reply = ask(MessageType.QUERY, node_config)
+        return {"error": reply.error.reason} if reply.has_error() else dict(reply.content.config_records["contributor"])
+
+    good = {"task": str(tmp_path / "sentiment.yaml"), "model": str(tiny_model_dir), "threads": 1,
+            "state-dir": str(tmp_path / "state")}
+    assert who(good) == {"name": "sentiment"}
+    assert who({**good, "contributor": "acme"}) == {
+        "name": "acme", "problem": "node config contributor='acme', but its task is named 'sentiment'"}
+    missing = str(tmp_path / "private" / "gone.yaml")
+    assert who({"task": missing, "contributor": "acme"}) == {"name": "acme",
+                                                             "problem": "node config task: no such file"}
+    assert who({"task": missing}) == {"error": "node config task: no such file"}
+    assert "unknown key 'tsak'" in who({"tsak": missing})["error"]
+
+    config = tiny_config(tiny_model_dir, toy_task_files, tmp_path / "server")
+    consortium = ConsortiumSettings.of_run(config, "run1")
+    base = to_record(Encoder.load(str(tiny_model_dir)).pretrained)
+    scored = ask(MessageType.EVALUATE, good, RecordDict({ARRAYS: base, CONFIG: consortium_record(consortium, 0)}))
+    scores = read_scores(scored.content)
+    assert set(scores) == {"accuracy", "macro_f1", "l2", "validation_accuracy", "test_correct"}
+    assert len(scores["test_correct"]) == 60 and 0 <= scores["accuracy"] <= 1
+    declined = ask(MessageType.TRAIN, {**good, "last-round": 1},
+                   RecordDict({ARRAYS: base, CONFIG: consortium_record(consortium, 2)}))
+    assert read_declined(declined.content) == "it trains in rounds up to 1 only (node config last-round)"
+
+
 # -- loopback deployments -------------------------------------------------------------
 
 

@@ -180,8 +180,8 @@ def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
         try:
             spec = node_task(node)
             name, problem = node.contributor or spec.name, None
-            if node.contributor is not None and node.contributor != name:
-                problem = f"node config contributor={node.contributor!r} but its task is named {name!r}"
+            if name != spec.name:
+                problem = f"node config contributor={name!r}, but its task is named {spec.name!r}"
             load_task(spec)  # a task that cannot be loaded fails now, at the start of the run
         except ColdFusionError as exc:
             if node.contributor is None:
