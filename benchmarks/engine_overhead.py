@@ -4,8 +4,10 @@ simulation runtime, same config, same machine, runs alternated.
 Per-round wall time after the first round (the first pays for starting Ray and loading
 the tasks), from each run's results.jsonl: `train_seconds` (contributors' training plus,
 for Flower, sending the base out and the bodies back) and `iteration_seconds` (that plus
-fusion and the seen-task probes). Target: Flower at most 1.15x local. Prints one JSON
-line per round and a summary line; each run is `coldfusion run` in its own process.
+fusion and the contributors scoring the new base on their own tasks, for Flower an
+evaluate round). Target: Flower at most 1.15x local. Also checks that both engines wrote
+the same results.jsonl rows apart from timings (`rows_identical`). Prints one JSON line
+per round and a summary line; each run is `coldfusion run` in its own process.
 
     python benchmarks/engine_overhead.py [--iterations 4] [--examples 160] [--repeats 2]
 """
@@ -22,6 +24,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 TASKS = ["tweet_sentiment", "bbc_topic", "movie_sentiment"]
+TIMINGS = {"seconds", "train_seconds", "fuse_seconds", "iteration_seconds"}
 
 
 def config(engine: str, args, out: Path) -> dict:
@@ -40,8 +43,11 @@ def run(engine: str, args, workdir: Path, repeat: int) -> list[dict]:
     path.write_text(yaml.safe_dump(config(engine, args, out)))
     subprocess.run([str(Path(sys.executable).with_name("coldfusion")), "run", str(path)], check=True,
                    stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out / f"overhead-{engine}" / "results.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "fusion"]
+    return [json.loads(line) for line in (out / f"overhead-{engine}" / "results.jsonl").read_text().splitlines()]
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def main() -> None:
@@ -53,17 +59,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results" / "engine_overhead.jsonl")
     args = p.parse_args()
 
-    lines, rounds = [], {"local": [], "flower": []}
+    lines, rounds, identical = [], {"local": [], "flower": []}, []
     with tempfile.TemporaryDirectory(prefix="coldfusion-overhead-") as tmp:
         for repeat in range(args.repeats):
+            results = {}
             for engine in ("local", "flower"):
-                for row in run(engine, args, Path(tmp), repeat):
+                results[engine] = run(engine, args, Path(tmp), repeat)
+                for row in (r for r in results[engine] if r["kind"] == "fusion"):
                     line = {"kind": "round", "engine": engine, "repeat": repeat, "iteration": row["iteration"],
                             "train_seconds": row["train_seconds"], "iteration_seconds": row["iteration_seconds"]}
                     print(json.dumps(line), flush=True)
                     lines.append(line)
                     if row["iteration"] > 1:
                         rounds[engine].append(line)
+            identical.append(without_timings(results["local"]) == without_timings(results["flower"]))
     median = {e: {k: round(statistics.median(r[k] for r in rs), 2) for k in ("train_seconds", "iteration_seconds")}
               for e, rs in rounds.items()}
     summary = {"kind": "summary", "tasks": TASKS, "examples_per_contributor": args.examples,
@@ -71,7 +80,8 @@ def main() -> None:
                "median_local": median["local"], "median_flower": median["flower"],
                "round_ratio": round(median["flower"]["train_seconds"] / median["local"]["train_seconds"], 3),
                "iteration_ratio": round(median["flower"]["iteration_seconds"] / median["local"]["iteration_seconds"],
-                                        3)}
+                                        3),
+               "rows_identical": all(identical)}
     summary["target_met"] = summary["round_ratio"] <= 1.15
     print(json.dumps(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

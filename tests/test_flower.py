@@ -212,6 +212,14 @@ def test_the_client_app_says_who_it_is_scores_declines_and_names_no_path_in_erro
     declined = ask(MessageType.TRAIN, {**good, "last-round": 1},
                    RecordDict({ARRAYS: base, CONFIG: consortium_record(consortium, 2)}))
     assert read_declined(declined.content) == "it trains in rounds up to 1 only (node config last-round)"
+    # no `device` in the node config: `auto`, so this trains on a GPU where there is one
+    trained = ask(MessageType.TRAIN, good, RecordDict({ARRAYS: base, CONFIG: consortium_record(consortium, 1)}))
+    assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
+    body = from_record(trained.content.array_records[ARRAYS])
+    assert body.keys() == from_record(base).keys() and all(t.device.type == "cpu" for t in body.values())
+    assert list((tmp_path / "state" / "run1" / "sentiment").glob("iter0001.safetensors"))  # its head, kept
+    if torch.cuda.is_available():  # it did train there
+        assert torch.cuda.max_memory_allocated() > 0
 
 
 # -- loopback deployments -------------------------------------------------------------

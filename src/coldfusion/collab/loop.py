@@ -136,8 +136,10 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
 
     def evaluation_rows(version: int, body: Tensors, iteration: int) -> list[dict]:
         evaluated = engine.evaluate(body, iteration, progress)
-        progress.phase(f"iteration {iteration}: scoring the base on the server's suite", suite.num_examples())
-        own = EvaluationRound(suite.score(body, progress))
+        own = EvaluationRound({})
+        if suite.probes:
+            progress.phase(f"iteration {iteration}: scoring the base on the server's suite", suite.num_examples())
+            own = EvaluationRound(suite.score(body, progress))
         return (_probe_rows(repo, version, iteration, evaluated, config, "contributor")
                 + _probe_rows(repo, version, iteration, own, config, "server"))
 
