@@ -8,6 +8,7 @@ It may decline a round (`declines`), saying why.
 """
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -56,11 +57,19 @@ class Contributor:
         self._probe: TaskProbe | None = None
         self.statistics, self.statistics_examples = statistics, statistics_examples
         self.encoding = encoding or EncodingSettings()
-        self.train: Encoded = encode(task.train, encoder.tokenizer, max_length)
-        self.validation: Encoded = encode(task.validation.head(validation_examples), encoder.tokenizer, max_length)
+        self.validation_examples = validation_examples
         # One fixed order of the private training set; iterations walk through it so each
         # sees fresh examples until the set is exhausted, then wrap around.
-        self.order = np.random.RandomState(derive_seed(seed, "data", task.name)).permutation(len(self.train))
+        self.order = np.random.RandomState(derive_seed(seed, "data", task.name)).permutation(len(task.train))
+
+    # Tokenized on first use: a node asked only to score a base never needs them.
+    @cached_property
+    def train(self) -> Encoded:
+        return encode(self.task.train, self.encoder.tokenizer, self.max_length)
+
+    @cached_property
+    def validation(self) -> Encoded:
+        return encode(self.task.validation.head(self.validation_examples), self.encoder.tokenizer, self.max_length)
 
     @property
     def name(self) -> str:

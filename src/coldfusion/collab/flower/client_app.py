@@ -100,11 +100,16 @@ def public_reason(text: str, node: NodeSettings | None) -> str:
     return re.sub(r"(?<![\w.])/[^\s'\"(),:]+", "(a path on the node)", text)
 
 
-def _contributor(consortium: ConsortiumSettings, node: NodeSettings, built: dict):
-    """This node's contributor for this run, built once per process: a simulation's ClientApp
-    process serves several nodes and rounds (they share one loaded encoder); a deployment
-    starts a process per message."""
-    run = consortium.model_dump_json()
+# What this process built for the current run. Module state, not the ClientApp's: a
+# simulation's worker process serves several nodes and rounds but receives the ClientApp
+# anew with every message (a deployment starts a process per message).
+_BUILT: dict = {}
+
+
+def _contributor(consortium: ConsortiumSettings, node: NodeSettings):
+    """This node's contributor for this run, built once per process (its nodes share one
+    loaded encoder): the task is loaded and tokenized once, not at every message."""
+    built, run = _BUILT, consortium.model_dump_json()
     if built.get("run") != run:
         built.update(run=run, encoders={}, contributors={})
     key = node.model_dump_json()
@@ -150,7 +155,6 @@ def _audit_mod(settings_of: NodeSettingsOf):
 
 def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
     app = ClientApp(mods=[_audit_mod(settings_of), *(mods or [])])
-    built: dict = {}
 
     def settings(context: Context) -> NodeSettings:
         node = settings_of(context)
@@ -196,7 +200,7 @@ def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
     def train(msg: Message, node: NodeSettings) -> Message:
         """Finetune the base on this node's task; send back the body (never the data or the head)."""
         consortium, iteration = read_consortium(msg.content.config_records[CONFIG])
-        contributor = _contributor(consortium, node, built)
+        contributor = _contributor(consortium, node)
         base = from_record(msg.content.array_records[ARRAYS])
         reason = contributor.declines(base, iteration)
         if reason is not None:
@@ -208,7 +212,7 @@ def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
     def evaluate(msg: Message, node: NodeSettings) -> Message:
         """Score the base on this node's own task; send back numbers only."""
         consortium, _ = read_consortium(msg.content.config_records[CONFIG])
-        contributor = _contributor(consortium, node, built)
+        contributor = _contributor(consortium, node)
         return Message(scores_content(contributor.evaluate(from_record(msg.content.array_records[ARRAYS]))),
                        reply_to=msg)
 
