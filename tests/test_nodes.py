@@ -11,7 +11,7 @@ from test_loop import final_body, tiny_config
 from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
 from coldfusion.collab.local_engine import LocalEngine
-from coldfusion.collab.node import HeadStore, NodeSettings
+from coldfusion.collab.node import HeadStore, NodeSettings, default_state_dir
 from coldfusion.encoder import Encoder
 from coldfusion.errors import ColdFusionError
 from coldfusion.progress import SilentProgress
@@ -24,6 +24,7 @@ def test_node_config_is_read_with_flowers_keys_and_errors_name_the_key():
                                           "last-round": 4, "batch-size": 8, "partition-id": 0})
     assert (node.task, node.threads, str(node.state_dir), node.last_round, node.batch_size) == (
         "t.yaml", 3, "/srv/cf", 4, 8)
+    assert NodeSettings.from_node_config({"task": "t.yaml"}).state_dir == default_state_dir()  # heads kept by default
     with pytest.raises(ColdFusionError, match=r"node config: unknown key 'treads' \(known: .*threads"):
         NodeSettings.from_node_config({"task": "t.yaml", "treads": 2})
     with pytest.raises(ColdFusionError, match=r"node config: threads: Input should be greater than or equal to 1"):

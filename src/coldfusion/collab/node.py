@@ -4,8 +4,9 @@ device, threads, local overrides, and the directory where its head survives rest
 On Flower these come from the SuperNode's node config (`--node-config "task='t.yaml'
 device='cuda' threads=8 state-dir='/srv/cf'"`); the local engine and the simulation
 build them from the run's one YAML file. The consortium's settings (collab/consortium.py)
-arrive with every base; a node may override only the settings listed in `OVERRIDES`,
-which change how it computes, not what the consortium asked of it.
+arrive with every base; a node may override only settings that change how it computes,
+not what the consortium asked of it: `batch-size` (finetune.batch_size, what fits its
+memory) and `eval-batch-size` (feature extraction; scores do not depend on it).
 """
 
 import os
@@ -16,12 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from coldfusion.checkpoint import Tensors, load_tensors, save_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.tasks import TaskSpec
-
-# Node config key -> what it overrides. Everything else is fixed by the consortium.
-OVERRIDES = {
-    "batch-size": "finetune.batch_size (what fits this node's memory)",
-    "eval-batch-size": "evaluation.probe.batch_size (feature extraction only; scores do not depend on it)",
-}
 
 
 def default_state_dir() -> Path:
@@ -69,8 +64,10 @@ class NodeSettings(BaseModel):
     @classmethod
     def from_node_config(cls, node_config: dict) -> "NodeSettings":
         """From a SuperNode's node config; errors name the key (Flower adds `partition-id` and
-        `num-partitions` in simulation: they are not ours and are ignored)."""
+        `num-partitions` in simulation: they are not ours and are ignored). A SuperNode keeps
+        its heads in `default_state_dir()` unless it names a `state-dir`."""
         ours = {k: v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")}
+        ours.setdefault("state-dir", default_state_dir())
         try:
             return cls.model_validate(ours)
         except ValidationError as exc:
