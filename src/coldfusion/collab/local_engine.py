@@ -13,7 +13,13 @@ from coldfusion.collab.node import NodeSettings
 from coldfusion.collab.round import EvaluationRound, RoundResult
 from coldfusion.config import RunConfig
 from coldfusion.encoder import Encoder
-from coldfusion.tasks import Task
+from coldfusion.tasks import Task, TaskSpec
+
+
+def run_node(config: RunConfig, heads_dir: Path, task: TaskSpec | None = None) -> NodeSettings:
+    """The node settings of a contributor on this machine (local engine, simulation): the
+    run's model and threads, the CPU, heads under `heads_dir`."""
+    return NodeSettings(task=task, model=config.model, device="cpu", threads=config.threads, state_dir=heads_dir)
 
 
 class LocalEngine:
@@ -22,7 +28,7 @@ class LocalEngine:
     def __init__(self, config: RunConfig, tasks: list[Task], encoder: Encoder, heads_dir: Path, run_id: str):
         """One contributor per seen task; heads are kept under `heads_dir`."""
         consortium = ConsortiumSettings.of_run(config, run_id)
-        node = NodeSettings(model=config.model, device="cpu", threads=config.threads, state_dir=heads_dir)
+        node = run_node(config, heads_dir)
         self.contributors = {t.name: contributor_for(consortium, node, t, encoder) for t in tasks}
 
     @property

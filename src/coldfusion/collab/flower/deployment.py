@@ -91,6 +91,7 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
         raise ColdFusionError(f"{config} is already a deployment's server config (it names contributors, not "
                               f"their data); start its SuperNodes with their own tasks and submit it with flwr run")
     root = Path(root).resolve()
+    model_dir = Path(cfg.model).resolve() if Path(cfg.model).is_dir() else None  # each node gets the path
     nodes = {}
     for spec in cfg.tasks:
         home = root / "nodes" / safe_name(spec.name, "task")
@@ -98,13 +99,13 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
         task_file = home / "task.yaml"
         task_file.write_text(yaml.safe_dump(_absolute(spec).model_dump(mode="json", exclude_none=True)))
         nodes[spec.name] = {"task": str(task_file), "state-dir": str(home / "state"), "threads": cfg.threads,
-                            **({"model": str(Path(cfg.model).resolve())} if Path(cfg.model).is_dir() else {})}
+                            **({"model": str(model_dir)} if model_dir else {})}
     server = cfg.model_copy(update={
         "tasks": [], "contributors": [t.name for t in cfg.tasks], "engine": "flower",
         "evaluation": cfg.evaluation.model_copy(update={"suite": [_absolute(s) for s in cfg.evaluation.suite]}),
         "flower": cfg.flower.model_copy(update={"mode": "deployment"}),
         "output_dir": cfg.output_dir.resolve(), "repository": cfg.repository and cfg.repository.resolve(),
-        "model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model})
+        "model": str(model_dir) if model_dir else cfg.model})
     (root / "server").mkdir(parents=True, exist_ok=True)
     path = root / "server" / "run.yaml"
     path.write_text(dump_config(server))
@@ -184,8 +185,8 @@ class LocalFederation:
 
     `nodes` maps a contributor's name to its node config (`task`, `state-dir`, ...; see
     collab/node.py). The SuperLink works in `root/server/` (its log, FLWR_HOME and its
-    state database `state.db`, which holds the messages); each SuperNode in
-    `root/nodes/NAME/` (its log). With `tls=(ca, cert, key)` the SuperLink serves HTTPS
+    state database `state.db`; it deletes messages once they are delivered); each
+    SuperNode in `root/nodes/NAME/` (its log). With `tls=(ca, cert, key)` the SuperLink serves HTTPS
     and the SuperNodes and the CLI verify it against the CA. With `authenticate`, the
     SuperLink accepts only SuperNodes whose public key was registered (`flwr supernode
     register`) and each SuperNode signs its requests with its private key.
@@ -254,12 +255,11 @@ class LocalFederation:
         if done.returncode != 0:
             raise ColdFusionError(f"flwr supernode register failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def start_node(self, name: str, label: str | None = None, register: bool = True,
-                   node_config: dict | None = None) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of contributor `name` (`label`: its process name and
-        directory, default NAME; `node_config`: default the one given for NAME). When
-        SuperNodes must authenticate it gets a key pair, registered first unless `register`
-        is False (a node the SuperLink must refuse)."""
+    def start_node(self, name: str, label: str | None = None, register: bool = True) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of contributor `name` with its node config
+        (`label`: its process name and directory, default NAME). When SuperNodes must
+        authenticate it gets a key pair, registered first unless `register` is False (a node
+        the SuperLink must refuse)."""
         label, port, auth = label or name, free_port(), []
         home = self.root / "nodes" / label
         if self.authenticate:
@@ -272,7 +272,7 @@ class LocalFederation:
         node = self._start(label, [
             self._bin("flower-supernode"), *self._security(False), *auth, "--superlink", self.address,
             "--host", "127.0.0.1", "--port", str(port),
-            "--node-config", node_config_arg(self.nodes[name] if node_config is None else node_config)], home)
+            "--node-config", node_config_arg(self.nodes[name])], home)
         _wait_for_port(port, node, self.log(label))
         return node
 

@@ -115,10 +115,12 @@ class FlowerEngine:
                                                                                timeout=self.settings.round_timeout)}
         # Flower ends a round early when a node goes offline, without an error reply for it
         closed = f"no reply to the {what} message when the round closed, after {time.monotonic() - started:.0f} s"
-        missing = {name: replies[node].error.reason if replies[node].has_error() else None
-                   for name, node in targets.items() if node in replies}
-        missing = {name: why for name, why in missing.items() if why is not None}
-        missing.update({name: closed for name, node in targets.items() if node not in replies})
+        missing = {}
+        for name, node in targets.items():
+            if node not in replies:
+                missing[name] = closed
+            elif replies[node].has_error():
+                missing[name] = replies[node].error.reason
         return replies, missing
 
     def run_round(self, base: Tensors, iteration: int, names: list[str], progress) -> RoundResult:

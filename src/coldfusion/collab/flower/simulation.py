@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from coldfusion.collab.node import NodeSettings
+from coldfusion.collab.local_engine import run_node
 from coldfusion.config import RunConfig
 
 
@@ -28,8 +28,7 @@ def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bo
     from coldfusion.collab.flower.server_app import server_app_for
 
     run_dir = Path(run_dir or config.output_dir / config.name).resolve()
-    nodes = [NodeSettings(task=spec, model=config.model, device="cpu", threads=config.threads,
-                          state_dir=run_dir / "heads") for spec in config.tasks]
+    nodes = [run_node(config, run_dir / "heads", spec) for spec in config.tasks]
     outcome: dict = {}
     cpus = config.flower.client_cpus or config.threads
     run_simulation(
