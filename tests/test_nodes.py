@@ -2,6 +2,7 @@
 task file, its heads across rounds and restarts, declining a round, and error reasons
 that name none of its paths."""
 
+import dataclasses
 import json
 
 import pytest
@@ -136,3 +137,42 @@ def test_declines_reach_the_results_lineage_and_report(tiny_model_dir, toy_task_
     version = Repository(run_dir / "repository").version(fusions[1]["version"])
     assert version.fusion["declined"] == {"topic": "its own checks failed"}
     assert "- iteration 2: topic declined: its own checks failed" in (run_dir / "summary.md").read_text()
+
+
+def test_names_that_would_leave_the_state_directory_are_refused(tiny_model_dir, toy_task_files, tmp_path):
+    """A contributor's and a run's names become directories under the node's state-dir."""
+    config = tiny_config(tiny_model_dir, toy_task_files, tmp_path)
+    task = load_task(config.tasks[0])
+    encoder = Encoder.load(str(tiny_model_dir))
+    node = NodeSettings(model=str(tiny_model_dir), device="cpu", state_dir=tmp_path / "state")
+    for run_id in ("../escaped", ".hidden", "a/b"):
+        with pytest.raises(ColdFusionError, match="cannot name a directory"):
+            contributor_for(ConsortiumSettings.of_run(config, run_id), node, task, encoder)
+    task = dataclasses.replace(task, name="../../evil")
+    with pytest.raises(ColdFusionError, match=r"contributor '../../evil' cannot name a directory"):
+        contributor_for(ConsortiumSettings.of_run(config, "run1"), node, task, encoder)
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_node_configs_for_loopback_supernodes_refuse_values_they_cannot_quote():
+    from coldfusion.collab.flower.deployment import node_config_arg
+
+    assert node_config_arg({"task": "/d/t.yaml", "threads": 2, "x": True}) == "task='/d/t.yaml' threads=2 x=true"
+    with pytest.raises(ColdFusionError, match="cannot hold a single quote"):
+        node_config_arg({"task": "/d/it's.yaml"})
+
+
+def test_scores_from_a_node_must_be_numbers_and_bits():
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from coldfusion.collab.flower.messages import read_scores, scores_content
+
+    scores = {"accuracy": 0.5, "macro_f1": 0.4, "l2": 1e-3, "validation_accuracy": 0.6, "test_correct": "0110"}
+    assert read_scores(scores_content(scores)) == scores
+    forged = RecordDict({"scores": MetricRecord({"accuracy": 0.5}),
+                         "correct": ConfigRecord({"test_correct": "I am text"})})
+    with pytest.raises(ValueError, match="a string of 0 and 1"):
+        read_scores(forged)
+    with pytest.raises(KeyError):
+        read_scores(RecordDict({"scores": MetricRecord({"accuracy": 0.5})}))
