@@ -181,10 +181,30 @@ def test_dare_is_reproducible_and_unbiased(files):
     assert abs(kept.float().mean().item() - 0.3) < 0.02      # about 30% of entries survive ...
     assert torch.allclose(a1[kept], torch.full_like(a1[kept], 1 / 0.3))  # ... rescaled by 1 / density
     assert abs(a1.mean().item() - 1.0) < 0.05                 # so the expected task vector is kept
-    with pytest.raises(ColdFusionError, match="variant must be 'linear' or 'ties'"):
+    with pytest.raises(ColdFusionError, match="variant: Input should be 'linear' or 'ties'"):
         fused([m], "dare", base=b, variant="magic")
-    with pytest.raises(ColdFusionError, match=r"density must be in \(0, 1\]"):
+    with pytest.raises(ColdFusionError, match="density: Input should be greater than 0"):
         fused([m], "dare", base=b, density=0.0)
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("ties", {"density": -0.3}, "density: Input should be greater than 0"),  # silently returned the base
+    ("ties", {"density": 1.5}, "density: Input should be less than or equal to 1"),  # was accepted
+    ("ties", {"scale": float("inf")}, "scale: Input should be a finite number"),
+    ("dare", {"density": 0}, "density: Input should be greater than 0"),
+    ("regmean", {"alpha": 2}, "alpha: Input should be less than or equal to 1"),
+    ("fisher", {"floor": 0}, "floor: Input should be greater than 0"),
+    ("task_arithmetic", {"normalize": "sometimes"}, "normalize: Input should be a valid boolean"),
+])
+def test_fusion_parameters_out_of_range_are_refused_before_any_training(tmp_path, method, params, message):
+    import yaml
+
+    from coldfusion.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["bbc_topic"], "fusion": {"method": method, "params": params}}))
+    with pytest.raises(ColdFusionError, match=message):
+        load_config(path)
 
 
 def test_median_and_trimmed_mean_known_answers(files):
@@ -195,7 +215,7 @@ def test_median_and_trimmed_mean_known_answers(files):
     five = [files(f"f{i}", [v]) for i, v in enumerate([1.0, 2.0, 3.0, 100.0, -50.0])]
     assert fused(five, "trimmed_mean", trim=0.2).item() == pytest.approx(2.0)  # drops -50 and 100
     assert fused(five, "trimmed_mean", trim=0.0).item() == pytest.approx(56.0 / 5)
-    with pytest.raises(ColdFusionError, match=r"trim must be in \[0, 0.5\)"):
+    with pytest.raises(ColdFusionError, match="trim: Input should be less than 0.5"):
         fused(five, "trimmed_mean", trim=0.5)
 
 
@@ -228,7 +248,7 @@ def test_norm_clipping_known_answer(tmp_path):
     # a bound above every norm is the plain average
     assert torch.allclose(fuse_files([small, medium, big], "norm_clipping", base=base, clip=1e3)["v"],
                           fuse_files([small, medium, big], "average")["v"])
-    with pytest.raises(ColdFusionError, match="clip must be positive"):
+    with pytest.raises(ColdFusionError, match="clip: Input should be greater than 0"):
         fuse_files([small, big], "norm_clipping", base=base, clip=0.0)
 
 

@@ -67,5 +67,8 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> Tensors:
     data = path.read_bytes()
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise ColdFusionError(f"{path}: checksum mismatch (expected {expected_sha256[:12]}...); the file is corrupt")
-    return load_bytes(data)
+    try:
+        return load_bytes(data)
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+        raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from None
 

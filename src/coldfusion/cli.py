@@ -10,6 +10,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from coldfusion.errors import ColdFusionError  # noqa: E402
 
@@ -19,8 +20,18 @@ console = Console()
 
 
 def _fail(exc: ColdFusionError) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    # the message is plain text (paths, YAML excerpts with brackets): never markup
+    Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
     raise typer.Exit(code=2)
+
+
+def _done(label: str, rest: str) -> None:
+    """A green label, then plain text (paths and names are never read as markup)."""
+    console.print(Text.assemble((label, "green"), " ", rest), highlight=False)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
 
 
 def _repository(path: Path):
@@ -63,7 +74,7 @@ def run(
         _fail(exc)
     summary = (out / "summary.md").read_text()
     console.print(Markdown("\n".join(line for line in summary.splitlines() if not line.startswith("!["))))
-    console.print(f"[green]run directory:[/] {out}")
+    _done("run directory:", str(out))
 
 
 @app.command()
@@ -82,7 +93,7 @@ def evaluate(
     except ColdFusionError as exc:
         _fail(exc)
     console.print(Markdown((out / "summary.md").read_text()))
-    console.print(f"[green]results:[/] {out / 'results.jsonl'}")
+    _done("results:", f"{out / 'results.jsonl'}")
 
 
 @app.command()
@@ -110,7 +121,7 @@ def merge(config: Path = typer.Argument(..., help="merge config (YAML); see conf
         out = merge_checkpoints(load_merge_config(config))
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(f"[green]merged encoder written to[/] {out} (model card: {out / 'README.md'})")
+    _done("merged encoder written to", f"{out} (model card: {out / 'README.md'})")
 
 
 def _start_hashing_inputs(config: Path) -> None:
@@ -139,7 +150,7 @@ def tasks() -> None:
         try:
             t = load_builtin(name)
         except ColdFusionError as exc:
-            table.add_row(name, "-", "-", "-", "-", entry.package, f"[red]{exc}[/]")
+            table.add_row(name, "-", "-", "-", "-", entry.package, Text(str(exc), style="red"))
             continue
         s = t.sizes()
         labels = ", ".join(t.label_names)
@@ -165,7 +176,7 @@ def _write_rows(rows: list[dict], output: Path | None) -> None:
         from coldfusion.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(output, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        console.print(f"[green]rows written to[/] {output}")
+        _done("rows written to", str(output))
 
 
 def _cache_option():
@@ -285,7 +296,7 @@ def export(
         export_pretrained(v.model_source, repo.load(v.sha256), out_dir)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
+    _say(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
 
 
 @app.command()
@@ -311,7 +322,7 @@ def contribute(
                                   num_examples=examples)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(f"stored contribution {c.id} ({c.sha256[:12]}) from {contributor}, trained from version {version.id}")
+    _say(f"stored contribution {c.id} ({c.sha256[:12]}) from {contributor}, trained from version {version.id}")
 
 
 @app.command()
@@ -356,11 +367,11 @@ def fuse(
     except ColdFusionError as exc:
         _fail(exc)
     fusion = version.fusion
-    console.print(f"version {version.id} = {method} of contributions {fusion['contributions']} onto version {onto.id}")
+    _say(f"version {version.id} = {method} of contributions {fusion['contributions']} onto version {onto.id}")
     for cid, why in fusion.get("rejected", {}).items():
-        console.print(f"[yellow]refused[/] contribution {cid}: {why}", highlight=False)
+        console.print(Text.assemble(("refused", "yellow"), f" contribution {cid}: {why}"), highlight=False)
     for cid, moved in fusion.get("rebased", {}).items():
-        console.print(f"rebased contribution {cid} from version {moved['from_version']}")
+        _say(f"rebased contribution {cid} from version {moved['from_version']}")
 
 
 @app.command()
@@ -372,15 +383,15 @@ def verify(
     """Check a repository: its index, and every stored file against its checksum."""
     report = _repository(repository).verify(clean=clean)
     for problem in report.problems:
-        Console(stderr=True).print(f"[bold red]damaged:[/] {problem}", highlight=False)
+        Console(stderr=True).print(Text.assemble(("damaged:", "bold red"), f" {problem}"), highlight=False)
     left = len(report.temporary) + len(report.unreferenced)
     verb = "deleted" if report.cleaned else "found (harmless; --clean deletes them)"
     if left:
-        console.print(f"{verb}: {len(report.temporary)} temporary files, {len(report.unreferenced)} unindexed objects "
+        _say(f"{verb}: {len(report.temporary)} temporary files, {len(report.unreferenced)} unindexed objects "
                       "left by interrupted writes")
     if not report.ok:
         raise typer.Exit(code=1)
-    console.print(f"[green]ok:[/] {report.checkpoints} checkpoints match their checksums; the index is consistent")
+    _done("ok:", f"{report.checkpoints} checkpoints match their checksums; the index is consistent")
 
 
 flower = typer.Typer(no_args_is_help=True, help="Run ColD Fusion on a Flower deployment (SuperLink + SuperNodes).")
@@ -402,7 +413,7 @@ def flower_app(
         out = write_app(config, out_dir, run_dir, resume)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(f"[green]Flower app written to[/] {out}\nsubmit it with: "
+    _done("Flower app written to", f"{out}\nsubmit it with: "
                   f"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run {out} <connection> --stream")
 
 
@@ -428,14 +439,14 @@ def flower_local(
         server_config, nodes = split_run_config(config, root)
         app_dir = write_app(server_config, root / "server" / "app")
         with LocalFederation(root, nodes) as federation:
-            console.print(f"SuperLink on {federation.address}, {len(nodes)} SuperNodes; logs in {root}")
+            _say(f"SuperLink on {federation.address}, {len(nodes)} SuperNodes; logs in {root}")
             finished = federation.run(app_dir, timeout=7 * 24 * 3600)
     except ColdFusionError as exc:
         _fail(exc)
-    console.print(finished.stdout[-4000:])
+    _say(finished.stdout[-4000:])
     if finished.returncode != 0:
         _fail(ColdFusionError(f"flwr run failed ({finished.returncode}): {finished.stderr[-2000:]}"))
-    console.print(f"[green]run directory:[/] {cfg.output_dir / cfg.name}")
+    _done("run directory:", f"{cfg.output_dir / cfg.name}")
 
 
 def main() -> None:  # pragma: no cover

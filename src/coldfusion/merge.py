@@ -74,7 +74,12 @@ def _local_dir(model: str) -> Path:
 
 def pickle_to_safetensors(pickle: Path, scratch: Path) -> Path:
     """A trusted pickled state dict, loaded with `weights_only` and saved as safetensors in `scratch`."""
-    loaded = torch.load(pickle, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(pickle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (UnpicklingError, a corrupt zip, an unsafe global: all a refusal)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ColdFusionError(f"{pickle}: refused: not a plain state dict that loads with weights_only "
+                              f"({first[:300]})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ColdFusionError(f"{pickle}: expected a dict of tensors (a state dict)")
     converted = scratch / f"{len(list(scratch.iterdir()))}.safetensors"

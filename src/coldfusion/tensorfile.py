@@ -28,6 +28,50 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
+
+
+def read_header(fd: int, file_size: int) -> tuple[int, dict]:
+    """(header length, header) of an open safetensors file, checked as the safetensors
+    library checks it: a bounded length, a JSON object, and for every tensor a known
+    dtype, a shape of non-negative ints and a byte range inside the data that fits it.
+    Anything else raises ValueError: an upload is hostile until checked."""
+    if file_size < 8:
+        raise ValueError(f"{file_size} bytes: too short to hold a header")
+    size = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if size > MAX_HEADER_BYTES or size > file_size - 8:
+        raise ValueError(f"its header claims {size} bytes; the file has {file_size - 8} after the length")
+    try:
+        header = json.loads(os.pread(fd, size, 8))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"its header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    data_bytes = file_size - 8 - size
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ValueError("its __metadata__ is not a mapping of strings")
+            continue
+        _check_entry(key, info, data_bytes)
+    return size, header
+
+
+def _check_entry(key: str, info, data_bytes: int) -> None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor '{key}' is not described by dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor '{key}' has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor '{key}' has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise ValueError(f"tensor '{key}' has data_offsets {offsets!r} outside the file's {data_bytes} data bytes")
+    if offsets[1] - offsets[0] != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise ValueError(f"tensor '{key}': data_offsets {offsets} do not hold a {dtype} tensor of shape {shape}")
+
+
 class SafetensorsReader:
     """The tensors of one checkpoint (one file or several shards), read on demand.
 
@@ -45,16 +89,13 @@ class SafetensorsReader:
             for path in files:
                 fd = os.open(path, os.O_RDONLY)
                 self._fds.append(fd)
-                size = int.from_bytes(os.pread(fd, 8, 0), "little")
-                header = json.loads(os.pread(fd, size, 8))
+                size, header = read_header(fd, os.fstat(fd).st_size)
                 for key, info in header.items():
                     if key != "__metadata__" and key.startswith(prefix):
-                        if info["dtype"] not in DTYPES:
-                            raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
                         self._where[key[len(prefix):]] = (fd, 8 + size, info)
         except (OSError, ValueError) as exc:
             self.close()
-            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from None
 
     def close(self) -> None:
         for fd in self._fds:

@@ -7,10 +7,11 @@ same fusion however the engine slices the tensor.
 """
 
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import mixing_weights, sign_consensus_merge, task_vectors
 from coldfusion.runtime import derive_seed
@@ -32,13 +33,10 @@ def keep_mask(numel: int, offset: int, density: float, seed: int, name: str, con
 @register("dare", needs_base=True, elementwise=True)
 def fuse_dare(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, name: str = "", offset: int = 0,
-    density: float = 0.5, variant: str = "linear", scale: float = 1.0, normalize: bool = True, seed: int = 0,
+    density: Annotated[float, Field(gt=0, le=1)] = 0.5, variant: Literal["linear", "ties"] = "linear",
+    scale: float = 1.0, normalize: bool = True, seed: int = 0,
 ) -> torch.Tensor:
     """Random drop + rescale of each task vector, then task arithmetic (linear) or TIES sign consensus."""
-    if not 0.0 < density <= 1.0:
-        raise ColdFusionError(f"dare: density must be in (0, 1], not {density}")
-    if variant not in ("linear", "ties"):
-        raise ColdFusionError(f"dare: variant must be 'linear' or 'ties', not '{variant}'")
     deltas = task_vectors(tensors, base).flatten(1)
     if density < 1.0:
         for i, delta in enumerate(deltas):

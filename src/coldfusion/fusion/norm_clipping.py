@@ -7,10 +7,11 @@ in those papers; the engine measures it once per model before fusing (`needs_nor
 """
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import add_task_vectors, mixing_weights
 
@@ -18,11 +19,9 @@ from coldfusion.fusion.task_vectors import add_task_vectors, mixing_weights
 @register("norm_clipping", needs_base=True, elementwise=True, needs_norms=True)
 def fuse_norm_clipping(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, norms: torch.Tensor,
-    clip: float | None = None,
+    clip: Annotated[float, Field(gt=0)] | None = None,
 ) -> torch.Tensor:
     """b + sum_i w_i min(1, C / ||m_i - b||) (m_i - b), weights summing to 1; C: `clip`, default the median norm."""
-    if clip is not None and clip <= 0:
-        raise ColdFusionError(f"norm_clipping: clip must be positive, not {clip}")
     bound = float(norms.median()) if clip is None else clip  # torch: the lower middle value for an even count
     factors = torch.where(norms > bound, bound / norms.clamp(min=1e-30), torch.ones_like(norms))
     return add_task_vectors(tensors, (mixing_weights(weights, normalize=True) * factors).tolist(), base)

@@ -15,17 +15,21 @@ passes its result to every slice as `prepared`. When all models' tensors fit in
 `streaming.HOLD_BYTES`, it passes them whole instead, without `prepared` (one read of
 each model). For a `compute_bound` operator the engine fuses several slices at once, one
 per thread, and one given whole tensors that takes `workers` may use that many threads
-itself. An operator that scales
+itself. Parameters are typed in the function's signature, ranges as pydantic
+constraints (`density: Annotated[float, Field(gt=0, le=1)] = 0.2`): a config is checked
+against them before any training starts. An operator that scales
 each model by the size of its whole update (norm clipping) sets `needs_norms` and gets
 `norms`, each model's ||m_i - b|| over all its tensors.
 """
 
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from pydantic import ConfigDict, ValidationError, create_model
 
 from coldfusion.errors import ColdFusionError
 
@@ -72,14 +76,29 @@ class Operator:
         wanted = inspect.signature(self.prepare).parameters
         return {k: v for k, v in {**self.parameters, **params}.items() if k in wanted}
 
+    @cached_property
+    def _params_model(self):
+        """A pydantic model of the parameters: their types, ranges and defaults."""
+        hints = typing.get_type_hints(self.fuse, include_extras=True)
+        fields = {k: (hints.get(k, typing.Any), default) for k, default in self.parameters.items()}
+        return create_model(f"{self.name}_params", __config__=ConfigDict(extra="forbid", allow_inf_nan=False,
+                                                                          strict=False), **fields)
+
     def check_params(self, params: dict) -> dict:
-        """Canonical parameter names; an unknown one is an error that lists the valid ones."""
+        """The parameters under their canonical names, checked against the operator's types
+        and ranges; an unknown name or a value out of range is an error that says what is valid."""
         canonical = {ALIASES.get(k, k): v for k, v in params.items()}
         unknown = sorted(set(canonical) - set(self.parameters))
         if unknown:
             valid = ", ".join(f"{k} (default {v})" for k, v in self.parameters.items()) or "none"
             raise ColdFusionError(f"fusion method '{self.name}' has no parameter {unknown}; its parameters: {valid}")
-        return canonical
+        try:
+            checked = self._params_model.model_validate(canonical)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                                 for e in exc.errors())
+            raise ColdFusionError(f"fusion method '{self.name}': {problems}") from None
+        return {k: getattr(checked, k) for k in canonical}
 
 
 REGISTRY: dict[str, Operator] = {}

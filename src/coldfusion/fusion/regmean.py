@@ -6,8 +6,10 @@ off-diagonal entries are scaled by `alpha` (a ridge toward the plain average).
 """
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from coldfusion.fusion.registry import register, weighted_sum
 
@@ -15,7 +17,7 @@ from coldfusion.fusion.registry import register, weighted_sum
 @register("regmean", needs_stats="gram")
 def fuse_regmean(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, stats: Sequence[torch.Tensor] | None,
-    alpha: float = 0.9,
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9,
 ) -> torch.Tensor:
     """Linear layers: (sum W_i G_i)(sum G_i)^-1 with off-diagonals of G scaled by alpha; else average."""
     if stats is None:  # not a linear layer's weight: biases, LayerNorm, embeddings

@@ -1,10 +1,11 @@
 """Element-wise robust aggregates for untrusted contributors (weights are ignored)."""
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import stack_float
 
@@ -18,10 +19,10 @@ def fuse_median(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch
 
 
 @register("trimmed_mean", elementwise=True)
-def fuse_trimmed_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor, trim: float = 0.2) -> torch.Tensor:
+def fuse_trimmed_mean(
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.2,
+) -> torch.Tensor:
     """Element-wise mean after dropping the floor(trim * n) largest and smallest values."""
-    if not 0.0 <= trim < 0.5:
-        raise ColdFusionError(f"trimmed_mean: trim must be in [0, 0.5), not {trim}")
     ordered = stack_float(tensors).sort(dim=0).values
     n = ordered.shape[0]
     k = min(int(trim * n), (n - 1) // 2)

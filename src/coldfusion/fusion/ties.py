@@ -10,8 +10,10 @@ runs, so other commands do not load numba.
 """
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from coldfusion.fusion.parallel import parallel_map
 from coldfusion.fusion.registry import register
@@ -29,7 +31,7 @@ def magnitude_cuts(tensors: Sequence[torch.Tensor], base: torch.Tensor, density:
 def fuse_ties(
     tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor,
     offset: int = 0, prepared: Sequence | None = None, workers: int = 1,
-    density: float = 0.2, scale: float = 1.0, normalize: bool = True,
+    density: Annotated[float, Field(gt=0, le=1)] = 0.2, scale: float = 1.0, normalize: bool = True,
 ) -> torch.Tensor:
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
     from coldfusion.fusion.ties_kernel import model_cut, ties_merge
