@@ -146,10 +146,10 @@ def test_names_that_would_leave_the_state_directory_are_refused(tiny_model_dir, 
     encoder = Encoder.load(str(tiny_model_dir))
     node = NodeSettings(model=str(tiny_model_dir), device="cpu", state_dir=tmp_path / "state")
     for run_id in ("../escaped", ".hidden", "a/b"):
-        with pytest.raises(ColdFusionError, match="cannot name a directory"):
+        with pytest.raises(ColdFusionError, match="cannot name a file or directory"):
             contributor_for(ConsortiumSettings.of_run(config, run_id), node, task, encoder)
     task = dataclasses.replace(task, name="../../evil")
-    with pytest.raises(ColdFusionError, match=r"contributor '../../evil' cannot name a directory"):
+    with pytest.raises(ColdFusionError, match=r"contributor '../../evil' cannot name a file or directory"):
         contributor_for(ConsortiumSettings.of_run(config, "run1"), node, task, encoder)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "escaped").exists()
 

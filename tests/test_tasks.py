@@ -130,20 +130,45 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
         load_task({"name": "sst2", "hf_dataset": "glue", "hf_config": "sst2", "text_column": "sentence"})
 
 
-def test_hub_dataset_with_class_labels(monkeypatch):
+def hub_layout(root, splits: dict[str, list[int]]):
+    """A dataset as the hub serves it (parquet shards with ClassLabel features in their
+    schema), in a local directory: `datasets.load_dataset` reads it as it reads a hub id."""
     import datasets
 
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"])})
-    fake = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(
-            {"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]}, features=features),
-        "validation": datasets.Dataset.from_dict({"sentence": ["v0", "v1"], "label": [0, 1]}, features=features),
-    })
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
-    task = load_task({"name": "sst2", "hf_dataset": "glue", "text_column": "sentence"})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    schema = datasets.Dataset.from_dict({"sentence": [], "label": []}, features=features).data.table.schema
+    for split, labels in splits.items():  # written by pyarrow: datasets would refuse an out-of-range label
+        table = pa.table({"sentence": [f"{split} {i}" for i in range(len(labels))], "label": labels}, schema=schema)
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    return {"name": "sst2", "hf_dataset": str(root), "text_column": "sentence"}
+
+
+def test_hub_dataset_with_class_labels_and_an_unlabelled_test_split(tmp_path):
+    spec = hub_layout(tmp_path / "glue", {"train": [i % 2 for i in range(40)], "validation": [0, 1, 1],
+                                          "test": [-1] * 5})  # GLUE's test splits carry no labels
+    task = load_task(spec)
     assert task.label_names == ["negative", "positive"]
-    assert task.validation.texts == ["v0", "v1"] and len(task.train) + len(task.test) == 30
+    assert task.validation.texts == ["validation 0", "validation 1", "validation 2"]
+    assert task.validation.labels == [0, 1, 1]
+    # the unlabelled test split is set aside; the test split is carved from train instead
+    assert not any(t.startswith("test") for t in task.test.texts)
+    assert len(task.train) + len(task.test) == 40 and len(task.test) == 8
+    assert sorted(task.train.texts + task.test.texts) == sorted(f"train {i}" for i in range(40))
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ([0, 1, -1, 0], r"glue-bad/test, row 3: no label \(-1\) while other rows have one"),
+    ([0, 1, 2, 0], r"glue-bad/test, row 3: label 2 is not one of the 2 classes"),
+])
+def test_hub_dataset_with_bad_labels_is_refused(tmp_path, labels, message):
+    spec = hub_layout(tmp_path / "glue-bad", {"train": [0, 1] * 10, "test": labels})
+    with pytest.raises(ColdFusionError, match=message):
+        load_task(spec)
 
 
 def test_split_pool_partitions():

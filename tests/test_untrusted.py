@@ -105,3 +105,21 @@ def test_error_text_with_brackets_is_printed_as_written(tmp_path):
     weird = tmp_path / "[odd] dir"
     result = invoke("verify", weird)
     refused(result, "no repository at", "[odd] dir")
+
+
+@pytest.mark.parametrize(("command", "config", "where"), [
+    ("run", {"name": "../../escaped", "tasks": ["bbc_topic"]}, "'name'"),
+    ("run", {"tasks": [{"name": "../../evil", "path": "t.csv"}]}, "'tasks.0.name'"),
+    ("run", {"tasks": [{"name": ".hidden", "path": "t.csv"}]}, "'tasks.0.name'"),
+    ("run", {"engine": "flower", "flower": {"mode": "deployment"}, "contributors": ["a/b"]}, "'contributors.0'"),
+    ("evaluate", {"name": "../up", "bodies": [{"name": "b", "model": "default"}], "tasks": ["bbc_topic"]}, "'name'"),
+    ("multitask", {"name": "/abs", "tasks": ["bbc_topic"]}, "'name'"),
+])
+def test_names_that_would_leave_their_directory_are_refused(tmp_path, monkeypatch, command, config, where):
+    """A run, task or contributor name becomes a path component (runs/NAME, heads/RUN/NAME)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "config.yaml"
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "out" / "runs")}))
+    refused(invoke(command, path), where, "cannot name a file or directory")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "out"]

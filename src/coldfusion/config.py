@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
+from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
 from coldfusion.training import FinetuneSettings
 from coldfusion.training.probe import ProbeProtocol
@@ -75,7 +76,7 @@ class AttackSettings(Strict):
 
 
 class RunConfig(Strict):
-    name: str = "coldfusion"
+    name: SafeName = "coldfusion"
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch threads (pinned; results depend on it slightly)")
     model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
@@ -83,7 +84,7 @@ class RunConfig(Strict):
     pooling: Literal["mean", "cls"] = "mean"
     tasks: list[TaskSpec] = Field(
         default_factory=list, description="the seen tasks, one contributor each (local engine and simulation)")
-    contributors: list[str] = Field(
+    contributors: list[SafeName] = Field(
         default_factory=list, description="Flower deployment: the contributors' names; each SuperNode brings its "
                                           "own task (node config task=...), so the server holds no task data")
     engine: Literal["local", "flower"] = Field(

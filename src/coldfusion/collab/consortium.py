@@ -15,11 +15,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coldfusion.collab.contributor import Contributor
-from coldfusion.collab.node import HeadStore, NodeSettings, safe_name
+from coldfusion.collab.node import HeadStore, NodeSettings
 from coldfusion.config import RunConfig
 from coldfusion.encoder import Encoder
 from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
+from coldfusion.names import check_name
 from coldfusion.runtime import resolve_device
 from coldfusion.tasks import Task
 from coldfusion.training import FinetuneSettings
@@ -85,8 +86,8 @@ def contributor_for(consortium: ConsortiumSettings, node: NodeSettings, task: Ta
         raise ColdFusionError(f"node config device: {exc}") from None
     head_store = None
     if consortium.keep_head and node.state_dir is not None:
-        head_store = HeadStore(Path(node.state_dir) / safe_name(consortium.run_id, "run id")
-                          / safe_name(task.name, "contributor"))
+        head_store = HeadStore(Path(node.state_dir) / check_name(consortium.run_id, "run id")
+                          / check_name(task.name, "contributor"))
     return Contributor(
         task, encoder, finetune_settings=finetune, max_length=consortium.max_length, pooling=consortium.pooling,
         examples_per_iteration=consortium.examples_per_round, validation_examples=consortium.validation_examples,

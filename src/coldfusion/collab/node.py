@@ -113,10 +113,3 @@ class HeadStore:
         save_tensors(self._path(iteration), head)  # atomic
         for old in self._saved()[:-self.KEEP]:
             self._path(old).unlink(missing_ok=True)
-
-
-def safe_name(name: str, what: str) -> str:
-    """A name that becomes a directory: no separators, not '.' or '..', not hidden."""
-    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ColdFusionError(f"{what} {name!r} cannot name a directory: use letters, digits, '_', '-' or '.'")
-    return name

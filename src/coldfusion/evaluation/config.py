@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.evaluation.protocols import ProtocolSettings
+from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
 
 
@@ -29,7 +30,7 @@ class BodySpec(BaseModel):
 
 
 class EvalConfig(ProtocolSettings):
-    name: str = "evaluation"
+    name: SafeName = "evaluation"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     threads: int = Field(2, ge=1)
     max_length: int = Field(64, ge=8)

@@ -13,6 +13,7 @@ from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.multitask.train import MultitaskSettings, train_multitask
+from coldfusion.names import SafeName
 from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
@@ -24,7 +25,7 @@ from coldfusion.training import encode
 class MultitaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "multitask"
+    name: SafeName = "multitask"
     seed: int = 0
     threads: int = Field(2, ge=1)
     model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")

@@ -141,26 +141,58 @@ def load_hub_task(
     name: str, dataset: str, *, config: str | None = None, text_column: str = "text",
     label_column: str = "label", pair_column: str | None = None,
 ) -> Task:
-    """A Hugging Face dataset id; needs the hub (or a local datasets cache)."""
+    """A Hugging Face dataset: a hub id (needs the hub or a local datasets cache) or a local
+    directory of data files, through the same `datasets.load_dataset` call.
+
+    A ClassLabel column's ints become its names. -1 means "no label" (GLUE's test splits):
+    a split with no labelled row is set aside as if absent (its test split is then carved
+    from the others, as for a file task); a split with only some rows unlabelled is an
+    error naming the first one, as is an int outside the label set.
+    """
     try:
         import datasets
     except ImportError:
         raise ColdFusionError("Hugging Face datasets is not installed: pip install datasets") from None
     try:
         ds = datasets.load_dataset(dataset, config)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (network, missing files, a bad script: all "could not load")
         raise ColdFusionError(
             f"could not load the Hugging Face dataset '{dataset}' ({type(exc).__name__}: {exc}). "
-            "Without network access use a built-in task or a local csv/jsonl/parquet file."
-        ) from exc
+            "Without network access use a built-in task, a local csv/jsonl/parquet file, or a local "
+            "directory of data files as `hf_dataset`."
+        ) from None
+    if "train" not in ds:
+        raise ColdFusionError(f"Hugging Face dataset '{dataset}' has no train split (its splits: {list(ds)})")
     feature = ds["train"].features.get(label_column)
     label_names = list(getattr(feature, "names", []) or []) or None
-    frames = {s: ds[s].to_pandas() for s in ds}
-    if label_names is not None:  # ClassLabel ints -> their names
-        for f in frames.values():
-            f[label_column] = [label_names[i] for i in f[label_column]]
+    frames = {}
+    for split in ds:
+        frame = ds[split].to_pandas()
+        if label_names is not None and label_column in frame.columns:
+            frame = _named_labels(frame, f"{dataset}/{split}", label_column, label_names)
+            if frame is None:
+                continue
+        frames[split] = frame
     cols = dict(text_column=text_column, label_column=label_column, pair_column=pair_column)
     splits = {s: frame_to_split(f, f"{dataset}/{s}", label_names=label_names, **cols) for s, f in frames.items()}
     part = lambda s: splits[s][0] if s in splits else None  # noqa: E731
     tr, va, te = complete_splits(name, part("train"), part("validation"), part("test"))
     return Task(name, splits["train"][1], tr, va, te, source=f"hf:{dataset}")
+
+
+def _named_labels(frame: pd.DataFrame, where: str, label_column: str, label_names: list[str]) -> pd.DataFrame | None:
+    """The frame with ClassLabel ints replaced by their names; None if no row has a label."""
+    values = frame[label_column].tolist()
+    unlabelled = [i for i, v in enumerate(values) if v is None or v == -1]
+    if len(unlabelled) == len(values):
+        return None
+    if unlabelled:
+        raise ColdFusionError(f"{where}, row {unlabelled[0] + 1}: no label (-1) while other rows have one; "
+                              "drop the unlabelled rows or give the split as a file")
+    for i, v in enumerate(values):
+        if not 0 <= v < len(label_names):
+            raise ColdFusionError(f"{where}, row {i + 1}: label {v} is not one of the {len(label_names)} "
+                                  f"classes {label_names}")
+    frame = frame.copy()
+    frame[label_column] = [label_names[v] for v in values]
+    return frame

@@ -4,13 +4,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from coldfusion.names import SafeName
+
 
 class TaskSpec(BaseModel):
     """A task in a config. A bare string in YAML means a built-in task of that name."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: SafeName
     path: Path | None = None  # one file, split 70/10/20 deterministically
     train: Path | None = None
     validation: Path | None = None

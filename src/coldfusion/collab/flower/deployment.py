@@ -83,8 +83,8 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
     (`root/server/run.yaml`: contributors named, no task data, relative paths made
     absolute) and, per contributor, its task file and node config (`root/nodes/NAME/`).
     Returns the server config's path and each contributor's node config."""
-    from coldfusion.collab.node import safe_name
     from coldfusion.config import dump_config, load_config
+    from coldfusion.names import check_name
 
     cfg = load_config(config)
     if cfg.deployment:
@@ -94,7 +94,7 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
     model_dir = Path(cfg.model).resolve() if Path(cfg.model).is_dir() else None  # each node gets the path
     nodes = {}
     for spec in cfg.tasks:
-        home = root / "nodes" / safe_name(spec.name, "task")
+        home = root / "nodes" / check_name(spec.name, "task")
         home.mkdir(parents=True, exist_ok=True)
         task_file = home / "task.yaml"
         task_file.write_text(yaml.safe_dump(_absolute(spec).model_dump(mode="json", exclude_none=True)))
