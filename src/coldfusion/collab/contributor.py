@@ -129,20 +129,20 @@ class Contributor:
         data = self.train.take(self.examples_for(iteration))
         settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
         fish = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
-        hooks = []
+        restriction = None
         if fish:  # FISH mask: the entries are chosen on the base, by Fisher on this data; only they train
             from coldfusion.encodings.sparse import restrict_training, top_share
 
             fish = top_share(diagonal_fisher(model, data, self.statistics_examples,
                                              seed=derive_seed(self.seed, "fish", self.name, iteration)),
                              self.encoding.density)
-            hooks = restrict_training(model.body, fish)
+            restriction = restrict_training(model.body, fish)
         try:
             result = finetune(model, data, self.validation, settings,
                               seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
         finally:
-            for hook in hooks:
-                hook.remove()
+            if restriction is not None:
+                restriction.remove()
         self.head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
         if self.head_store is not None:
             self.head_store.save(iteration, self.head)

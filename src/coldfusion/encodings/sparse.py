@@ -33,16 +33,40 @@ def top_share(scores: Tensors, density: float) -> dict[str, torch.Tensor]:
     return out
 
 
-def restrict_training(body: torch.nn.Module, indices: dict[str, torch.Tensor]) -> list:
-    """Zero every gradient outside `indices`, so that finetuning changes only those entries
-    (Adam's step is zero where its gradients always were). Returns the hooks to remove."""
-    hooks = []
-    for name, param in body.named_parameters():
-        mask = torch.zeros(param.numel(), dtype=param.dtype)
-        mask[indices.get(name, torch.zeros(0, dtype=torch.long))] = 1
-        mask = mask.to(param.device)
-        hooks.append(param.register_hook(lambda grad, m=mask.view_as(param): grad * m))
-    return hooks
+class TrainingRestriction:
+    """Finetuning that changes only the entries in `indices` (a FISH mask), whatever the optimizer.
+
+    Gradients outside the mask are zeroed (Adam's moments stay zero there), and since
+    decoupled weight decay still moves every entry, the entries outside the mask are put
+    back to their values before every forward pass of the body and once more on `remove()`.
+    """
+
+    def __init__(self, body: torch.nn.Module, indices: dict[str, torch.Tensor]):
+        self._kept = []  # (parameter, mask of its trained entries, its values before training)
+        self._hooks = []
+        for name, param in body.named_parameters():
+            mask = torch.zeros(param.numel(), dtype=torch.bool)
+            mask[indices.get(name, torch.zeros(0, dtype=torch.long))] = True
+            mask = mask.to(param.device).view_as(param)
+            self._kept.append((param, mask, param.detach().clone()))
+            self._hooks.append(param.register_hook(lambda grad, m=mask: grad * m))
+        self._hooks.append(body.register_forward_pre_hook(lambda module, args: self.restore()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, mask, frozen in self._kept:
+            param.copy_(torch.where(mask, param, frozen))
+
+    def remove(self) -> None:
+        self.restore()
+        for hook in self._hooks:
+            hook.remove()
+        self._kept, self._hooks = [], []
+
+
+def restrict_training(body: torch.nn.Module, indices: dict[str, torch.Tensor]) -> TrainingRestriction:
+    """Train only the entries in `indices` until the returned restriction is `remove()`d."""
+    return TrainingRestriction(body, indices)
 
 
 def sparse_payload(body: Tensors, base: Tensors, indices: dict[str, torch.Tensor], dtype: str) -> Tensors:
