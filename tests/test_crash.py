@@ -53,6 +53,8 @@ def test_kill_9_at_a_failpoint_then_resume(tiny_model_dir, toy_task_files, tmp_p
     report = Repository(run_dir / "repository").verify()
     assert report.ok, report.problems
     before = {c.sha256 for c in Repository(run_dir / "repository").contributions()}
+    outside = cli("fuse", run_dir / "repository")  # the run's own contributions wait for the run
+    assert outside.returncode == 2 and "no contributions waiting" in outside.stderr, outside.stderr
 
     resumed = cli("run", config, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -60,6 +62,12 @@ def test_kill_9_at_a_failpoint_then_resume(tiny_model_dir, toy_task_files, tmp_p
     assert all(torch.equal(body[k], reference[k]) for k in reference)
     repo = Repository(run_dir / "repository")
     assert before <= {c.sha256 for c in repo.contributions()}  # nothing that was stored is lost
+    # the interrupted iteration was redone, not reused: one live version per iteration, and
+    # every contribution fused, refused or abandoned (none left for a later fusion to pick up)
+    assert sorted(v.iteration for v in repo.versions() if not v.abandoned) == [0, 1, 2]
+    assert not [c.id for c in repo.contributions() if c.waiting]
+    live = {v.id for v in repo.versions() if not v.abandoned}
+    assert all(c.fused_into in live for c in repo.contributions() if c.fused_into and not c.abandoned)
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted(r["iteration"] for r in rows if r["kind"] == "fusion") == [1, 2]
     checked = cli("verify", run_dir / "repository", "--clean")

@@ -43,11 +43,17 @@ def test_fusion_lineage(tmp_path):
     v = repo.fuse(base.id, [c1.id, c2.id], method="average", run="r", iteration=1)
     assert v.parent == base.id and v.fusion["method"] == "average" and v.fusion["contributions"] == [c1.id, c2.id]
     assert torch.allclose(repo.load_version(v.id)["layer.bias"], torch.full((3,), 2.0))
-    w = repo.fuse(base.id, [c1.id, c2.id], method="weighted")
+    with pytest.raises(ColdFusionError, match="contribution 1 was already fused into version 2"):
+        repo.fuse(base.id, [c1.id, c2.id], method="weighted")  # the lineage is never rewritten
+    c3 = repo.add_contribution(body(1.0), base_version=base.id, contributor="c", task="ta", num_examples=10,
+                               metrics={"validation_accuracy": 0.9})
+    c4 = repo.add_contribution(body(3.0), base_version=base.id, contributor="d", task="tb", num_examples=30)
+    w = repo.fuse(base.id, [c3.id, c4.id], method="weighted")
     assert torch.allclose(repo.load_version(w.id)["layer.bias"], torch.full((3,), 2.5))  # (10*1 + 30*3) / 40
     assert [x.id for x in repo.lineage(v.id)] == [v.id, base.id]
-    assert {c.id for c in repo.contributions(base_version=base.id)} == {c1.id, c2.id}
+    assert {c.id for c in repo.contributions(base_version=base.id)} == {c1.id, c2.id, c3.id, c4.id}
     assert repo.contributions(fused_into=w.id)[0].metrics == {"validation_accuracy": 0.9}
+    assert repo.contributions(fused_into=v.id)[0].fused_into == v.id and repo.verify().ok
     assert repo.version(f"v{v.id}") == v and repo.version(v.sha256[:10]).sha256 == v.sha256
     repo.record_metrics(v.id, "ta", "linear_probe", {"accuracy": 0.8})
     assert repo.metrics(v.id)[0]["values"] == {"accuracy": 0.8}
@@ -93,3 +99,84 @@ def test_old_index_without_stats_column_is_migrated(tmp_path):
                               stats={"fisher": body(0.5)})
     assert repo.contributions()[0].stats == {"fisher": c.stats["fisher"]}
     assert torch.equal(repo.load(c.stats["fisher"])["layer.bias"], torch.full((3,), 0.5))
+
+
+def lineage_repository(root) -> Repository:
+    """v1 <- v2 = fuse(contributions 1 and 2); contribution 3 refused by v2; contribution 4 waiting."""
+    repo = Repository(root)
+    base = repo.add_version(body(0.0), model_source="m")
+    a, b = (repo.add_contribution(body(x), base_version=base.id, contributor=n, task="t", num_examples=1)
+            for x, n in ((1.0, "a"), (2.0, "b")))
+    bad = body(0.0)
+    bad["layer.bias"][0] = float("nan")
+    c = repo.add_contribution(bad, base_version=base.id, contributor="c", task="t", num_examples=1)
+    repo.fuse(base.id, [a.id, b.id, c.id])
+    repo.add_contribution(body(4.0), base_version=base.id, contributor="d", task="t", num_examples=1)
+    assert repo.verify().ok, repo.verify().problems
+    return repo
+
+
+def test_the_index_refuses_to_rewrite_the_lineage(tmp_path):
+    repo = lineage_repository(tmp_path)
+    with pytest.raises(ColdFusionError, match="contribution 1 was already fused into version 2"):
+        repo.fuse(1, [1, 4])
+    with pytest.raises(ColdFusionError, match="contribution 3 was refused"):
+        repo.fuse(1, [3])
+    with pytest.raises(ColdFusionError, match="listed more than once"):
+        repo.fuse(1, [4, 4])
+    with pytest.raises(ColdFusionError, match="duplicate: a already sent this exact payload against version 1"):
+        repo.add_contribution(body(1.0), base_version=1, contributor="a", task="t", num_examples=1)
+    # the rules hold in the index itself, whatever code writes to it
+    db = sqlite3.connect(repo.root / "index.sqlite")
+    for statement in ("UPDATE contributions SET fused_into = 2 WHERE id = 3",   # refused, then fused
+                      "UPDATE contributions SET fused_into = 1 WHERE id = 1",   # fused twice
+                      "UPDATE contributions SET rejected = 'later' WHERE id = 2",  # fused, then refused
+                      "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, "
+                      "created) SELECT sha256, base_version, contributor, task, 1, '{}', created FROM contributions "
+                      "WHERE id = 1"):  # the same payload again
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(statement)
+    db.close()
+    # a copy of another party's payload weighs once
+    e = repo.add_contribution(body(4.0), base_version=1, contributor="e", task="t", num_examples=1)
+    v = repo.fuse(1, [4, e.id])
+    assert v.fusion["contributions"] == [4] and "same payload as contribution 4 from d" in v.fusion["rejected"]["5"]
+    assert repo.verify().ok
+
+
+FORCED = {
+    "fused twice": (["UPDATE versions SET fusion = json_set(fusion, '$.contributions', json('[1, 2]')) WHERE id = 3",
+                     "UPDATE contributions SET fused_into = 3 WHERE id = 1"],
+                    "contribution 1 is fused into several versions [2, 3]"),
+    "refused yet fused": (["UPDATE contributions SET rejected = 'bad' WHERE id = 1"],
+                          "contribution 1 was refused and yet fused into version 2"),
+    "not in the record": (["UPDATE contributions SET fused_into = 2 WHERE id = 4"],
+                          "contribution 4 says it was fused into version 2, whose fusion record does not list it"),
+    "duplicate payload": (["INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, "
+                           "metrics, created) SELECT sha256, base_version, contributor, task, 1, '{}', created "
+                           "FROM contributions WHERE id = 4"],
+                          "contributions 4,5 are the same payload from d against version 1 (a duplicate)"),
+    "abandoned yet fused": (["UPDATE contributions SET abandoned = 'redone' WHERE id = 2"],
+                            "abandoned contribution 2 is fused into version 2"),
+    "built on abandoned": (["UPDATE versions SET abandoned = 'redone' WHERE id = 2"],
+                           "version 3 builds on abandoned version 2"),
+    "not rebased": (["UPDATE contributions SET base_version = 3 WHERE id = 2"],
+                    "contribution 2 was trained from version 3 but fused onto version 1 without being rebased"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORCED))
+def test_verify_reports_each_lineage_violation_forced_into_the_index(tmp_path, case):
+    repo = lineage_repository(tmp_path)
+    repo.add_version(body(9.0), model_source="m", parent=2, fusion={"method": "average", "contributions": []})
+    statements, message = FORCED[case]
+    db = sqlite3.connect(repo.root / "index.sqlite")
+    for trigger in ("fused_at_most_once", "refused_never_fused", "fused_never_refused"):
+        db.execute(f"DROP TRIGGER {trigger}")  # by hand, past the index's own guards
+    db.execute("DROP INDEX one_payload_per_contributor_and_base")
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    report = repo.verify()
+    assert not report.ok and any(message in p for p in report.problems), report.problems

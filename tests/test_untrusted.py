@@ -123,3 +123,42 @@ def test_names_that_would_leave_their_directory_are_refused(tmp_path, monkeypatc
     path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / "out" / "runs")}))
     refused(invoke(command, path), where, "cannot name a file or directory")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "out"]
+
+
+def test_the_same_upload_twice_is_refused_as_a_duplicate(tmp_path, repository):
+    upload = tmp_path / "body.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, upload)
+    args = ("contribute", repository.root, upload, "--base", 1, "--contributor", "acme", "--task", "t",
+            "--examples", 5)
+    assert invoke(*args).exit_code == 0
+    refused(invoke(*args), "duplicate: acme already sent this exact payload against version 1 (contribution 1)")
+    assert len(repository.contributions()) == 1
+    fused = invoke("fuse", repository.root)
+    assert fused.exit_code == 0 and "version 2 = average of contributions [1]" in fused.text
+    refused(invoke("fuse", repository.root, "--contributions", "1"), "contribution 1 was already fused into version 2")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_that_failed_before_its_first_iteration_starts_over_with_the_corrected_config(
+        tiny_model_dir, toy_task_files, tmp_path, resume):
+    from test_loop import tiny_config
+
+    from coldfusion.config import dump_config
+
+    config = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)
+    path = tmp_path / "run.yaml"
+    broken = yaml.safe_load(dump_config(config))
+    broken["tasks"][1]["path"] = str(tmp_path / "missing.csv")
+    path.write_text(yaml.safe_dump(broken))
+    refused(invoke("run", path), "missing.csv", "does not exist")
+    assert (tmp_path / "runs" / "tiny" / "config.yaml").exists()  # the failed attempt left its directory
+
+    path.write_text(dump_config(config))  # corrected
+    result = invoke("run", path, *(["--resume"] if resume else []))
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text())
+    assert saved["tasks"][1]["path"] == str(toy_task_files["topic"])
+    repo = Repository(tmp_path / "runs" / "tiny" / "repository")
+    assert [v.iteration for v in repo.versions() if not v.abandoned] == [0, 1]

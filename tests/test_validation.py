@@ -113,8 +113,9 @@ def test_corrupt_contribution_file_is_refused_and_a_corrupt_base_stops_fusion(tm
     assert "does not match its checksum" in v.fusion["rejected"][str(b.id)]
     base_path = repo.path_of(base.sha256)
     base_path.write_bytes(base_path.read_bytes()[:-4])
+    c = contribute(repo, base, body(2.0), "c")
     with pytest.raises(ColdFusionError, match="base version 1 .* does not match its checksum"):
-        repo.fuse(base.id, [a.id])
+        repo.fuse(base.id, [c.id])
 
 
 def test_stale_contribution_is_rebased_onto_the_current_base(tmp_path):

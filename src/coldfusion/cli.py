@@ -274,7 +274,8 @@ def versions(repository: Path = typer.Argument(..., help="repository directory")
     for v in repo.versions():
         accs = [m["values"]["accuracy"] for m in repo.metrics(v.id) if m["protocol"] == "linear_probe"]
         fusion = v.fusion or {}
-        table.add_row(str(v.id), str(v.parent or "-"), str(v.iteration), fusion.get("method", "pretrained"),
+        iteration = f"{v.iteration} (abandoned)" if v.abandoned else str(v.iteration)
+        table.add_row(str(v.id), str(v.parent or "-"), iteration, fusion.get("method", "pretrained"),
                       ",".join(map(str, fusion.get("contributions", []))) or "-",
                       ",".join(fusion.get("rejected", {})) or "-", v.sha256[:12],
                       f"{100 * sum(accs) / len(accs):.1f}" if accs else "-")
@@ -330,7 +331,8 @@ def fuse(
     repository: Path = typer.Argument(..., help="repository directory"),
     base: str | None = typer.Option(None, help="the version to fuse onto (default: the newest)"),
     contributions: str | None = typer.Option(
-        None, help="comma-separated contribution ids (default: every one not yet fused or refused)"),
+        None, help="comma-separated contribution ids (default: every one sent with `contribute` and not yet fused, "
+                   "refused or abandoned)"),
     method: str = typer.Option("average", help="fusion operator (see the README's list)"),
     param: list[str] = typer.Option([], help="operator parameter as KEY=VALUE (repeatable)"),
     min_accepted: int = typer.Option(1, min=1, help="fuse only when at least this many pass validation"),
@@ -350,7 +352,7 @@ def fuse(
         if contributions:
             ids = [int(x) for x in contributions.split(",")]
         else:
-            ids = [c.id for c in repo.contributions() if c.fused_into is None and c.rejected is None]
+            ids = [c.id for c in repo.contributions() if c.waiting and c.run_id is None]  # runs fuse their own
         if not ids:
             raise ColdFusionError(f"no contributions waiting to be fused in {repository}")
         params = {}

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS versions (
     fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "declined"?, "rejected"?,
                               --        "rebased"?}; NULL for a root
     run TEXT, iteration INTEGER, created TEXT NOT NULL);
+    -- added later (see _migrate): run_id TEXT, abandoned TEXT (why it is no longer part of its run)
 CREATE TABLE IF NOT EXISTS contributions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     created TEXT NOT NULL,
     rejected TEXT,            -- why validation refused it (NULL: not refused)
     encoding TEXT NOT NULL DEFAULT '{"kind": "full"}');  -- JSON: how the stored file encodes the body
+    -- added later (see _migrate): run_id TEXT, abandoned TEXT
 CREATE TABLE IF NOT EXISTS metrics (
     version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
     values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
@@ -57,6 +59,22 @@ CREATE TABLE IF NOT EXISTS computed (
     sha256 TEXT REFERENCES checkpoints(sha256),  -- the tensors it produced, if any
     value TEXT NOT NULL,      -- JSON: what it measured, and what it cost
     created TEXT NOT NULL);
+"""
+
+# The lineage rules, enforced by the index itself; `verify` checks them too (an index
+# edited by hand, or made before these existed, may break them).
+LINEAGE = """
+CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
+    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL;
+CREATE TRIGGER IF NOT EXISTS fused_at_most_once BEFORE UPDATE OF fused_into ON contributions
+    WHEN OLD.fused_into IS NOT NULL AND NEW.fused_into IS NOT OLD.fused_into
+    BEGIN SELECT RAISE(ABORT, 'lineage: a contribution is fused at most once'); END;
+CREATE TRIGGER IF NOT EXISTS refused_never_fused BEFORE UPDATE OF fused_into ON contributions
+    WHEN NEW.fused_into IS NOT NULL AND (OLD.rejected IS NOT NULL OR OLD.abandoned IS NOT NULL)
+    BEGIN SELECT RAISE(ABORT, 'lineage: a refused or abandoned contribution is never fused'); END;
+CREATE TRIGGER IF NOT EXISTS fused_never_refused BEFORE UPDATE OF rejected ON contributions
+    WHEN OLD.fused_into IS NOT NULL AND NEW.rejected IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'lineage: a fused contribution cannot be refused afterwards'); END;
 """
 
 
@@ -77,6 +95,8 @@ class Version:
     run: str | None
     iteration: int | None
     created: str
+    run_id: str | None = None  # the run directory's identity (its `run-id` file)
+    abandoned: str | None = None  # why it is no longer part of its run (an iteration redone on resume)
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,13 @@ class Contribution:
     rejected: str | None = None  # why validation refused it
     encoding: dict = field(default_factory=lambda: {"kind": "full"})  # how its stored file encodes the body
     num_bytes: int = 0  # stored (and sent): its file plus its statistics' files
+    run_id: str | None = None  # the run that asked for it (None: sent from outside a run)
+    abandoned: str | None = None  # why it will never be fused (its iteration was redone on resume)
+
+    @property
+    def waiting(self) -> bool:
+        """Neither fused, nor refused, nor abandoned."""
+        return self.fused_into is None and self.rejected is None and self.abandoned is None
 
 
 @dataclass(frozen=True)
@@ -140,7 +167,16 @@ class Repository:
                 db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
             if "encoding" not in columns:  # ... and before they could be sent encoded
                 db.execute("""ALTER TABLE contributions ADD COLUMN encoding TEXT NOT NULL DEFAULT '{"kind": "full"}'""")
+            for table in ("versions", "contributions"):  # ... and before runs could abandon an iteration
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for column in ("run_id", "abandoned"):
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
             db.commit()
+            try:
+                db.executescript(LINEAGE)
+            except sqlite3.IntegrityError:
+                pass  # an older index already holds duplicates: `verify` names them
         finally:
             db.close()
 
@@ -190,16 +226,18 @@ class Repository:
     def add_version(
         self, tensors: Tensors, *, model_source: str, parent: int | None = None,
         fusion: dict | None = None, run: str | None = None, iteration: int | None = None,
+        run_id: str | None = None,
     ) -> Version:
         with self._db() as db:
             sha = self._store(db, tensors)
-            return self._insert_version(db, sha, model_source, parent, fusion, run, iteration)
+            return self._insert_version(db, sha, model_source, parent, fusion, run, iteration, run_id)
 
-    def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration) -> Version:
+    def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration, run_id=None) -> Version:
         cur = db.execute(
-            "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (sha, parent, model_source, None if fusion is None else json.dumps(fusion), run, iteration, _now()),
+            "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created, run_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (sha, parent, model_source, None if fusion is None else json.dumps(fusion), run, iteration, _now(),
+             run_id),
         )
         return self._version_row(db, cur.lastrowid)
 
@@ -232,19 +270,26 @@ class Repository:
     def add_contribution(
         self, tensors: Tensors, *, base_version: int, contributor: str, task: str,
         num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
-        encoding: dict | None = None,
+        encoding: dict | None = None, run_id: str | None = None,
     ) -> Contribution:
         """Store a contribution as sent: a body, or its `encoding` (see coldfusion.encodings),
-        which is decoded against `base_version` when it is fused; and its statistics, if any."""
+        which is decoded against `base_version` when it is fused; and its statistics, if any.
+        The same payload from the same contributor against the same base is refused: one
+        party cannot weigh itself twice by sending its file twice."""
         with self._db() as db:
             self._version_row(db, base_version)
             sha = self._store(db, tensors)
+            earlier = db.execute("SELECT id FROM contributions WHERE sha256 = ? AND contributor = ? AND "
+                                 "base_version = ? AND abandoned IS NULL", (sha, contributor, base_version)).fetchone()
+            if earlier is not None:
+                raise ColdFusionError(f"duplicate: {contributor} already sent this exact payload against version "
+                                      f"{base_version} (contribution {earlier['id']}); it is not stored twice")
             stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
             cur = db.execute(
                 "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
-                " created, encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
-                 json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"})),
+                 json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"}), run_id),
             )
             return self._contribution_row(db, cur.lastrowid)
 
@@ -272,12 +317,14 @@ class Repository:
     def fuse(
         self, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
         params: dict | None = None, run: str | None = None, iteration: int | None = None,
-        missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
+        run_id: str | None = None, missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
         validation: ValidationSettings | None = None,
     ) -> Version:
         """Validate the contributions, fuse those that pass into a new version whose parent is
-        `base_version`. `missing` (contributor -> reason) records the chosen contributors that
-        sent nothing, `declined` those that chose not to train on the base. Refused
+        `base_version`. A contribution is fused at most once, never once refused or abandoned,
+        and a run's contributions only by that run (`run_id`). `missing` (contributor ->
+        reason) records the chosen contributors that sent nothing, `declined` those that
+        chose not to train on the base. Refused
         contributions keep their reason in the index and in the version's fusion record;
         with fewer than `validation.min_accepted` left, nothing is fused and the error lists
         every reason.
@@ -286,8 +333,22 @@ class Repository:
         op = get_operator(method)
         op.check_params(params)  # a typo fails before anything is read
         base = self.version(base_version)
+        if base.abandoned:
+            raise ColdFusionError(f"version {base.id} was abandoned ({base.abandoned}); fuse onto another version")
+        repeated = sorted({c for c in contribution_ids if list(contribution_ids).count(c) > 1})
+        if repeated:
+            raise ColdFusionError(f"contributions {repeated} are listed more than once")
         with self._db() as db:
             contribs = [self._contribution_row(db, c) for c in contribution_ids]
+        others = [f"contribution {c.id} was sent to run {c.run_id}, which fuses or abandons it itself (resume that "
+                  "run)" for c in contribs if c.run_id is not None and c.run_id != run_id]
+        settled = others + [f"contribution {c.id} " + ("was already fused into version " + str(c.fused_into)
+                                             if c.fused_into is not None else
+                                             f"was refused ({c.rejected})" if c.rejected else
+                                             f"was abandoned ({c.abandoned})")
+                   for c in contribs if not c.waiting]
+        if settled:
+            raise ColdFusionError("the lineage is not rewritten: " + "; ".join(settled))
         # Encoded contributions are decoded here, into files deleted after the fusion.
         with tempfile.TemporaryDirectory(dir=self.root, prefix=DECODED_PREFIX) as scratch:
             rejected, norms, dense = self._validate(base, contribs, validation, Path(scratch))
@@ -322,7 +383,7 @@ class Repository:
                   **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
         with self._db() as db:
             sha = self._store(db, fused)
-            version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration)
+            version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id)
             db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
                            [(version.id, c.id) for c in accepted])
             self._mark_rejected(db, rejected)
@@ -334,10 +395,16 @@ class Repository:
         the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
         rejected, norms, dense = {}, {}, {}
         bases: dict[int, Tensors] = {}  # each base an encoded contribution needs, read (and hashed) once
+        first_of: dict[str, Contribution] = {}  # payload checksum -> the first contribution that sent it
         if sha256_file(self.path_of(base.sha256)) != base.sha256:
             raise ColdFusionError(f"base version {base.id} ({self.path_of(base.sha256)}) does not match its "
                                   "checksum: the repository is damaged; run `coldfusion verify` on it")
         for c in contribs:
+            if c.sha256 in first_of and first_of[c.sha256].base_version == c.base_version:  # a copy weighs once
+                twin = first_of[c.sha256]
+                rejected[c.id] = (f"duplicate: the same payload as contribution {twin.id} from {twin.contributor}")
+                continue
+            first_of.setdefault(c.sha256, c)
             if c.base_version != base.id and settings.stale == "reject":
                 rejected[c.id] = (f"stale: trained from version {c.base_version}, not the current base "
                                   f"{base.id} (validation.stale = reject)")
@@ -388,6 +455,25 @@ class Repository:
     def _mark_rejected(db, rejected: dict[int, str]) -> None:
         db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?", [(why, c) for c, why in rejected.items()])
 
+    def abandon_unfinished(self, run_id: str, completed_iterations: int | None) -> list[str]:
+        """Mark what run `run_id` stored past its last finished iteration as abandoned: the
+        versions of later iterations and the contributions sent for them (trained from the
+        last finished version or a later one). None: no iteration finished, so everything of
+        the run. A resumed run redoes that iteration; nothing of the lost attempt is reused,
+        and the lost attempt stays on record. Returns what was marked ('version N', ...)."""
+        after = -1 if completed_iterations is None else completed_iterations
+        why = (f"run {run_id} was resumed after iteration {after}; this iteration was redone" if after >= 0
+               else f"run {run_id} was restarted before it finished iteration 0")
+        with self._db() as db:
+            versions = [r[0] for r in db.execute(
+                "SELECT id FROM versions WHERE run_id = ? AND iteration > ? AND abandoned IS NULL", (run_id, after))]
+            contributions = [r[0] for r in db.execute(
+                "SELECT c.id FROM contributions c JOIN versions b ON b.id = c.base_version WHERE c.run_id = ? "
+                "AND c.abandoned IS NULL AND (? < 0 OR b.iteration >= ?)", (run_id, after, after))]
+            db.executemany("UPDATE versions SET abandoned = ? WHERE id = ?", [(why, v) for v in versions])
+            db.executemany("UPDATE contributions SET abandoned = ? WHERE id = ?", [(why, c) for c in contributions])
+        return [f"version {v}" for v in versions] + [f"contribution {c}" for c in contributions]
+
     # -- integrity -----------------------------------------------------------------
     def verify(self, clean: bool = False) -> IntegrityReport:
         """Check the index (SQLite's integrity check, every reference resolves) and every
@@ -406,6 +492,7 @@ class Repository:
                 named |= set(json.loads(r[0]).values())
             for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
                 named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
+            problems += self._lineage_problems(db)
         problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
         for sha in sorted(known):
             path = self.path_of(sha)
@@ -423,6 +510,47 @@ class Repository:
                 else:
                     path.unlink(missing_ok=True)
         return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean)
+
+    @staticmethod
+    def _lineage_problems(db) -> list[str]:
+        """Every break of the lineage rules (see LINEAGE), as a sentence."""
+        problems = []
+        listed: dict[int, list[int]] = {}  # contribution -> the versions whose fusion record lists it
+        versions = {r["id"]: r for r in db.execute("SELECT id, parent, fusion, abandoned FROM versions")}
+        for v in versions.values():
+            fusion = json.loads(v["fusion"]) if v["fusion"] else {}
+            for c in fusion.get("contributions", []):
+                listed.setdefault(c, []).append(v["id"])
+            if v["parent"] is not None and versions.get(v["parent"], {"abandoned": None})["abandoned"] \
+                    and not v["abandoned"]:
+                problems.append(f"lineage: version {v['id']} builds on abandoned version {v['parent']}")
+        for c in db.execute("SELECT id, base_version, contributor, fused_into, rejected, abandoned FROM contributions"):
+            where = listed.get(c["id"], [])
+            if len(where) > 1:
+                problems.append(f"lineage: contribution {c['id']} is fused into several versions {where}")
+            if c["fused_into"] is not None and c["fused_into"] not in where:
+                problems.append(f"lineage: contribution {c['id']} says it was fused into version {c['fused_into']}, "
+                                "whose fusion record does not list it")
+            for v in where:
+                if v != c["fused_into"]:
+                    problems.append(f"lineage: version {v} lists contribution {c['id']}, which says it was fused "
+                                    f"into {c['fused_into'] or 'nothing'}")
+            if c["rejected"] is not None and c["fused_into"] is not None:
+                problems.append(f"lineage: contribution {c['id']} was refused and yet fused into version "
+                                f"{c['fused_into']}")
+            fused_version = versions.get(c["fused_into"])
+            if c["abandoned"] is not None and fused_version is not None and not fused_version["abandoned"]:
+                problems.append(f"lineage: abandoned contribution {c['id']} is fused into version {c['fused_into']}")
+            if fused_version is not None:
+                rebased = json.loads(fused_version["fusion"] or "{}").get("rebased", {})
+                if fused_version["parent"] != c["base_version"] and str(c["id"]) not in rebased:
+                    problems.append(f"lineage: contribution {c['id']} was trained from version {c['base_version']} "
+                                    f"but fused onto version {fused_version['parent']} without being rebased")
+        for r in db.execute("SELECT sha256, contributor, base_version, GROUP_CONCAT(id) AS ids FROM contributions "
+                            "WHERE abandoned IS NULL GROUP BY sha256, contributor, base_version HAVING COUNT(*) > 1"):
+            problems.append(f"lineage: contributions {r['ids']} are the same payload from {r['contributor']} "
+                            f"against version {r['base_version']} (a duplicate)")
+        return problems
 
     # -- metrics -------------------------------------------------------------------
     def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None) -> None:

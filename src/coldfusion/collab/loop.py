@@ -82,6 +82,9 @@ def run_id_of(run_dir: Path) -> str:
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState | None:
     state = RunState.read(run_dir)
     saved = run_dir / "config.yaml"
+    if saved.exists() and state is None:  # an earlier attempt finished nothing: start over, with this config
+        atomic_write_bytes(saved, dump_config(config).encode())
+        return None
     if resume:
         if not saved.exists():
             raise ColdFusionError(f"nothing to resume in {run_dir}: no run was started there (drop --resume)")
@@ -92,7 +95,7 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunState
                 f"cannot resume {run_dir}: the config differs from the one it was started with in "
                 f"{sorted(changed)}; resume with the original config, or start a new run (new `name`)")
         atomic_write_bytes(saved, dump_config(config).encode())
-        return state  # None when the run died before finishing iteration 0: it starts over
+        return state
     if saved.exists():
         raise ColdFusionError(
             f"run directory {run_dir} already exists; resume it with --resume, or set a new `name`")
@@ -143,9 +146,13 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         return (_probe_rows(repo, version, iteration, evaluated, config, "contributor")
                 + _probe_rows(repo, version, iteration, own, config, "server"))
 
+    # what an interrupted attempt stored past the last finished iteration is redone, not reused
+    for item in repo.abandon_unfinished(run_id, state.completed_iterations if state else None):
+        progress.log(f"abandoned {item} (the interrupted attempt's)")
     if state is None:  # iteration 0: store and score the pretrained base
         log.keep_until(-1)
-        base = repo.add_version(encoder.pretrained, model_source=encoder.source, run=config.name, iteration=0)
+        base = repo.add_version(encoder.pretrained, model_source=encoder.source, run=config.name, iteration=0,
+                                run_id=run_id)
         log.extend(evaluation_rows(base.id, encoder.pretrained, 0))
         state = RunState(completed_iterations=0, version=base.id)
         state.write(run_dir)
@@ -161,7 +168,7 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         if config.attack:
             round_ = poison_round(round_, base, config.attack, config.seed, iteration)
         train_seconds = time.perf_counter() - started
-        rows, version = _fuse_round(repo, config, state.version, iteration, round_)
+        rows, version = _fuse_round(repo, config, state.version, iteration, round_, run_id)
         fusion_row = rows[-1]
         fusion_row["train_seconds"] = round(train_seconds, 2)
         rows += evaluation_rows(version, repo.load_version(version), iteration)
@@ -177,20 +184,21 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
 
 
 def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteration: int,
-                round_: RoundResult) -> tuple[list[dict], int]:
+                round_: RoundResult, run_id: str) -> tuple[list[dict], int]:
     """Store the contributions, fuse them into a new version; return result rows and its id."""
     rows, ids, results = [], [], round_.results
     for r in results:
         c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor, task=r.task,
-                                  num_examples=r.num_examples, metrics=r.metrics, stats=r.stats, encoding=r.encoding)
+                                  num_examples=r.num_examples, metrics=r.metrics, stats=r.stats, encoding=r.encoding,
+                                run_id=run_id)
         ids.append(c.id)
         rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples,
                      "encoding": r.encoding["kind"], "bytes_sent": c.num_bytes, **r.metrics})
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
-                        run=config.name, iteration=iteration, missing=round_.missing, declined=round_.declined,
-                        validation=config.fusion.validation)
+                        run=config.name, run_id=run_id, iteration=iteration, missing=round_.missing,
+                        declined=round_.declined, validation=config.fusion.validation)
     task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
     rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
     fused = [task_of[str(c)] for c in version.fusion["contributions"]]
