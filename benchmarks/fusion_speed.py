@@ -65,7 +65,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
 def make_inputs(root: Path, n: int) -> tuple[Path, list[Path]]:
     from transformers import AutoModel
 
-    from coldfusion.encoder import default_model_dir
+    from coldfusion.model_names import default_model_dir
 
     base = root / "base"
     if not base.exists():

@@ -166,7 +166,7 @@ def tiny_model(root: Path) -> Path:
     """A 2-layer hidden-32 BERT with the MiniLM's tokenizer (real vocabulary, random weights)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from coldfusion.encoder import default_model_dir
+    from coldfusion.model_names import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

@@ -58,7 +58,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from coldfusion.encoder import default_model_dir, load_tokenizer
+    from coldfusion.encoder import load_tokenizer
+    from coldfusion.model_names import default_model_dir
     from coldfusion.tasks import load_builtin
 
     model_dir = str(default_model_dir())

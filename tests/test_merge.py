@@ -73,8 +73,10 @@ def test_ties_merge_of_heads_with_different_shapes(bert_family, tmp_path):
         assert torch.allclose(merged[k], v, atol=1e-6), k
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == str(base) and "ties" in front["tags"]
+    assert front["base_model"] == "base" and "ties" in front["tags"]  # portable: the directory's name, no path
     record = json.loads((out / "coldfusion_merge.json").read_text())
+    assert record["base_sha256"] == {"model.safetensors": sha256_file(base / "model.safetensors")}
+    assert record["coldfusion_version"] and str(tmp_path) not in card
     assert record["params"] == {"density": 0.5, "lambda": 0.8}
     assert record["inputs"][0]["sha256"]["model.safetensors"] == sha256_file(dirs[0] / "model.safetensors")
     assert not any(k.startswith("classifier") for k in merged)

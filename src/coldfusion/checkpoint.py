@@ -2,7 +2,9 @@
 
 import hashlib
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,3 +74,19 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> Tensors:
     except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
         raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from None
 
+
+
+@contextmanager
+def staged_directory(out: Path):
+    """A temporary sibling directory that replaces `out` only once the block succeeds:
+    never a half-written output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

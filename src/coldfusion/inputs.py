@@ -11,6 +11,12 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+# What a model directory holds besides its weights: enough to rebuild its architecture
+# and tokenizer (a repository stores these beside the bodies).
+MODEL_FILES = ("config.json", *TOKENIZER_FILES)
+
 _hashes: dict[tuple, Future] = {}
 _lock = threading.Lock()
 

@@ -10,7 +10,7 @@ method, its parameters and the checksums of every input.
 import json
 import shutil
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -18,12 +18,14 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coldfusion.checkpoint import save_tensors
+from coldfusion import __version__
+from coldfusion.checkpoint import save_tensors, staged_directory
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import fuse_stream, output_layout
-from coldfusion.inputs import safetensors_files, sha256, start_hashing
+from coldfusion.inputs import TOKENIZER_FILES, safetensors_files, sha256, start_hashing
+from coldfusion.model_names import DEFAULT_HUB_ID, DEFAULT_MODEL, default_model_dir, portable_name
 from coldfusion.tensorfile import SafetensorsReader, SafetensorsWriter
 
 
@@ -60,6 +62,9 @@ def load_merge_config(path: Path) -> MergeConfig:
 
 
 def _local_dir(model: str) -> Path:
+    """A model directory: 'default' is the bundled MiniLM, a directory is itself, else a hub id."""
+    if model in (DEFAULT_MODEL, "minilm"):
+        return default_model_dir()
     path = Path(model)
     if path.is_dir():
         return path
@@ -203,44 +208,38 @@ def merge_checkpoints(config: MergeConfig) -> Path:
             for name in TOKENIZER_FILES:
                 if ((base_dir or dirs[0]) / name).exists():
                     shutil.copy2((base_dir or dirs[0]) / name, tmp / name)
-            inputs = [{"model": m.model, "weight": m.weight,
+            inputs = [{"model": portable_name(m.model), "weight": m.weight,
                        "sha256": {f.name: sha256(f) for f in files[d]}}
                       for m, d in zip(config.models, dirs, strict=True)]
-            record = {"method": config.method, "params": config.params, "base_model": config.base_model,
+            record = {"coldfusion_version": __version__, "method": config.method, "params": config.params,
+                      "base_model": _portable(config.base_model) if config.base_model else None,
+                      "base_sha256": {f.name: sha256(f) for f in files[base_dir]} if base_dir else None,
                       "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(missing)}
             (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
             (tmp / "README.md").write_text(model_card(record))
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
-
-@contextmanager
-def staged_directory(out: Path):
-    """A temporary sibling directory that replaces `out` only once the block succeeds:
-    never a half-written output."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _portable(model: str) -> str:
+    """The base model as the card's `base_model` names it: a hub id, never a local path."""
+    name = portable_name(model)
+    return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name
 
 
 def model_card(record: dict) -> str:
-    front = {"base_model": record["base_model"], "library_name": "transformers",
+    front = {**({"base_model": record["base_model"]} if record["base_model"] else {}), "library_name": "transformers",
              "tags": ["coldfusion", "merge", record["method"]]}
     rows = "\n".join(f"| {i['model']} | {i['weight']} | " + ", ".join(f"`{n}` {h}" for n, h in i["sha256"].items())
                      + " |" for i in record["inputs"])
     copied = ", ".join(record["copied_from_base"]) or "none"
+    base = "" if not record["base_sha256"] else (
+        f"Base model `{record['base_model']}`, weight files: "
+        + ", ".join(f"`{n}` {h}" for n, h in record["base_sha256"].items()) + ".\n")
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# Merged encoder\n\n"
-            f"Fused with [coldfusion](https://pypi.org/project/coldfusion/) `merge`: method `{record['method']}`, "
+            f"Fused with [coldfusion](https://pypi.org/project/coldfusion/) {record['coldfusion_version']} `merge`: "
+            f"method `{record['method']}`, "
             f"parameters `{json.dumps(record['params'])}`, heads `{record['heads']}`.\n"
-            f"Only the encoder body was fused. Body tensors copied from the base (not in every input): {copied}.\n\n"
+            f"Only the encoder body was fused. Body tensors copied from the base (not in every input): {copied}.\n"
+            f"{base}\n"
             f"| input | weight | sha256 of its weight files |\n|---|---|---|\n{rows}\n")

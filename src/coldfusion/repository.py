@@ -1,7 +1,11 @@
 """The repository: content-addressed safetensors bodies plus an SQLite lineage index.
 
 Layout:  ROOT/objects/<sha256>.safetensors   every body ever stored, named by content
+         ROOT/files/<sha256>                 the pretrained model's config and tokenizer files
          ROOT/index.sqlite                   versions, contributions, metrics (WAL mode)
+
+A repository stands alone: with its model's files beside the bodies, it exports and
+evaluates after any move, with or without the model directory it was made from.
 
 A checkpoint file is written atomically before any index row points at it, and every
 index change is one transaction, so a crash leaves at worst an unreferenced file.
@@ -22,7 +26,7 @@ from coldfusion.encodings import decode_contribution
 from coldfusion.errors import ColdFusionError
 from coldfusion.faults import failpoint
 from coldfusion.fusion import fuse_files, get_operator
-from coldfusion.inputs import sha256_file
+from coldfusion.inputs import MODEL_FILES, sha256_file
 from coldfusion.tensorfile import SafetensorsReader
 from coldfusion.validation import ValidationSettings, inspect_contribution, norm_outliers
 
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS versions (
     fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "declined"?, "rejected"?,
                               --        "rebased"?}; NULL for a root
     run TEXT, iteration INTEGER, created TEXT NOT NULL);
-    -- added later (see _migrate): run_id TEXT, abandoned TEXT (why it is no longer part of its run)
+    -- added later: run_id TEXT, abandoned TEXT (why it is no longer part of its run),
+    --              model INTEGER REFERENCES models(id) (its architecture and tokenizer)
 CREATE TABLE IF NOT EXISTS contributions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
@@ -49,10 +54,17 @@ CREATE TABLE IF NOT EXISTS contributions (
     created TEXT NOT NULL,
     rejected TEXT,            -- why validation refused it (NULL: not refused)
     encoding TEXT NOT NULL DEFAULT '{"kind": "full"}');  -- JSON: how the stored file encodes the body
-    -- added later (see _migrate): run_id TEXT, abandoned TEXT
+    -- added later: run_id TEXT, abandoned TEXT
 CREATE TABLE IF NOT EXISTS metrics (
     version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
     values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    sha256 TEXT PRIMARY KEY, num_bytes INTEGER NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,       -- portable: 'default', a hub id, or the directory's name
+    files TEXT NOT NULL UNIQUE,  -- JSON {file name: sha256}, keys sorted
+    created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS computed (
     key TEXT PRIMARY KEY,     -- digest of what was computed, from what, with which settings
     kind TEXT NOT NULL,       -- e.g. 'intertrained', 'finetune_score', 'features'
@@ -97,6 +109,16 @@ class Version:
     created: str
     run_id: str | None = None  # the run directory's identity (its `run-id` file)
     abandoned: str | None = None  # why it is no longer part of its run (an iteration redone on resume)
+    model: int | None = None  # the stored model files of its architecture and tokenizer
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A pretrained model's config and tokenizer files, kept in the repository."""
+
+    id: int
+    name: str  # portable: 'default', a hub id, or the directory's name
+    files: dict[str, str]  # file name -> sha256
 
 
 @dataclass(frozen=True)
@@ -154,8 +176,9 @@ class Repository:
         self.root = Path(root)
         if not create and not (self.root / "index.sqlite").exists():
             raise ColdFusionError(f"no repository at {self.root} (it has no index.sqlite)")
-        self.objects = self.root / "objects"
+        self.objects, self.files = self.root / "objects", self.root / "files"
         self.objects.mkdir(parents=True, exist_ok=True)
+        self.files.mkdir(exist_ok=True)
         db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
@@ -172,6 +195,8 @@ class Repository:
                 for column in ("run_id", "abandoned"):
                     if column not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                if table == "versions" and "model" not in have:  # ... and before they kept the model's files
+                    db.execute("ALTER TABLE versions ADD COLUMN model INTEGER REFERENCES models(id)")
             db.commit()
             try:
                 db.executescript(LINEAGE)
@@ -226,18 +251,26 @@ class Repository:
     def add_version(
         self, tensors: Tensors, *, model_source: str, parent: int | None = None,
         fusion: dict | None = None, run: str | None = None, iteration: int | None = None,
-        run_id: str | None = None,
+        run_id: str | None = None, model_files: Path | None = None, model_name: str | None = None,
     ) -> Version:
+        """Store a body as a new version. `model_files`: a model directory whose config and
+        tokenizer files are stored with it (default: `model_source`, when it is a directory;
+        a child version inherits its parent's); `model_name`: their portable name."""
+        files = model_files or (Path(model_source) if Path(model_source).is_dir() else None)
         with self._db() as db:
             sha = self._store(db, tensors)
-            return self._insert_version(db, sha, model_source, parent, fusion, run, iteration, run_id)
+            model = self._store_model(db, Path(files), model_name or Path(files).name) if files else None
+            if model is None and parent is not None:
+                model = self._version_row(db, parent).model
+            return self._insert_version(db, sha, model_source, parent, fusion, run, iteration, run_id, model)
 
-    def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration, run_id=None) -> Version:
+    def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration, run_id=None,
+                        model=None) -> Version:
         cur = db.execute(
-            "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created, run_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created, run_id, model)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sha, parent, model_source, None if fusion is None else json.dumps(fusion), run, iteration, _now(),
-             run_id),
+             run_id, model),
         )
         return self._version_row(db, cur.lastrowid)
 
@@ -265,6 +298,66 @@ class Repository:
 
     def load_version(self, ref: int | str) -> Tensors:
         return self.load(self.version(ref).sha256)
+
+    def latest(self) -> Version:
+        """The newest version that is not abandoned."""
+        live = [v for v in self.versions() if not v.abandoned]
+        if not live:
+            raise ColdFusionError(f"repository {self.root} has no versions yet")
+        return live[-1]
+
+    def resolve(self, ref: int | str) -> Version:
+        """`version` that also understands 'latest'."""
+        return self.latest() if str(ref) == "latest" else self.version(ref)
+
+    # -- model files ---------------------------------------------------------------
+    def file_path(self, sha256: str) -> Path:
+        return self.files / sha256
+
+    def _store_model(self, db, model_dir: Path, name: str) -> int:
+        """Store the config and tokenizer files of `model_dir` (content-addressed); return
+        the id of the model they make up (one row per distinct set of files)."""
+        found = {n: model_dir / n for n in MODEL_FILES if (model_dir / n).is_file()}
+        if "config.json" not in found:
+            raise ColdFusionError(f"{model_dir} has no config.json: is it a model directory?")
+        files = {}
+        for file_name, path in sorted(found.items()):
+            data = path.read_bytes()
+            sha = sha256_bytes(data)
+            if not self.file_path(sha).exists():
+                atomic_write_bytes(self.file_path(sha), data)
+            db.execute("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", (sha, len(data), _now()))
+            files[file_name] = sha
+        key = json.dumps(files, sort_keys=True)
+        db.execute("INSERT OR IGNORE INTO models (name, files, created) VALUES (?, ?, ?)", (name, key, _now()))
+        return db.execute("SELECT id FROM models WHERE files = ?", (key,)).fetchone()[0]
+
+    def adopt_model(self, model_dir: Path, name: str | None = None) -> list[int]:
+        """Store `model_dir`'s config and tokenizer files for every version that has none (a
+        repository made before they were stored); return those versions' ids."""
+        with self._db() as db:
+            model = self._store_model(db, Path(model_dir), name or Path(model_dir).name)
+            ids = [r[0] for r in db.execute("SELECT id FROM versions WHERE model IS NULL")]
+            db.execute("UPDATE versions SET model = ? WHERE model IS NULL", (model,))
+        return ids
+
+    def model_of(self, version: Version) -> StoredModel | None:
+        if version.model is None:
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT * FROM models WHERE id = ?", (version.model,)).fetchone()
+        return StoredModel(row["id"], row["name"], json.loads(row["files"]))
+
+    def write_model_files(self, model: StoredModel, into: Path) -> Path:
+        """Copy a stored model's files into the directory `into`, each checked against its checksum."""
+        into.mkdir(parents=True, exist_ok=True)
+        for file_name, sha in model.files.items():
+            source = self.file_path(sha)
+            if not source.exists() or sha256_file(source) != sha:
+                raise ColdFusionError(f"{source} ({file_name} of model {model.name}) is missing or corrupt; "
+                                      "run `coldfusion verify` on the repository")
+            shutil.copyfile(source, into / file_name)
+        return into
 
     # -- contributions -------------------------------------------------------------
     def add_contribution(
@@ -383,7 +476,8 @@ class Repository:
                   **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
         with self._db() as db:
             sha = self._store(db, fused)
-            version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id)
+            version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
+                                           base.model)
             db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
                            [(version.id, c.id) for c in accepted])
             self._mark_rejected(db, rejected)
@@ -493,6 +587,16 @@ class Repository:
             for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
                 named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
             problems += self._lineage_problems(db)
+            stored_files = {r["sha256"] for r in db.execute("SELECT sha256 FROM files")}
+            used_files = {sha for r in db.execute("SELECT files FROM models") for sha in json.loads(r[0]).values()}
+        problems += [f"model file {sha[:12]}... is used but was never stored"
+                     for sha in sorted(used_files - stored_files)]
+        for sha in sorted(stored_files):
+            path = self.file_path(sha)
+            if not path.exists():
+                problems.append(f"files/{sha}: missing")
+            elif sha256_file(path) != sha:
+                problems.append(f"files/{sha}: does not match its checksum (corrupt)")
         problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
         for sha in sorted(known):
             path = self.path_of(sha)
@@ -500,9 +604,11 @@ class Repository:
                 problems.append(f"{path.name}: missing")
             elif sha256_file(path) != sha:
                 problems.append(f"{path.name}: does not match its checksum (corrupt)")
-        temporary = sorted([p for p in self.objects.iterdir() if p.name.startswith(".")]
+        temporary = sorted([p for p in [*self.objects.iterdir(), *self.files.iterdir()] if p.name.startswith(".")]
                            + list(self.root.glob(DECODED_PREFIX + "*")))
-        unreferenced = sorted(p for p in self.objects.glob("*.safetensors") if p.stem not in known)
+        unreferenced = sorted([p for p in self.objects.glob("*.safetensors") if p.stem not in known]
+                              + [p for p in self.files.iterdir() if not p.name.startswith(".")
+                                 and p.name not in stored_files])
         if clean:
             for path in temporary + unreferenced:
                 if path.is_dir():

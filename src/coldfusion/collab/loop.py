@@ -151,8 +151,8 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         progress.log(f"abandoned {item} (the interrupted attempt's)")
     if state is None:  # iteration 0: store and score the pretrained base
         log.keep_until(-1)
-        base = repo.add_version(encoder.pretrained, model_source=encoder.source, run=config.name, iteration=0,
-                                run_id=run_id)
+        base = repo.add_version(encoder.pretrained, model_source=encoder.source, model_files=encoder.files_dir,
+                                model_name=encoder.name, run=config.name, iteration=0, run_id=run_id)
         log.extend(evaluation_rows(base.id, encoder.pretrained, 0))
         state = RunState(completed_iterations=0, version=base.id)
         state.write(run_dir)

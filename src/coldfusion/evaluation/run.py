@@ -23,20 +23,21 @@ from coldfusion.tasks import load_task
 from coldfusion.training import encode
 
 
-def resolve_body(spec: BodySpec) -> tuple[str, dict | None, str]:
-    """(model source of the architecture, body tensors or None for its own, provenance)."""
+def resolve_body(spec: BodySpec, loaded: dict[str, Encoder]) -> tuple[Encoder, dict | None, str]:
+    """(the encoder of its architecture and tokenizer, body tensors or None for the
+    encoder's own, provenance). A repository version brings the model files stored with it;
+    a model is loaded once (`loaded`: by name)."""
     if spec.model is not None:
-        return spec.model, None, spec.model
+        if spec.model not in loaded:
+            loaded[spec.model] = Encoder.load(spec.model)
+        return loaded[spec.model], None, spec.model
     repo_dir = Path(spec.repository)
     if not (repo_dir / "index.sqlite").exists():
         raise ColdFusionError(f"body '{spec.name}': {repo_dir} is not a coldfusion repository (no index.sqlite)")
-    repo = Repository(repo_dir)
-    versions = repo.versions()
-    if not versions:
-        raise ColdFusionError(f"body '{spec.name}': repository {repo_dir} has no versions")
-    ref = versions[-1].id if spec.version == "latest" else spec.version
-    version = repo.version(ref)
-    return version.model_source, repo.load(version.sha256), f"{repo_dir} v{version.id} ({version.sha256[:12]})"
+    repo = Repository(repo_dir, create=False)
+    version = repo.resolve(spec.version)
+    encoder = Encoder.from_repository(repo, version)
+    return encoder, encoder.pretrained, f"{repo_dir} v{version.id} ({version.sha256[:12]})"
 
 
 # What may change between runs into the same directory: more bodies, tasks, seeds or
@@ -64,7 +65,8 @@ def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
 def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=None) -> Path:
     progress = progress or SilentProgress()
     set_threads(config.threads)
-    bodies = {b.name: resolve_body(b) for b in config.bodies}
+    loaded = {}
+    bodies = {b.name: resolve_body(b, loaded) for b in config.bodies}
     run_dir = Path(run_dir or config.output_dir / config.name)
     _check_same_settings(run_dir / "config.yaml", config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,6 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
                        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
     log = ResultsLog(run_dir / "results.jsonl")
     done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in log.rows()}
-    encoders = {source: Encoder.load(source) for source, _, _ in bodies.values()}
     todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in seeds_of(p, config)
             if (b, t.name, p, s) not in done]
     progress.phase(f"evaluating ({len(todo)} runs)", len(todo))
@@ -83,8 +84,8 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
         if config.held_out == "validation":
             task = task.for_tuning(config.validation_examples or len(task.validation))
         splits_by_tokenizer = {}
-        for body_name, (source, tensors, provenance) in bodies.items():
-            encoder = encoders[source]
+        for body_name, (encoder, tensors, provenance) in bodies.items():
+            source = encoder.source
             if source not in splits_by_tokenizer:  # tokenize each split once per tokenizer
                 splits_by_tokenizer[source] = {
                     split: encode(getattr(task, split).head(n), encoder.tokenizer, config.max_length)

@@ -82,7 +82,8 @@ def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress
                              on_step=progress.advance)
     repo = Repository(config.repository or run_dir / "repository")
     version = repo.add_version(
-        body_tensors(body), model_source=encoder.source, run=config.name,
+        body_tensors(body), model_source=encoder.source, model_files=encoder.files_dir, model_name=encoder.name,
+        run=config.name,
         fusion={"method": "multitask", "sampler": s.sampler, "sampler_params": s.sampler_params, "steps": s.steps,
                 "examples": result.examples_seen})
     rows = [{"kind": "step", **row} for row in result.history]

@@ -32,6 +32,10 @@ class Encoders:
             self._loaded[source] = Encoder.load(source)
         return self._loaded[source]
 
+    def add(self, encoder: Encoder) -> Encoder:
+        """Keep an encoder loaded some other way (a repository's stored model), under its source."""
+        return self._loaded.setdefault(encoder.source, encoder)
+
 
 def body_of(name: str, source: str, tensors: Tensors) -> Body:
     return Body(name, source, sha256_bytes(serialize(tensors)), tensors)
@@ -43,11 +47,9 @@ def load_candidate(text: str, encoders: Encoders) -> Body:
     path, at, ref = text.partition("@")
     if (Path(path) / "index.sqlite").exists():
         repo = Repository(Path(path), create=False)
-        versions = repo.versions()
-        if not versions:
-            raise ColdFusionError(f"candidate '{text}': repository {path} has no versions yet")
-        version = repo.version(ref) if at else versions[-1]
-        return Body(text, version.model_source, version.sha256, repo.load(version.sha256))
+        version = repo.resolve(ref if at else "latest")
+        encoder = encoders.add(Encoder.from_repository(repo, version))  # the model files stored with it
+        return Body(text, encoder.source, version.sha256, repo.load(version.sha256))
     if at and Path(path).is_dir():
         raise ColdFusionError(f"candidate '{text}': {path} is not a coldfusion repository (no index.sqlite), "
                               "so '@VERSION' means nothing there; name the model directory alone")
