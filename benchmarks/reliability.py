@@ -2,9 +2,12 @@
 
 Three parts, each printing JSON lines (and appending them to results/reliability.jsonl):
 
-- `inputs`: a catalogue of bad inputs (task files, configs, contributions, uploads), each
-  tried through the library; every one must be refused with a ColdFusionError that names
-  the file or field, and none may crash with another exception or be accepted.
+- `inputs`: at least 100 bad inputs over every entry point that reads outside data
+  (bad_inputs.py: safetensors and pickle uploads, model directories, run / evaluate /
+  merge / multitask / selection configs, task files, hub datasets, names, command-line
+  arguments; part generated with hypothesis). Each must be refused with a message that
+  says what was wrong; none may crash or be accepted. The last line is
+  {"metric": "bad_inputs", "tried", "refused_clearly", "refused_unclear", "crashed", "accepted_wrongly"}.
 - `faults`: `coldfusion run` killed with SIGKILL at every failpoint (coldfusion/faults.py),
   then `coldfusion verify` and `coldfusion run --resume`; counts contributions lost (must
   be 0) and checks the final base equals an uninterrupted run's. Tiny random encoder with
@@ -41,123 +44,19 @@ def emit(row: dict, out: Path) -> None:
 
 # -- inputs ----------------------------------------------------------------------------
 
-def bad_inputs(root: Path) -> list[tuple[str, str, object, str]]:
-    """(kind, what, action, text the error must contain): each action must raise ColdFusionError."""
-    from coldfusion.config import load_config, parse_config
-    from coldfusion.repository import Repository
-    from coldfusion.tasks import load_task
-    from coldfusion.uploads import read_upload
-    from coldfusion.validation import ValidationSettings
-
-    def write(name: str, content: bytes | str) -> Path:
-        path = root / name
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return path
-
-    def task_file(name: str, content: bytes | str, **spec):
-        path = write(name, content)
-        return lambda: load_task({"name": "t", "path": path, **spec})
-
-    def config_file(name: str, text: str):
-        path = root / name
-        path.write_text(text)
-        return lambda: load_config(path)
-
-    repo = Repository(root / "repo")
-    clean = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "ids": torch.arange(3)}
-    base = repo.add_version(clean, model_source="m")
-
-    def contribution(change):
-        def fuse():
-            body = {k: v.clone() for k, v in clean.items()}
-            body["w"] += 0.01
-            change(body)
-            honest = [repo.add_contribution({**clean, "w": clean["w"] + 0.01 * (i + 1)}, base_version=base.id,
-                                            contributor=f"h{i}", task="t", num_examples=1) for i in range(2)]
-            bad = repo.add_contribution(body, base_version=base.id, contributor="bad", task="t", num_examples=1)
-            v = repo.fuse(base.id, [c.id for c in honest] + [bad.id], validation=ValidationSettings(min_accepted=3))
-            return v  # reached only if the bad one was accepted
-        return fuse
-
-    def corrupt_file():
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.5}, base_version=base.id, contributor="c", task="t",
-                                  num_examples=1)
-        path = repo.path_of(c.sha256)
-        data = bytearray(path.read_bytes())
-        data[-2] ^= 0x04
-        path.write_bytes(bytes(data))
-        return repo.fuse(base.id, [c.id])
-
-    def stale_refused():
-        newer = repo.add_version({**clean, "w": clean["w"] + 1}, model_source="m", parent=base.id)
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.1}, base_version=base.id, contributor="s", task="t",
-                                  num_examples=1)
-        return repo.fuse(newer.id, [c.id], validation=ValidationSettings(stale="reject"))
-
-    pickle = root / "body.bin"
-    torch.save(clean, pickle)
-    long_text = "text,label\nfine,a\n\"open,b\n" + "".join(f"row {i},a\n" for i in range(12_000)) + 'end",a\n'
-    return [
-        ("task file", "malformed csv (extra field)", task_file("a.csv", "text,label\nx,a\ny,b,c\n"), "a.csv"),
-        ("task file", "invalid JSON line", task_file("b.jsonl", '{"text": "x", "label": "a"}\n{oops\n'), "line 2"),
-        ("task file", "JSON line that is not an object", task_file("c.jsonl", '{"text": "x", "label": "a"}\n3\n'),
-         "line 2"),
-        ("task file", "empty dataset", task_file("d.csv", "text,label\n"), "empty"),
-        ("task file", "missing column", task_file("e.csv", "sentence,label\nx,a\n"), "no column"),
-        ("task file", "label not in the label set",
-         task_file("f.csv", "text,label\nx,a\ny,zz\n", label_names=["a", "b"]), "row 2"),
-        ("task file", "empty label", task_file("g.csv", "text,label\nx,a\ny,\n"), "row 2"),
-        ("task file", "empty text", task_file("h.csv", 'text,label\nx,a\n"",b\n'), "row 2"),
-        ("task file", "enormous text (unclosed quote)", task_file("i.csv", long_text), "is a quote left open"),
-        ("task file", "bytes that are not UTF-8", task_file("j.csv", b"text,label\n\xff\xfe,a\n"), "j.csv"),
-        ("task file", "random bytes as parquet", task_file("k.parquet", os.urandom(64)), "k.parquet"),
-        ("task file", "missing file", lambda: load_task({"name": "t", "path": root / "nope.csv"}), "does not exist"),
-        ("config", "not YAML", config_file("a.yaml", "tasks: [unclosed"), "not valid YAML"),
-        ("config", "a list, not a mapping", config_file("b.yaml", "- a\n- b\n"), "mapping"),
-        ("config", "unknown key", lambda: parse_config({"tasks": ["bbc_topic"], "loops": {}}, "c.yaml"), "'loops'"),
-        ("config", "wrong type", lambda: parse_config({"tasks": ["bbc_topic"], "seed": "zero"}, "d.yaml"), "'seed'"),
-        ("config", "out of range", lambda: parse_config({"tasks": ["bbc_topic"], "loop": {"iterations": 0}}, "e"),
-         "'loop.iterations'"),
-        ("config", "unknown fusion parameter",
-         config_file("f.yaml", "tasks: [bbc_topic]\nfusion: {method: ties, params: {densty: 0.5}}\n"), "densty"),
-        ("config", "no tasks", lambda: parse_config({}, "g.yaml"), "'tasks'"),
-        ("config", "attacker that is not a contributor",
-         lambda: parse_config({"tasks": ["bbc_topic"], "attack": {"contributors": ["x"]}}, "h"), "attack"),
-        ("contribution", "NaN value", contribution(lambda b: b["w"].__setitem__((0, 0), float("nan"))), "non-finite"),
-        ("contribution", "Inf value", contribution(lambda b: b["b"].__setitem__(1, float("inf"))), "non-finite"),
-        ("contribution", "wrong shape", contribution(lambda b: b.__setitem__("w", torch.zeros(3, 4))), "[3, 4]"),
-        ("contribution", "wrong dtype", contribution(lambda b: b.__setitem__("b", torch.zeros(3).half())), "float16"),
-        ("contribution", "missing tensor", contribution(lambda b: b.pop("b")), "missing"),
-        ("contribution", "unexpected tensor", contribution(lambda b: b.__setitem__("x", torch.zeros(1))), "unexpected"),
-        ("contribution", "changed integer buffer", contribution(lambda b: b.__setitem__("ids", torch.ones(3).long())),
-         "integer tensor"),
-        ("contribution", "update scaled 1000x", contribution(lambda b: b["w"].mul_(1000)), "median"),
-        ("contribution", "corrupt file bytes", corrupt_file, "checksum"),
-        ("contribution", "stale base, policy reject", stale_refused, "stale"),
-        ("upload", "pickle", lambda: read_upload(pickle, set(clean)), "pickle"),
-        ("upload", "not a checkpoint", lambda: read_upload(write("z.txt", "hello"), set(clean)),
-         "expected a .safetensors"),
-    ]
-
-
 def run_inputs(out: Path) -> None:
-    from coldfusion.errors import ColdFusionError
+    sys.path.insert(0, str(HERE))
+    from bad_inputs import cases, judge
 
-    counts = {"tried": 0, "refused_clearly": 0, "accepted": 0, "crashed": 0}
+    counts = {"tried": 0, "refused_clearly": 0, "refused_unclear": 0, "crashed": 0, "accepted_wrongly": 0}
     with tempfile.TemporaryDirectory(prefix="coldfusion-reliability-") as tmp:
-        for kind, what, action, expected in bad_inputs(Path(tmp)):
+        for kind, what, action, expected in cases(Path(tmp)):
+            outcome, message = judge(action, expected)
             counts["tried"] += 1
-            try:
-                action()
-                outcome, message = "accepted", ""
-            except ColdFusionError as exc:
-                message = str(exc)
-                outcome = "refused_clearly" if expected in message else "refused_unclear"
-            except Exception as exc:  # noqa: BLE001 (a crash is what this counts)
-                outcome, message = "crashed", f"{type(exc).__name__}: {exc}"
-            counts[outcome] = counts.get(outcome, 0) + 1
-            emit({"part": "inputs", "kind": kind, "input": what, "outcome": outcome, "message": message[:300]}, out)
-    emit({"part": "inputs", "summary": counts, "target_met": counts["refused_clearly"] == counts["tried"]}, out)
+            counts[outcome] += 1
+            emit({"part": "inputs", "kind": kind, "input": what, "outcome": outcome,
+                  "message": " ".join(message.split())[:300]}, out)
+    emit({"metric": "bad_inputs", **counts}, out)
 
 
 # -- faults ----------------------------------------------------------------------------

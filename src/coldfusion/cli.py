@@ -2,6 +2,7 @@
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork nothing; keeps the log quiet
@@ -14,15 +15,42 @@ from rich.text import Text  # noqa: E402
 
 from coldfusion.errors import ColdFusionError  # noqa: E402
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="ColD Fusion: collaborative descent for text encoders.")
+                  context_settings=HELP, help="ColD Fusion: collaborative descent for text encoders.")
 console = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from coldfusion import __version__
+
+        console.print(f"coldfusion {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """ColD Fusion: collaborative descent for text encoders."""
 
 
 def _fail(exc: ColdFusionError) -> None:
     # the message is plain text (paths, YAML excerpts with brackets): never markup
     Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
     raise typer.Exit(code=2)
+
+
+@contextmanager
+def _interrupted(again: str):
+    """Ctrl-C ends a long command with a word on how to go on, not silently (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        Console(stderr=True).print(Text.assemble(
+            ("interrupted:", "bold yellow"), " what finished is kept (checkpoints are written atomically); "
+            f"continue with: {again}"), highlight=False)
+        raise typer.Exit(code=130) from None
 
 
 def _done(label: str, rest: str) -> None:
@@ -51,9 +79,7 @@ def run(
     run_dir: Path | None = typer.Option(None, help="run directory (default: <output_dir>/<name>)"),
 ) -> None:
     """Run a ColD Fusion experiment and write its run directory (engine: local, or flower simulation)."""
-    from coldfusion.collab import run_cold_fusion
-    from coldfusion.config import load_config
-    from coldfusion.progress import RichProgress
+    from coldfusion.config import load_config  # light: a bad config is reported before torch loads
 
     try:
         cfg = load_config(config)
@@ -63,7 +89,10 @@ def run(
                 f"APP_DIR` and submit it with `flwr run APP_DIR` once every contributor's SuperNode is up (see the "
                 f"README, 'Across machines on Flower'); to try a deployment on this machine, give `coldfusion "
                 f"flower local` a one-file config that lists the tasks with their data")
-        with RichProgress() as progress:
+        from coldfusion.collab import run_cold_fusion
+        from coldfusion.progress import RichProgress
+
+        with _interrupted(f"coldfusion run {config} --resume"), RichProgress() as progress:
             if cfg.engine == "flower":
                 from coldfusion.collab.flower.simulation import run_on_simulation
 
@@ -83,12 +112,14 @@ def evaluate(
     run_dir: Path | None = typer.Option(None, help="output directory (default: <output_dir>/<name>)"),
 ) -> None:
     """Score bodies on tasks by finetune / linear probe / few-shot over seeds; resumable."""
-    from coldfusion.evaluation import load_eval_config, run_evaluation
-    from coldfusion.progress import RichProgress
+    from coldfusion.evaluation import load_eval_config  # light: a bad config is reported before torch loads
 
     try:
         cfg = load_eval_config(config)
-        with RichProgress() as progress:
+        from coldfusion.evaluation import run_evaluation
+        from coldfusion.progress import RichProgress
+
+        with _interrupted(f"coldfusion evaluate {config}"), RichProgress() as progress:
             out = run_evaluation(cfg, run_dir=run_dir, progress=progress)
     except ColdFusionError as exc:
         _fail(exc)
@@ -142,21 +173,22 @@ def tasks() -> None:
     """List the built-in tasks: labels, split sizes and the package each comes from."""
     from coldfusion.tasks import CATALOG, load_builtin
 
-    table = Table(title="built-in tasks")
-    for col in ("name", "labels", "train", "validation", "test", "package", "description"):
-        numeric = col in ("train", "validation", "test")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "description")
+    table = Table(title="built-in tasks", show_lines=True)
+    width = max(len(name) for name in CATALOG)
+    table.add_column("name", no_wrap=True, min_width=width)  # names are typed into configs: never cut
+    for col in ("train", "val", "test"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=5)
+    table.add_column("labels, package and description", overflow="fold", ratio=1)
     for name, entry in CATALOG.items():
         try:
             t = load_builtin(name)
         except ColdFusionError as exc:
-            table.add_row(name, "-", "-", "-", "-", entry.package, Text(str(exc), style="red"))
+            table.add_row(name, "-", "-", "-", Text(f"{entry.package}: {exc}", style="red"))
             continue
         s = t.sizes()
-        labels = ", ".join(t.label_names)
-        labels = f"{t.num_labels}: {labels if len(labels) <= 40 else labels[:37] + '...'}"
-        table.add_row(name, labels, str(s["train"]), str(s["validation"]), str(s["test"]),
-                      entry.package, entry.description)
+        about = Text.assemble((f"{t.num_labels} labels: {', '.join(t.label_names)}", "bold"),
+                              f"\npackage {entry.package}. {entry.description}")
+        table.add_row(name, str(s["train"]), str(s["validation"]), str(s["test"]), about)
     console.print(table)
 
 
@@ -266,18 +298,22 @@ def select(
 
 @app.command()
 def versions(repository: Path = typer.Argument(..., help="repository directory")) -> None:
-    """List the base versions of a repository with their lineage and probe accuracy."""
+    """List the base versions of a repository: lineage, contributions fused and refused, and the
+    mean linear-probe accuracy (acc) over the tasks that scored it."""
     repo = _repository(repository)
     table = Table(title=f"versions in {repository}")
-    for col in ("id", "parent", "iteration", "method", "contributions", "refused", "sha256", "mean probe acc"):
-        table.add_column(col)
+    for col in ("id", "parent", "iter", "method", "fused", "refused", "sha256", "acc"):
+        whole = col not in ("fused", "refused")  # lists of ids wrap; nothing else is cut
+        table.add_column(col, no_wrap=whole, overflow="fold", justify="right" if col == "acc" else "left",
+                         ratio=1 if not whole else None)
     for v in repo.versions():
         accs = [m["values"]["accuracy"] for m in repo.metrics(v.id) if m["protocol"] == "linear_probe"]
         fusion = v.fusion or {}
-        iteration = f"{v.iteration} (abandoned)" if v.abandoned else str(v.iteration)
+        iteration = "-" if v.iteration is None else str(v.iteration)
+        iteration += " (abandoned)" if v.abandoned else ""
         table.add_row(str(v.id), str(v.parent or "-"), iteration, fusion.get("method", "pretrained"),
-                      ",".join(map(str, fusion.get("contributions", []))) or "-",
-                      ",".join(fusion.get("rejected", {})) or "-", v.sha256[:12],
+                      ", ".join(map(str, fusion.get("contributions", []))) or "-",
+                      ", ".join(fusion.get("rejected", {})) or "-", v.sha256[:12],
                       f"{100 * sum(accs) / len(accs):.1f}" if accs else "-")
     console.print(table)
 
@@ -363,30 +399,43 @@ def fuse(
     stale: str = typer.Option("rebase", help="a contribution from an older base: rebase or reject"),
 ) -> None:
     """Validate contributions and fuse those that pass into a new version (refusals are recorded)."""
-    import yaml
+    import re
 
+    import yaml
+    from pydantic import ValidationError
+
+    from coldfusion.configfile import format_validation_error
     from coldfusion.validation import ValidationSettings
 
     repo = _repository(repository)
     try:
-        onto = repo.version(base) if base else repo.versions()[-1]
+        from coldfusion.fusion import get_operator
+
+        params = {}
+        for item in param:  # the method and its parameters are checked before anything else
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ColdFusionError(f"--param {item}: expected KEY=VALUE, e.g. --param density=0.5")
+            try:
+                params[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                params[key] = value  # not YAML: the operator's check says what it expected
+        get_operator(method).check_params(params)
+        try:
+            settings = ValidationSettings(min_accepted=min_accepted, outlier_factor=outlier_factor or None,
+                                          max_delta_norm=max_delta_norm, stale=stale)
+        except ValidationError as exc:
+            raise ColdFusionError(format_validation_error(exc, "options")) from None
+        onto = repo.resolve(base or "latest")
         if contributions:
-            ids = [int(x) for x in contributions.split(",")]
+            if not re.fullmatch(r"\d+(,\d+)*", contributions.replace(" ", "")):
+                raise ColdFusionError(f"--contributions {contributions}: expected comma-separated ids, e.g. 3,4")
+            ids = [int(x) for x in contributions.replace(" ", "").split(",")]
         else:
             ids = [c.id for c in repo.contributions() if c.waiting and c.run_id is None]  # runs fuse their own
         if not ids:
             raise ColdFusionError(f"no contributions waiting to be fused in {repository}")
-        params = {}
-        for item in param:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ColdFusionError(f"--param {item}: expected KEY=VALUE, e.g. --param density=0.5")
-            params[key] = yaml.safe_load(value)
-        settings = ValidationSettings(min_accepted=min_accepted, outlier_factor=outlier_factor or None,
-                                      max_delta_norm=max_delta_norm, stale=stale)
         version = repo.fuse(onto.id, ids, method=method, params=params, validation=settings)
-    except ValueError as exc:  # pydantic's ValidationError and int() of a bad id
-        _fail(ColdFusionError(str(exc)))
     except ColdFusionError as exc:
         _fail(exc)
     fusion = version.fusion
@@ -417,7 +466,8 @@ def verify(
     _done("ok:", f"{report.checkpoints} checkpoints match their checksums; the index is consistent")
 
 
-flower = typer.Typer(no_args_is_help=True, help="Run ColD Fusion on a Flower deployment (SuperLink + SuperNodes).")
+flower = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                     help="Run ColD Fusion on a Flower deployment (SuperLink + SuperNodes).")
 app.add_typer(flower, name="flower")
 
 

@@ -14,8 +14,7 @@ from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
 from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training import FinetuneSettings
-from coldfusion.training.probe import ProbeProtocol
+from coldfusion.training.settings import FinetuneSettings, ProbeProtocol
 from coldfusion.validation import ValidationSettings
 
 

@@ -28,8 +28,14 @@ def read_yaml_mapping(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ColdFusionError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ColdFusionError(f"config file {path} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ColdFusionError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a config is YAML") from None
+    except OSError as exc:
+        raise ColdFusionError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ColdFusionError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

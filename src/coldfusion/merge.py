@@ -110,7 +110,13 @@ def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise ColdFusionError(f"{model_dir} has no config.json: is it a model directory?")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ColdFusionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ColdFusionError(f"{path}: a model config is a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def _is_plain_encoder(config: dict) -> bool:

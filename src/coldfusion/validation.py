@@ -18,12 +18,13 @@ import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from coldfusion.tensorfile import SafetensorsReader
+if TYPE_CHECKING:
+    from coldfusion.tensorfile import SafetensorsReader
+
 
 
 class ValidationSettings(BaseModel):
@@ -49,8 +50,10 @@ class Inspection:
     delta_norm: float = math.nan
 
 
-def inspect_contribution(body: SafetensorsReader, base: SafetensorsReader) -> Inspection:
+def inspect_contribution(body: "SafetensorsReader", base: "SafetensorsReader") -> Inspection:
     """Structure and values of `body` against the `base` it was trained from, one tensor at a time."""
+    import torch  # here: the settings above are read by configs that must load fast
+
     keys, expected = body.keys(), base.keys()
     if keys != expected:
         missing, extra = sorted(expected - keys), sorted(keys - expected)

@@ -1,14 +1,30 @@
 """Tasks: labelled text-classification datasets with fixed splits."""
 
-from coldfusion.tasks.catalog import CATALOG, load_builtin
-from coldfusion.tasks.files import load_file_task, load_hub_task
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from coldfusion.configfile import format_validation_error
+from coldfusion.errors import ColdFusionError
 from coldfusion.tasks.spec import TaskSpec
-from coldfusion.tasks.task import Split, Task
+
+if TYPE_CHECKING:
+    from coldfusion.tasks.task import Task
+
+_LAZY = {"CATALOG": "coldfusion.tasks.catalog", "load_builtin": "coldfusion.tasks.catalog",
+         "load_file_task": "coldfusion.tasks.files", "load_hub_task": "coldfusion.tasks.files",
+         "Split": "coldfusion.tasks.task", "Task": "coldfusion.tasks.task"}
 
 
-def load_task(spec: TaskSpec | str) -> Task:
+def load_task(spec: "TaskSpec | str") -> "Task":
     """Resolve a task spec (or a built-in name) to a Task."""
-    spec = TaskSpec.model_validate(spec)
+    from coldfusion.tasks.catalog import load_builtin
+    from coldfusion.tasks.files import load_file_task, load_hub_task
+
+    try:
+        spec = TaskSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ColdFusionError(format_validation_error(exc, "task")) from None
     cols = dict(text_column=spec.text_column, label_column=spec.label_column, pair_column=spec.pair_column)
     if spec.hf_dataset is not None:
         return load_hub_task(spec.name, spec.hf_dataset, config=spec.hf_config, **cols)
@@ -16,6 +32,18 @@ def load_task(spec: TaskSpec | str) -> Task:
         return load_file_task(spec.name, path=spec.path, train=spec.train, validation=spec.validation,
                               test=spec.test, label_names=spec.label_names, **cols)
     return load_builtin(spec.name)
+
+
+def __getattr__(name: str):
+    """Import a submodule only when one of its names is used: configs and the CLI import
+    this package's settings without paying for torch."""
+    import importlib
+
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = ["CATALOG", "Split", "Task", "TaskSpec", "load_builtin", "load_task"]

@@ -1,11 +1,27 @@
 """Training building blocks: batching, finetune, linear probe, evaluate."""
 
-from coldfusion.training.batching import Encoded, encode
-from coldfusion.training.evaluate import classification_metrics, evaluate, predict_logits
-from coldfusion.training.finetune import FinetuneResult, FinetuneSettings, finetune
-from coldfusion.training.probe import ProbeResult, ProbeSettings, extract_features, linear_probe
+from coldfusion.training.settings import FinetuneSettings, ProbeProtocol, ProbeSettings
 
-__all__ = [
-    "Encoded", "FinetuneResult", "FinetuneSettings", "ProbeResult", "ProbeSettings", "classification_metrics",
-    "encode", "evaluate", "extract_features", "finetune", "linear_probe", "predict_logits",
-]
+_LAZY = {
+    "Encoded": "coldfusion.training.batching", "encode": "coldfusion.training.batching",
+    "classification_metrics": "coldfusion.training.evaluate", "evaluate": "coldfusion.training.evaluate",
+    "predict_logits": "coldfusion.training.evaluate",
+    "FinetuneResult": "coldfusion.training.finetune", "finetune": "coldfusion.training.finetune",
+    "ProbeResult": "coldfusion.training.probe", "extract_features": "coldfusion.training.probe",
+    "linear_probe": "coldfusion.training.probe",
+}
+
+
+def __getattr__(name: str):
+    """Import a submodule only when one of its names is used: configs and the CLI import
+    this package's settings without paying for torch."""
+    import importlib
+
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["FinetuneSettings", "ProbeProtocol", "ProbeSettings", *_LAZY]

@@ -8,27 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from coldfusion.encoder import Classifier
 from coldfusion.faults import failpoint
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import evaluate
-
-
-class FinetuneSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-5, gt=0, description="learning rate of the body")
-    head_lr: float = Field(1e-3, gt=0, description="learning rate of the head (it starts from scratch)")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int | None = Field(None, ge=1, description="steps between validation checks; default once per epoch")
-    patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
+from coldfusion.training.settings import FinetuneSettings
 
 
 @dataclass

@@ -8,31 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from coldfusion.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import classification_metrics
-
-
-class ProbeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
-    max_iter: int = Field(200, ge=1, description="L-BFGS iterations per fit")
-    batch_size: int = Field(64, ge=1, description="batch size of feature extraction")
-
-
-class ProbeProtocol(BaseModel):
-    """How a base is scored on a task: a linear probe fit on the task's own train split,
-    chosen on its validation split, scored on its test split (the first N of each)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    train_examples: int | None = Field(600, ge=1, description="examples the linear-probe head is fit on")
-    validation_examples: int | None = Field(200, ge=1)
-    test_examples: int | None = Field(600, ge=1)
-    probe: ProbeSettings = ProbeSettings()
+from coldfusion.training.settings import ProbeProtocol, ProbeSettings  # noqa: F401 (re-exported)
 
 
 @dataclass

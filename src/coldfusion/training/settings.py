@@ -1,0 +1,37 @@
+"""Training settings as configs spell them (light: pydantic only, no torch)."""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FinetuneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0, description="learning rate of the body")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the head (it starts from scratch)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1, description="steps between validation checks; default once per epoch")
+    patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
+
+
+class ProbeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
+    max_iter: int = Field(200, ge=1, description="L-BFGS iterations per fit")
+    batch_size: int = Field(64, ge=1, description="batch size of feature extraction")
+
+
+class ProbeProtocol(BaseModel):
+    """How a base is scored on a task: a linear probe fit on the task's own train split,
+    chosen on its validation split, scored on its test split (the first N of each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_examples: int | None = Field(600, ge=1, description="examples the linear-probe head is fit on")
+    validation_examples: int | None = Field(200, ge=1)
+    test_examples: int | None = Field(600, ge=1)
+    probe: ProbeSettings = ProbeSettings()
