@@ -18,7 +18,8 @@ import torch
 
 def ours(args, task, tokenizer, model_dir) -> float:
     from coldfusion.encoder import Classifier, Encoder
-    from coldfusion.training import FinetuneSettings, encode, finetune
+    from coldfusion.training import FinetuneSettings, encode
+    from coldfusion.training.finetune import finetune
 
     data = encode(task.train.head(args.examples), tokenizer, args.max_length)
     model = Classifier(Encoder.load(model_dir).new_body(), task.num_labels)

@@ -79,7 +79,8 @@ def test_other_architectures_work_the_same_way(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
     from coldfusion.tasks.task import Split
-    from coldfusion.training import FinetuneSettings, encode, finetune
+    from coldfusion.training import FinetuneSettings, encode
+    from coldfusion.training.finetune import finetune
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     vocab = tokenizer.vocab_size

@@ -8,8 +8,9 @@ import torch
 import yaml
 
 from coldfusion.errors import ColdFusionError
-from coldfusion.evaluation import EvalConfig, few_shot, run_evaluation
+from coldfusion.evaluation import EvalConfig, run_evaluation
 from coldfusion.evaluation.config import load_eval_config
+from coldfusion.evaluation.few_shot import few_shot
 from coldfusion.tasks.task import Split
 
 

@@ -177,3 +177,19 @@ def test_base_without_tensors_the_inputs_have_is_refused(tmp_path):
     with pytest.raises(ColdFusionError, match=r"lacks body tensors \['pooler.dense.bias'"):
         merge_checkpoints(MergeConfig(method="task_arithmetic", base_model=str(tmp_path / "cls-base"),
                                       models=[{"model": str(tmp_path / "plain")}] * 2, output=tmp_path / "o"))
+
+
+def test_default_names_the_bundled_minilm_and_the_card_names_it_portably(tmp_path):
+    """`default` is the MiniLM this install carries, never a hub lookup; the card names the
+    base by its hub id and checksums, not by a path inside the virtualenv."""
+    from coldfusion.model_names import DEFAULT_HUB_ID, default_model_dir
+
+    out = merge_checkpoints(MergeConfig(method="task_arithmetic", base_model="default",
+                                        models=[{"model": "default"}, {"model": "default"}], output=tmp_path / "m"))
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == DEFAULT_HUB_ID
+    assert str(default_model_dir()) not in card
+    record = json.loads((out / "coldfusion_merge.json").read_text())
+    assert record["base_sha256"] == {"model.safetensors": sha256_file(default_model_dir() / "model.safetensors")}
+    merged, original = AutoModel.from_pretrained(out).state_dict(), AutoModel.from_pretrained(default_model_dir())
+    assert all(torch.equal(merged[k], v) for k, v in original.state_dict().items() if k in merged)

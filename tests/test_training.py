@@ -6,16 +6,10 @@ from hypothesis import strategies as st
 
 from coldfusion.encoder import Classifier, Encoder
 from coldfusion.tasks import load_task
-from coldfusion.training import (
-    FinetuneSettings,
-    ProbeSettings,
-    classification_metrics,
-    encode,
-    evaluate,
-    finetune,
-    linear_probe,
-)
+from coldfusion.training import FinetuneSettings, ProbeSettings, classification_metrics, encode, linear_probe
 from coldfusion.training.batching import collate, length_bucketed_batches
+from coldfusion.training.evaluate import evaluate
+from coldfusion.training.finetune import finetune
 from coldfusion.training.probe import probe_features
 
 

@@ -76,8 +76,6 @@ CREATE TABLE IF NOT EXISTS computed (
 # The lineage rules, enforced by the index itself; `verify` checks them too (an index
 # edited by hand, or made before these existed, may break them).
 LINEAGE = """
-CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
-    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL;
 CREATE TRIGGER IF NOT EXISTS fused_at_most_once BEFORE UPDATE OF fused_into ON contributions
     WHEN OLD.fused_into IS NOT NULL AND NEW.fused_into IS NOT OLD.fused_into
     BEGIN SELECT RAISE(ABORT, 'lineage: a contribution is fused at most once'); END;
@@ -87,6 +85,8 @@ CREATE TRIGGER IF NOT EXISTS refused_never_fused BEFORE UPDATE OF fused_into ON 
 CREATE TRIGGER IF NOT EXISTS fused_never_refused BEFORE UPDATE OF rejected ON contributions
     WHEN OLD.fused_into IS NOT NULL AND NEW.rejected IS NOT NULL
     BEGIN SELECT RAISE(ABORT, 'lineage: a fused contribution cannot be refused afterwards'); END;
+CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
+    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL; -- last: fails on an index with duplicates
 """
 
 
@@ -591,19 +591,14 @@ class Repository:
             used_files = {sha for r in db.execute("SELECT files FROM models") for sha in json.loads(r[0]).values()}
         problems += [f"model file {sha[:12]}... is used but was never stored"
                      for sha in sorted(used_files - stored_files)]
-        for sha in sorted(stored_files):
-            path = self.file_path(sha)
-            if not path.exists():
-                problems.append(f"files/{sha}: missing")
-            elif sha256_file(path) != sha:
-                problems.append(f"files/{sha}: does not match its checksum (corrupt)")
         problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
-        for sha in sorted(known):
-            path = self.path_of(sha)
+        stored = [(f"files/{sha}", self.file_path(sha), sha) for sha in sorted(stored_files)]
+        stored += [(self.path_of(sha).name, self.path_of(sha), sha) for sha in sorted(known)]
+        for name, path, sha in stored:
             if not path.exists():
-                problems.append(f"{path.name}: missing")
+                problems.append(f"{name}: missing")
             elif sha256_file(path) != sha:
-                problems.append(f"{path.name}: does not match its checksum (corrupt)")
+                problems.append(f"{name}: does not match its checksum (corrupt)")
         temporary = sorted([p for p in [*self.objects.iterdir(), *self.files.iterdir()] if p.name.startswith(".")]
                            + list(self.root.glob(DECODED_PREFIX + "*")))
         unreferenced = sorted([p for p in self.objects.glob("*.safetensors") if p.stem not in known]

@@ -19,7 +19,8 @@ from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.encodings import FULL, EncodingSettings, encode_contribution
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks import Task
-from coldfusion.training import Encoded, FinetuneSettings, encode, finetune
+from coldfusion.training import Encoded, FinetuneSettings, encode
+from coldfusion.training.finetune import finetune
 from coldfusion.training.probe import ProbeProtocol
 from coldfusion.training.statistics import diagonal_fisher, gram_matrices
 from coldfusion.training.task_probe import TaskProbe

@@ -190,7 +190,7 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
     for r in results:
         c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor, task=r.task,
                                   num_examples=r.num_examples, metrics=r.metrics, stats=r.stats, encoding=r.encoding,
-                                run_id=run_id)
+                                  run_id=run_id)
         ids.append(c.id)
         rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples,

@@ -7,21 +7,13 @@ sent and decodes it when it fuses.
 """
 
 from coldfusion.encodings.settings import EncodingSettings, LoraSettings
+from coldfusion.lazy import lazy_exports
 
 _LAZY = {name: "coldfusion.encodings.codec"
          for name in ("FULL", "decode_contribution", "encode_contribution", "payload_bytes")}
 
 
-def __getattr__(name: str):
-    """Import a submodule only when one of its names is used: configs and the CLI import
-    this package's settings without paying for torch."""
-    import importlib
-
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["EncodingSettings", "LoraSettings", *_LAZY]

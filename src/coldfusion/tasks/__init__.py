@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from coldfusion.configfile import format_validation_error
 from coldfusion.errors import ColdFusionError
+from coldfusion.lazy import lazy_exports
 from coldfusion.tasks.spec import TaskSpec
 
 if TYPE_CHECKING:
@@ -34,16 +35,7 @@ def load_task(spec: "TaskSpec | str") -> "Task":
     return load_builtin(spec.name)
 
 
-def __getattr__(name: str):
-    """Import a submodule only when one of its names is used: configs and the CLI import
-    this package's settings without paying for torch."""
-    import importlib
-
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["CATALOG", "Split", "Task", "TaskSpec", "load_builtin", "load_task"]
