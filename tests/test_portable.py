@@ -90,6 +90,8 @@ def test_a_repository_made_before_model_files_were_stored_can_adopt_them(tiny_mo
     repo = Repository(tmp_path / "old")
     encoder = Encoder.load(str(tiny_model_dir))
     repo.add_version(encoder.pretrained, model_source=str(tmp_path / "gone"))  # a path that no longer exists
+    verified = runner.invoke(app, ["verify", str(repo.root)])
+    assert verified.exit_code == 0 and "1 versions name their model only by a path" in " ".join(verified.output.split())
     failed = runner.invoke(app, ["export", str(repo.root), "latest", str(tmp_path / "out")])
     assert failed.exit_code == 2 and "coldfusion adopt-model" in " ".join(failed.output.split())
     adopted = runner.invoke(app, ["adopt-model", str(repo.root), str(tiny_model_dir)])

@@ -461,6 +461,10 @@ def verify(
     if left:
         _say(f"{verb}: {len(report.temporary)} temporary files, {len(report.unreferenced)} unindexed objects "
                       "left by interrupted writes")
+    if report.without_model_files:
+        _say(f"note: {len(report.without_model_files)} versions name their model only by a path, so they cannot be "
+             f"exported or evaluated once it is gone; store its files with `coldfusion adopt-model {repository} "
+             "MODEL`")
     if not report.ok:
         raise typer.Exit(code=1)
     _done("ok:", f"{report.checkpoints} checkpoints match their checksums; the index is consistent")

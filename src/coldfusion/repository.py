@@ -85,8 +85,9 @@ CREATE TRIGGER IF NOT EXISTS refused_never_fused BEFORE UPDATE OF fused_into ON 
 CREATE TRIGGER IF NOT EXISTS fused_never_refused BEFORE UPDATE OF rejected ON contributions
     WHEN OLD.fused_into IS NOT NULL AND NEW.rejected IS NOT NULL
     BEGIN SELECT RAISE(ABORT, 'lineage: a fused contribution cannot be refused afterwards'); END;
+-- last: it cannot be made on an index that already holds duplicates
 CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
-    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL; -- last: fails on an index with duplicates
+    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL;
 """
 
 
@@ -164,6 +165,7 @@ class IntegrityReport:
     temporary: list[Path]  # left by a write that was interrupted (harmless)
     unreferenced: list[Path]  # stored, but the index transaction never committed (harmless)
     cleaned: bool = False
+    without_model_files: list[int] = field(default_factory=list)  # versions that name their model only by a path
 
     @property
     def ok(self) -> bool:
@@ -588,6 +590,7 @@ class Repository:
                 named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
             problems += self._lineage_problems(db)
             stored_files = {r["sha256"] for r in db.execute("SELECT sha256 FROM files")}
+            without_model = [r[0] for r in db.execute("SELECT id FROM versions WHERE model IS NULL ORDER BY id")]
             used_files = {sha for r in db.execute("SELECT files FROM models") for sha in json.loads(r[0]).values()}
         problems += [f"model file {sha[:12]}... is used but was never stored"
                      for sha in sorted(used_files - stored_files)]
@@ -610,7 +613,8 @@ class Repository:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-        return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean)
+        return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean,
+                               without_model_files=without_model)
 
     @staticmethod
     def _lineage_problems(db) -> list[str]:
