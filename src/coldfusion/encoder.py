@@ -127,6 +127,8 @@ class Encoder:
         model = repo.model_of(version)
         if model is None:  # a repository made before model files were stored
             try:
+                if Path(version.model_source).is_absolute() and not Path(version.model_source).is_dir():
+                    raise ColdFusionError("that directory is gone")  # a path, not a hub id: do not ask the hub
                 encoder = cls.load(version.model_source)
             except ColdFusionError as exc:
                 raise ColdFusionError(

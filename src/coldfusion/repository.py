@@ -94,6 +94,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
 DECODED_PREFIX = ".decoded-"  # scratch directories of a fusion in progress (in ROOT)
 
 
+def _settled(c: "Contribution") -> str:
+    """Why a contribution can no longer be fused."""
+    if c.fused_into is not None:
+        return f"was already fused into version {c.fused_into}"
+    return f"was refused ({c.rejected})" if c.rejected else f"was abandoned ({c.abandoned})"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -416,13 +423,12 @@ class Repository:
         validation: ValidationSettings | None = None,
     ) -> Version:
         """Validate the contributions, fuse those that pass into a new version whose parent is
-        `base_version`. A contribution is fused at most once, never once refused or abandoned,
-        and a run's contributions only by that run (`run_id`). `missing` (contributor ->
-        reason) records the chosen contributors that sent nothing, `declined` those that
-        chose not to train on the base. Refused
-        contributions keep their reason in the index and in the version's fusion record;
-        with fewer than `validation.min_accepted` left, nothing is fused and the error lists
-        every reason.
+        `base_version`. A contribution is fused at most once, never once refused or
+        abandoned, and a run's contributions only by that run (`run_id`). `missing`
+        (contributor -> reason) records the chosen contributors that sent nothing, `declined`
+        those that chose not to train on the base. Refused contributions keep their reason
+        in the index and in the version's fusion record; with fewer than
+        `validation.min_accepted` left, nothing is fused and the error lists every reason.
         """
         params, validation = params or {}, validation or ValidationSettings()
         op = get_operator(method)
@@ -435,13 +441,9 @@ class Repository:
             raise ColdFusionError(f"contributions {repeated} are listed more than once")
         with self._db() as db:
             contribs = [self._contribution_row(db, c) for c in contribution_ids]
-        others = [f"contribution {c.id} was sent to run {c.run_id}, which fuses or abandons it itself (resume that "
-                  "run)" for c in contribs if c.run_id is not None and c.run_id != run_id]
-        settled = others + [f"contribution {c.id} " + ("was already fused into version " + str(c.fused_into)
-                                             if c.fused_into is not None else
-                                             f"was refused ({c.rejected})" if c.rejected else
-                                             f"was abandoned ({c.abandoned})")
-                   for c in contribs if not c.waiting]
+        settled = [f"contribution {c.id} {_settled(c)}" for c in contribs if not c.waiting]
+        settled += [f"contribution {c.id} was sent to run {c.run_id}, which fuses or abandons it itself (resume "
+                    "that run)" for c in contribs if c.waiting and c.run_id is not None and c.run_id != run_id]
         if settled:
             raise ColdFusionError("the lineage is not rewritten: " + "; ".join(settled))
         # Encoded contributions are decoded here, into files deleted after the fusion.
@@ -476,13 +478,17 @@ class Repository:
                   **({"declined": declined} if declined else {}),
                   **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
                   **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
-        with self._db() as db:
-            sha = self._store(db, fused)
-            version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
-                                           base.model)
-            db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
-                           [(version.id, c.id) for c in accepted])
-            self._mark_rejected(db, rejected)
+        try:
+            with self._db() as db:
+                sha = self._store(db, fused)
+                version = self._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
+                                               base.model)
+                db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
+                               [(version.id, c.id) for c in accepted])
+                self._mark_rejected(db, rejected)
+        except sqlite3.IntegrityError as exc:  # another fusion settled them since they were read
+            raise ColdFusionError(f"nothing was fused: {exc} (another fusion took some of these contributions "
+                                  "first)") from None
         return version
 
     def _validate(self, base: Version, contribs: list[Contribution], settings: ValidationSettings,
