@@ -465,6 +465,8 @@ def command_line_cases(root: Path) -> list[Case]:
     save_file({"w": torch.ones(2)}, upload)
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("mine")
+    (root / "garbage").mkdir()
+    (root / "garbage" / "index.sqlite").write_bytes(os.urandom(4096))
     cli = lambda *args: lambda: runner.invoke(app, [str(a) for a in args])  # noqa: E731
     contribute = ("contribute", repo.root, upload, "--contributor", "x", "--task", "t")
     return [
@@ -490,6 +492,11 @@ def command_line_cases(root: Path) -> list[Case]:
         ("command line", "export: into a directory with files", cli("export", repo.root, "latest", root / "full"),
          "exists and is not empty"),
         ("command line", "versions: not a repository", cli("versions", root / "full"), "no repository at"),
+        ("command line", "verify: an index of random bytes", cli("verify", root / "garbage"),
+         "cannot be opened as a repository index"),
+        ("command line", "contribute: to an index of random bytes",
+         cli("contribute", root / "garbage", upload, "--base", 1, "--contributor", "x", "--task", "t",
+             "--examples", 1), "cannot be opened as a repository index"),
         ("command line", "run: no such config", cli("run", root / "absent.yaml"), "does not exist"),
         ("command line", "run: a config with markup-like text", cli("run", _write(root / "m.yaml", "tasks: [x\n")),
          "[x"),

@@ -190,29 +190,37 @@ class Repository:
         self.files.mkdir(exist_ok=True)
         db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            db.executescript(SCHEMA)
-            columns = {r[1] for r in db.execute("PRAGMA table_info(contributions)")}
-            if "stats" not in columns:  # repositories made before statistics travelled with contributions
-                db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
-            if "rejected" not in columns:  # ... and before contributions were validated
-                db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
-            if "encoding" not in columns:  # ... and before they could be sent encoded
-                db.execute("""ALTER TABLE contributions ADD COLUMN encoding TEXT NOT NULL DEFAULT '{"kind": "full"}'""")
-            for table in ("versions", "contributions"):  # ... and before runs could abandon an iteration
-                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-                for column in ("run_id", "abandoned"):
-                    if column not in have:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-                if table == "versions" and "model" not in have:  # ... and before they kept the model's files
-                    db.execute("ALTER TABLE versions ADD COLUMN model INTEGER REFERENCES models(id)")
-            db.commit()
-            try:
-                db.executescript(LINEAGE)
-            except sqlite3.IntegrityError:
-                pass  # an older index already holds duplicates: `verify` names them
+            self._open(db)
+        except sqlite3.DatabaseError as exc:
+            raise ColdFusionError(f"{self.root / 'index.sqlite'} cannot be opened as a repository index ({exc}); "
+                                  "it is damaged or not an index: restore it from a backup") from None
         finally:
             db.close()
+
+    @staticmethod
+    def _open(db) -> None:
+        """Create or migrate the index's tables and lineage rules."""
+        db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        db.executescript(SCHEMA)
+        columns = {r[1] for r in db.execute("PRAGMA table_info(contributions)")}
+        if "stats" not in columns:  # repositories made before statistics travelled with contributions
+            db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
+        if "rejected" not in columns:  # ... and before contributions were validated
+            db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
+        if "encoding" not in columns:  # ... and before they could be sent encoded
+            db.execute("""ALTER TABLE contributions ADD COLUMN encoding TEXT NOT NULL DEFAULT '{"kind": "full"}'""")
+        for table in ("versions", "contributions"):  # ... and before runs could abandon an iteration
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            for column in ("run_id", "abandoned"):
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+            if table == "versions" and "model" not in have:  # ... and before they kept the model's files
+                db.execute("ALTER TABLE versions ADD COLUMN model INTEGER REFERENCES models(id)")
+        db.commit()
+        try:
+            db.executescript(LINEAGE)
+        except sqlite3.IntegrityError:
+            pass  # an older index already holds duplicates: `verify` names them
 
     @contextmanager
     def _db(self):
