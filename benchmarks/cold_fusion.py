@@ -86,7 +86,7 @@ def configs(bench: dict, out: Path) -> dict[str, dict]:
 def iterations_config(bench_configs: dict, out: Path) -> dict:
     """Linear probe of every ColD Fusion version on the unseen tasks (for the per-iteration plot)."""
     repo_dir = out / "runs" / "coldfusion" / "repository"
-    versions = [v for v in Repository(repo_dir).versions() if v.run == "coldfusion"]
+    versions = [v for v in Repository(repo_dir).versions() if v.run == "coldfusion" and not v.abandoned]
     return {**bench_configs["unseen"], "name": "iterations", "protocols": ["linear_probe"], "reference": "iteration 0",
             "bodies": [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
                        for v in versions]}

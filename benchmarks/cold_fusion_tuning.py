@@ -51,7 +51,8 @@ def reusable(bench_out: Path, run: dict, iterations: int) -> dict | None:
         return full
 
     repo_dir = saved.parent / "repository"
-    versions = [v for v in Repository(repo_dir).versions() if v.run == "coldfusion" and v.iteration == iterations]
+    versions = [v for v in Repository(repo_dir).versions()
+                if v.run == "coldfusion" and v.iteration == iterations and not v.abandoned]
     if not versions or settings(yaml.safe_load(saved.read_text())) != settings(run):
         return None
     return {"repository": str(repo_dir), "version": str(versions[0].id)}
