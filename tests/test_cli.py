@@ -183,8 +183,10 @@ def test_ctrl_c_says_the_run_can_be_resumed_and_how(tiny_model_dir, toy_task_fil
 
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=40)))
+    # as from a terminal: a shell running this suite in the background would pass SIGINT on ignored
+    interactive = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     run = subprocess.Popen([sys.executable, "-m", "coldfusion", "run", str(path)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=interactive)
     try:
         state = tmp_path / "runs" / "tiny" / "state.json"
         deadline = time.monotonic() + 300
