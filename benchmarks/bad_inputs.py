@@ -337,7 +337,7 @@ def config_cases(root: Path) -> list[Case]:
     from coldfusion.config import load_config
     from coldfusion.evaluation import load_eval_config
     from coldfusion.merge import load_merge_config
-    from coldfusion.multitask.run import load_multitask_config
+    from coldfusion.multitask.config import load_multitask_config
     from coldfusion.selection.settings import load_selection_settings
 
     root.mkdir(parents=True)

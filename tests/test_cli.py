@@ -130,16 +130,21 @@ def test_version_and_short_help():
         assert out.returncode == 0 and "Usage: coldfusion" in out.stdout, args
 
 
-def test_a_config_error_is_reported_before_the_heavy_imports(tmp_path):
+@pytest.mark.parametrize(("command", "text", "key"), [
+    ("run", "tasks: [bbc_topic]\nloop: {iterations: 0}\n", "'loop.iterations'"),
+    ("evaluate", "bodies: []\ntasks: [bbc_topic]\n", "'bodies'"),
+    ("multitask", "tasks: []\n", "'tasks'"),
+])
+def test_a_config_error_is_reported_before_the_heavy_imports(tmp_path, command, text, key):
     """Checking a config must not wait for torch and transformers to load."""
     path = tmp_path / "bad.yaml"
-    path.write_text("tasks: [bbc_topic]\nloop: {iterations: 0}\n")
-    code = ("import sys, coldfusion.cli as c; sys.argv = ['coldfusion', 'run', sys.argv[1]]\n"
+    path.write_text(text)
+    code = (f"import sys, coldfusion.cli as c; sys.argv = ['coldfusion', '{command}', sys.argv[1]]\n"
             "try:\n    c.app()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, "
             "'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
-    assert "'loop.iterations'" in out.stderr
+    assert key in out.stderr
 
 
 def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_task_files):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from coldfusion.errors import ColdFusionError
-from coldfusion.multitask.run import MultitaskConfig, load_multitask_config, run_multitask
+from coldfusion.multitask.config import MultitaskConfig, load_multitask_config
+from coldfusion.multitask.run import run_multitask
 from coldfusion.repository import Repository
 
 

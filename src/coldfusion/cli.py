@@ -130,11 +130,13 @@ def evaluate(
 @app.command()
 def multitask(config: Path = typer.Argument(..., help="multitask config (YAML); see configs/multitask.yaml")) -> None:
     """Train the multitask baseline (one body, a head per task) and store its body in a repository."""
-    from coldfusion.multitask.run import load_multitask_config, run_multitask
-    from coldfusion.progress import RichProgress
+    from coldfusion.multitask.config import load_multitask_config
 
     try:
         cfg = load_multitask_config(config)
+        from coldfusion.multitask.run import run_multitask
+        from coldfusion.progress import RichProgress
+
         with RichProgress() as progress:
             out = run_multitask(cfg, progress=progress)
     except ColdFusionError as exc:

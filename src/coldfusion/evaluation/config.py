@@ -7,9 +7,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
-from coldfusion.evaluation.protocols import ProtocolSettings
 from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
+from coldfusion.training.settings import FinetuneSettings, ProbeSettings
+
+
+class FewShotSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(100, ge=1, description="labelled training examples per class (all of a class with fewer)")
+    validation_k: int | None = Field(
+        None, ge=1, description="validation examples per class for early stopping; default none: fixed epochs")
+    finetune: FinetuneSettings = FinetuneSettings(epochs=6)
+
+
+class ProtocolSettings(BaseModel):
+    """How each protocol trains (the evaluation config extends this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe: ProbeSettings = ProbeSettings()
+    finetune: FinetuneSettings = FinetuneSettings(epochs=3)
+    few_shot: FewShotSettings = FewShotSettings()
 
 
 class BodySpec(BaseModel):

@@ -9,35 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from coldfusion.encoder import Classifier
+from coldfusion.evaluation.config import ProtocolSettings
 from coldfusion.evaluation.few_shot import few_shot
 from coldfusion.runtime import derive_seed
 from coldfusion.tasks.task import Task
-from coldfusion.training import FinetuneSettings, ProbeSettings, encode
+from coldfusion.training import encode
 from coldfusion.training.evaluate import classification_metrics, predict_logits
 from coldfusion.training.finetune import finetune
 from coldfusion.training.probe import linear_probe
-
-
-class FewShotSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    k: int = Field(100, ge=1, description="labelled training examples per class (all of a class with fewer)")
-    validation_k: int | None = Field(
-        None, ge=1, description="validation examples per class for early stopping; default none: fixed epochs")
-    finetune: FinetuneSettings = FinetuneSettings(epochs=6)
-
-
-class ProtocolSettings(BaseModel):
-    """How each protocol trains (the evaluation config extends this)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    probe: ProbeSettings = ProbeSettings()
-    finetune: FinetuneSettings = FinetuneSettings(epochs=3)
-    few_shot: FewShotSettings = FewShotSettings()
 
 
 @dataclass

@@ -3,56 +3,20 @@ like any ColD Fusion base (so `coldfusion evaluate` scores both the same way).""
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coldfusion.checkpoint import atomic_write_bytes
-from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.errors import ColdFusionError
-from coldfusion.multitask.train import MultitaskSettings, train_multitask
-from coldfusion.names import SafeName
+from coldfusion.multitask.config import MultitaskConfig
+from coldfusion.multitask.train import train_multitask
 from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
 from coldfusion.runtime import derive_seed, seed_everything, set_threads
-from coldfusion.tasks import TaskSpec, load_task
+from coldfusion.tasks import load_task
 from coldfusion.training import encode
-
-
-class MultitaskConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: SafeName = "multitask"
-    seed: int = 0
-    threads: int = Field(2, ge=1)
-    model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
-    max_length: int = Field(64, ge=8)
-    pooling: Literal["mean", "cls"] = "mean"
-    tasks: list[TaskSpec] = Field(min_length=1)
-    train_examples: int | None = Field(None, ge=1, description="cap on each task's training examples")
-    validation_examples: int = Field(200, ge=1)
-    multitask: MultitaskSettings = MultitaskSettings()
-    output_dir: Path = Path("runs")
-    repository: Path | None = Field(None, description="repository directory; default: <run dir>/repository")
-
-
-def load_multitask_config(path: Path) -> MultitaskConfig:
-    try:
-        config = MultitaskConfig.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, str(path))) from None
-    s = config.multitask
-    if s.sampler != "uncertainty":  # unknown sampler parameters fail now, not after loading data
-        from coldfusion.multitask.samplers import make_sampler
-
-        try:
-            make_sampler(s.sampler, [1] * len(config.tasks), **s.sampler_params)
-        except ColdFusionError as exc:
-            raise ColdFusionError(f"{path}: 'multitask': {exc}") from None
-    return config
 
 
 def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress=None) -> Path:

@@ -9,29 +9,16 @@ step by the drop of the loss on a small held-out sample of every task.
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from coldfusion.encoder import Classifier
+from coldfusion.multitask.config import MultitaskSettings
 from coldfusion.multitask.samplers import make_sampler, most_uncertain
 from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
-from coldfusion.training.finetune import FinetuneSettings, make_optimizer
-
-
-class MultitaskSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "adaptive"] = "temperature"
-    sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`")
-    steps: int = Field(300, ge=1, description="optimizer steps (the training budget)")
-    candidates_per_task: int | None = Field(
-        None, ge=1, description="`uncertainty`: candidate examples drawn from every task per step; default batch size")
-    heldout_per_task: int = Field(8, ge=1, description="`adaptive`: validation examples per task for the reward")
-    optimizer: FinetuneSettings = FinetuneSettings()
+from coldfusion.training.finetune import make_optimizer
 
 
 @dataclass

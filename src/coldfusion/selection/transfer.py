@@ -8,7 +8,8 @@ import time
 
 from coldfusion.collab.contributor import Contributor
 from coldfusion.encoder import Encoder
-from coldfusion.evaluation.protocols import ProtocolSettings, run_protocol
+from coldfusion.evaluation.config import ProtocolSettings
+from coldfusion.evaluation.protocols import run_protocol
 from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body
 from coldfusion.selection.cache import digest, split_fingerprint
