@@ -4,6 +4,7 @@ Only the body is ever fused; heads stay with their task.
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -135,8 +136,7 @@ class Encoder:
                     f"version {version.id} of {repo.root} names its model only as '{version.model_source}', which "
                     f"cannot be loaded here ({str(exc).splitlines()[0]}); store the model's files in the repository "
                     f"with `coldfusion adopt-model {repo.root} MODEL_DIR`") from None
-            return cls(encoder.source, encoder.tokenizer, repo.load(version.sha256), encoder.config, encoder.name,
-                       encoder.files_dir)
+            return dataclasses.replace(encoder, pretrained=repo.load(version.sha256))
         with tempfile.TemporaryDirectory(prefix="coldfusion-model-") as tmp:
             files = repo.write_model_files(model, Path(tmp))
             config = _from_pretrained(AutoConfig, str(files))

@@ -17,7 +17,7 @@ from coldfusion.checkpoint import staged_directory
 from coldfusion.encoder import Encoder
 from coldfusion.errors import ColdFusionError
 from coldfusion.inputs import sha256_file
-from coldfusion.model_names import DEFAULT_HUB_ID, DEFAULT_MODEL
+from coldfusion.model_names import card_name
 from coldfusion.repository import Repository, Version
 
 PROVENANCE_FILE = "coldfusion_provenance.json"
@@ -49,7 +49,7 @@ def provenance(repo: Repository, version: Version, model_name: str) -> dict:
                         "iteration": v.iteration, "method": fusion.get("method"), "params": fusion.get("params"),
                         "contributions": contributions, "created": v.created})
     return {"coldfusion_version": __version__, "exported": datetime.now(UTC).isoformat(timespec="seconds"),
-            "base_model": DEFAULT_HUB_ID if model_name == DEFAULT_MODEL else model_name,
+            "base_model": card_name(model_name),
             "coldfusion_model": model_name, "version": version.id, "body_sha256": version.sha256,
             "lineage": lineage}
 

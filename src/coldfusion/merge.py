@@ -25,7 +25,7 @@ from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import fuse_stream, output_layout
 from coldfusion.inputs import TOKENIZER_FILES, safetensors_files, sha256, start_hashing
-from coldfusion.model_names import DEFAULT_HUB_ID, DEFAULT_MODEL, default_model_dir, portable_name
+from coldfusion.model_names import card_name, portable_name, resolve_model_source
 from coldfusion.tensorfile import SafetensorsReader, SafetensorsWriter
 
 
@@ -63,9 +63,7 @@ def load_merge_config(path: Path) -> MergeConfig:
 
 def _local_dir(model: str) -> Path:
     """A model directory: 'default' is the bundled MiniLM, a directory is itself, else a hub id."""
-    if model in (DEFAULT_MODEL, "minilm"):
-        return default_model_dir()
-    path = Path(model)
+    path = Path(resolve_model_source(model))
     if path.is_dir():
         return path
     try:
@@ -218,19 +216,13 @@ def merge_checkpoints(config: MergeConfig) -> Path:
                        "sha256": {f.name: sha256(f) for f in files[d]}}
                       for m, d in zip(config.models, dirs, strict=True)]
             record = {"coldfusion_version": __version__, "method": config.method, "params": config.params,
-                      "base_model": _portable(config.base_model) if config.base_model else None,
+                      "base_model": card_name(config.base_model) if config.base_model else None,
                       "base_sha256": {f.name: sha256(f) for f in files[base_dir]} if base_dir else None,
                       "heads": config.heads, "inputs": inputs, "copied_from_base": sorted(missing)}
             (tmp / "coldfusion_merge.json").write_text(json.dumps(record, indent=2))
             (tmp / "README.md").write_text(model_card(record))
     return out
 
-
-
-def _portable(model: str) -> str:
-    """The base model as the card's `base_model` names it: a hub id, never a local path."""
-    name = portable_name(model)
-    return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name
 
 
 def model_card(record: dict) -> str:

@@ -37,3 +37,10 @@ def portable_name(source: str) -> str:
     except ColdFusionError:  # the package is not installed: then this is not it
         bundled = None
     return DEFAULT_MODEL if Path(source).resolve() == bundled else Path(source).resolve().name
+
+
+def card_name(source: str) -> str:
+    """A model as a model card's `base_model` names it: the hub id of the bundled MiniLM,
+    a hub id, or a directory's name, never a local path."""
+    name = portable_name(source)
+    return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name

@@ -15,6 +15,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -444,7 +445,7 @@ class Repository:
         base = self.version(base_version)
         if base.abandoned:
             raise ColdFusionError(f"version {base.id} was abandoned ({base.abandoned}); fuse onto another version")
-        repeated = sorted({c for c in contribution_ids if list(contribution_ids).count(c) > 1})
+        repeated = sorted(c for c, n in Counter(contribution_ids).items() if n > 1)
         if repeated:
             raise ColdFusionError(f"contributions {repeated} are listed more than once")
         with self._db() as db:

@@ -49,7 +49,7 @@ def load_candidate(text: str, encoders: Encoders) -> Body:
         repo = Repository(Path(path), create=False)
         version = repo.resolve(ref if at else "latest")
         encoder = encoders.add(Encoder.from_repository(repo, version))  # the model files stored with it
-        return Body(text, encoder.source, version.sha256, repo.load(version.sha256))
+        return Body(text, encoder.source, version.sha256, encoder.pretrained)  # pretrained: the version's body
     if at and Path(path).is_dir():
         raise ColdFusionError(f"candidate '{text}': {path} is not a coldfusion repository (no index.sqlite), "
                               "so '@VERSION' means nothing there; name the model directory alone")
