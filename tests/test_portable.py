@@ -97,3 +97,15 @@ def test_a_repository_made_before_model_files_were_stored_can_adopt_them(tiny_mo
     adopted = runner.invoke(app, ["adopt-model", str(repo.root), str(tiny_model_dir)])
     assert adopted.exit_code == 0 and "for 1 versions" in adopted.output
     assert runner.invoke(app, ["export", str(repo.root), "latest", str(tmp_path / "out")]).exit_code == 0
+
+
+def test_a_damaged_model_file_is_refused_and_reported(tiny_model_dir, tmp_path):
+    repo, _ = made_elsewhere(tiny_model_dir, tmp_path)
+    stored = sorted(repo.files.iterdir())
+    stored[0].write_bytes(b"not what was stored")
+    failed = runner.invoke(app, ["export", str(repo.root), "latest", str(tmp_path / "out")])
+    assert failed.exit_code == 2 and "is missing or corrupt" in " ".join(failed.output.split())
+    assert not (tmp_path / "out").exists()
+    verified = runner.invoke(app, ["verify", str(repo.root)])
+    squeezed = "".join(verified.output.split())  # rich wraps long lines
+    assert verified.exit_code == 1 and f"files/{stored[0].name}:doesnotmatchitschecksum" in squeezed
