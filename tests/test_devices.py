@@ -89,5 +89,5 @@ def test_a_device_the_node_does_not_have_is_an_error_that_says_so(tiny_model_dir
     count = torch.cuda.device_count()
     with pytest.raises(ValueError, match="sees no CUDA GPU" if count == 0 else f"only {count} CUDA GPU"):
         resolve_device(f"cuda:{count}")
-    with pytest.raises(ColdFusionError, match="node config device: unknown device 'gpu0'"):
+    with pytest.raises(ColdFusionError, match="node config: unknown device 'gpu0'"):
         _contributor(tiny_model_dir, toy_task_files, tmp_path, "gpu0")

@@ -14,7 +14,7 @@ from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
 from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import FinetuneSettings, ProbeProtocol
+from coldfusion.training.settings import ComputeSettings, FinetuneSettings, ProbeProtocol
 from coldfusion.validation import ValidationSettings
 
 
@@ -64,6 +64,9 @@ class FlowerSettings(Strict):
     client_cpus: int | None = Field(
         None, ge=1, description="simulation: CPUs per contributor (default: `threads`, so contributors train "
                                 "one at a time on a machine of that many cores)")
+    client_gpus: float | None = Field(
+        None, gt=0, description="simulation on a machine with GPUs: the share of a GPU per contributor (default 1: "
+                                "contributors take turns on each GPU; 0.25 lets four share one)")
 
 
 class AttackSettings(Strict):
@@ -74,10 +77,12 @@ class AttackSettings(Strict):
     factor: float = Field(20.0, gt=0, description="how far the poisoned update goes, in units of the honest one")
 
 
-class RunConfig(Strict):
+class RunConfig(ComputeSettings):
+    """A run; its `device`, `precision` and `threads` are those of contributors on this machine (local
+    engine, simulation) and of the server's own evaluation suite; a SuperNode chooses its own."""
+
     name: SafeName = "coldfusion"
     seed: int = 0
-    threads: int = Field(2, ge=1, description="torch threads (pinned; results depend on it slightly)")
     model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"

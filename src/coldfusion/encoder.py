@@ -63,7 +63,13 @@ def load_body_tensors(body: nn.Module, tensors: Tensors) -> None:
 
 
 class Classifier(nn.Module):
-    """Body -> pooled sentence embedding -> dropout -> linear head."""
+    """Body -> pooled sentence embedding -> dropout -> linear head.
+
+    Its weights stay fp32; `compute_dtype` is the precision it trains and infers in
+    (training/precision.py casts it for the duration), as its device is where it runs.
+    """
+
+    compute_dtype: torch.dtype = torch.float32
 
     def __init__(self, body: PreTrainedModel, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
         super().__init__()
@@ -84,6 +90,11 @@ class Classifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         return self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
+
+    def place(self, device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32) -> "Classifier":
+        """Move to `device`, to compute in `compute_dtype` there."""
+        self.compute_dtype = compute_dtype
+        return self.to(device)
 
 
 def _hub_snapshot(hub_id: str) -> Path | None:

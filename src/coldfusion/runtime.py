@@ -1,12 +1,15 @@
-"""Where and how torch runs: devices, a fixed thread count, seeds derived from names."""
+"""Where and how torch runs: device, precision and threads; seeds derived from names."""
 
 import os
 import random
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from coldfusion.errors import ColdFusionError
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -34,6 +37,77 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {name!r}; use {DEVICES}")
     return device
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+
+
+def cpu_bf16_units() -> list[str]:
+    """This CPU's native bf16 matrix units (empty: bf16 would be emulated, slower than fp32)."""
+    caps = torch.cpu.get_capabilities()
+    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("sve_bf16", "SVE-BF16")) if caps.get(key)]
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(cpu_bf16_units())
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where `device` multiplies it natively, else fp32. A precision the device
+    cannot run well is an error that says what was found."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+    if name == "bf16" and not bf16_is_fast(device):
+        found = (f"this GPU ({torch.cuda.get_device_name(device)}) has no native bf16" if device.type == "cuda"
+                 else "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
+                 if device.type == "cpu" else f"bf16 is not supported on {device.type} here")
+        raise ValueError(f"precision 'bf16': {found}; use precision: fp32")
+    if name == "fp16" and device.type == "cpu":
+        better = "bf16 (native on this CPU) or fp32" if bf16_is_fast(device) else "fp32"
+        raise ValueError(f"precision 'fp16' needs a CUDA or MPS device, not the CPU; use {better}")
+    return PRECISIONS[name]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Resolved hardware settings: the device a model runs on, the dtype it computes in, torch's threads."""
+
+    device: torch.device
+    dtype: torch.dtype
+    threads: int
+
+    def describe(self) -> str:
+        return f"{self.device}, {precision_name(self.dtype)}, {self.threads} thread(s)"
+
+
+def resolve_compute(device: str = "auto", precision: str = "auto", threads: int | str = "auto") -> Compute:
+    """Configs' `device`, `precision` and `threads` resolved on this machine; an unavailable
+    choice is a ValueError that says what was found."""
+    resolved = resolve_device(device)
+    return Compute(resolved, resolve_precision(precision, resolved),
+                   available_cores() if threads in (None, "auto") else int(threads))
+
+
+def use_compute(settings) -> Compute:
+    """Resolve a config's `device`, `precision` and `threads` (a ComputeSettings) and pin the
+    threads; what this machine cannot do is a clear error."""
+    try:
+        compute = resolve_compute(settings.device, settings.precision, settings.threads)
+    except ValueError as exc:
+        raise ColdFusionError(str(exc)) from None
+    set_threads(compute.threads)
+    return compute
 
 
 def available_cores() -> int:

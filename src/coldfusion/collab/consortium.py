@@ -21,7 +21,7 @@ from coldfusion.encoder import Encoder
 from coldfusion.encodings import EncodingSettings
 from coldfusion.errors import ColdFusionError
 from coldfusion.names import check_name
-from coldfusion.runtime import resolve_device
+from coldfusion.runtime import resolve_compute
 from coldfusion.tasks import Task
 from coldfusion.training import FinetuneSettings
 from coldfusion.training.probe import ProbeProtocol
@@ -72,7 +72,7 @@ def node_model(consortium: ConsortiumSettings, node: NodeSettings) -> str:
 
 def contributor_for(consortium: ConsortiumSettings, node: NodeSettings, task: Task, encoder: Encoder) -> Contributor:
     """The contributor that holds `task` on this node, with the consortium's settings and
-    the node's own device, head directory and overrides."""
+    the node's own device, precision, head directory and overrides."""
     finetune = consortium.finetune
     if node.batch_size:
         finetune = finetune.model_copy(update={"batch_size": node.batch_size})
@@ -81,9 +81,9 @@ def contributor_for(consortium: ConsortiumSettings, node: NodeSettings, task: Ta
         evaluation = evaluation.model_copy(
             update={"probe": evaluation.probe.model_copy(update={"batch_size": node.eval_batch_size})})
     try:
-        device = resolve_device(node.device)
+        compute = resolve_compute(node.device, node.precision, node.threads)
     except ValueError as exc:
-        raise ColdFusionError(f"node config device: {exc}") from None
+        raise ColdFusionError(f"node config: {exc}") from None
     head_store = None
     if consortium.keep_head and node.state_dir is not None:
         head_store = HeadStore(Path(node.state_dir) / check_name(consortium.run_id, "run id")
@@ -93,4 +93,4 @@ def contributor_for(consortium: ConsortiumSettings, node: NodeSettings, task: Ta
         examples_per_iteration=consortium.examples_per_round, validation_examples=consortium.validation_examples,
         keep_head=consortium.keep_head, seed=consortium.seed, statistics=consortium.statistics,
         statistics_examples=consortium.statistics_examples, encoding=consortium.contribution, head_store=head_store,
-        device=device, evaluation=evaluation, last_round=node.last_round)
+        device=compute.device, compute_dtype=compute.dtype, evaluation=evaluation, last_round=node.last_round)

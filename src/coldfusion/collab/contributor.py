@@ -45,12 +45,13 @@ class Contributor:
         pooling: str, examples_per_iteration: int | None, validation_examples: int, keep_head: bool,
         seed: int, head: Tensors | None = None, statistics: str | None = None, statistics_examples: int = 128,
         encoding: EncodingSettings | None = None, head_store: HeadStore | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
         evaluation: ProbeProtocol | None = None, last_round: int | None = None,
     ):
         self.task, self.encoder, self.settings = task, encoder, finetune_settings
         self.pooling, self.keep_head, self.seed = pooling, keep_head, seed
-        self.max_length, self.device, self.last_round = max_length, torch.device(device), last_round
+        self.max_length, self.last_round = max_length, last_round
+        self.device, self.compute_dtype = torch.device(device), compute_dtype
         self.examples_per_iteration = examples_per_iteration
         self.head = head  # kept across iterations when keep_head
         self.head_store = head_store  # where the head survives restarts (else it lives in memory only)
@@ -103,7 +104,7 @@ class Contributor:
         """Score `body` by linear probing on this contributor's own task (see TaskProbe)."""
         if self._probe is None:  # tokenized once, on first use
             self._probe = TaskProbe(self.task, self.encoder, self.evaluation, self.max_length, self.pooling,
-                                    self.device)
+                                    self.device, self.compute_dtype)
         return self._probe.score(body, on_step)
 
     def num_evaluation_examples(self) -> int:
@@ -126,7 +127,7 @@ class Contributor:
                 model.body = attach_lora(model.body, self.encoding.lora)
         if self.keep_head and self.head is not None:
             model.head.load_state_dict(self.head)
-        model.to(self.device)
+        model.place(self.device, self.compute_dtype)
         data = self.train.take(self.examples_for(iteration))
         settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
         fish = self.encoding.kind == "sparse" and self.encoding.score == "fisher"

@@ -1,8 +1,8 @@
 """The local engine: every contributor lives, trains and scores in this process, one after another.
 
 Its contributors are built exactly as a Flower node builds its own (`contributor_for`):
-the consortium's settings, plus node settings taken from the run (its threads, the
-model, heads under `<run dir>/heads/`).
+the consortium's settings, plus node settings taken from the run (its device, precision,
+threads and model, heads under `<run dir>/heads/`).
 """
 
 from pathlib import Path
@@ -18,8 +18,9 @@ from coldfusion.tasks import Task, TaskSpec
 
 def run_node(config: RunConfig, heads_dir: Path, task: TaskSpec | None = None) -> NodeSettings:
     """The node settings of a contributor on this machine (local engine, simulation): the
-    run's model and threads, the CPU, heads under `heads_dir`."""
-    return NodeSettings(task=task, model=config.model, device="cpu", threads=config.threads, state_dir=heads_dir)
+    run's model, device, precision and threads, heads under `heads_dir`."""
+    return NodeSettings(task=task, model=config.model, device=config.device, precision=config.precision,
+                        threads=None if config.threads == "auto" else config.threads, state_dir=heads_dir)
 
 
 class LocalEngine:

@@ -37,7 +37,7 @@ from coldfusion.progress import SilentProgress
 from coldfusion.report import write_report
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
-from coldfusion.runtime import derive_seed, seed_everything, set_threads
+from coldfusion.runtime import Compute, derive_seed, seed_everything, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training.task_probe import TaskProbe
 
@@ -60,8 +60,9 @@ class ServerSuite:
     """The repository owner's own evaluation tasks (`evaluation.suite`), scored on the server.
     By default there are none: contributors score their own tasks."""
 
-    def __init__(self, config: RunConfig, encoder: Encoder):
-        self.probes = [TaskProbe(load_task(spec), encoder, config.evaluation, config.max_length, config.pooling)
+    def __init__(self, config: RunConfig, encoder: Encoder, compute: Compute):
+        self.probes = [TaskProbe(load_task(spec), encoder, config.evaluation, config.max_length, config.pooling,
+                                 compute.device, compute.dtype)
                        for spec in config.evaluation.suite]
 
     def num_examples(self) -> int:
@@ -108,8 +109,9 @@ def _changed_keys(old, new, prefix: str = "") -> set[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return set() if old == new else {prefix.rstrip(".")}
-    return {k for key in old.keys() | new.keys()
-            for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")}
+    # A key the saved config lacks came with a newer version of coldfusion: its default holds.
+    changed = {k for key in new.keys() & old.keys() for k in _changed_keys(old[key], new[key], f"{prefix}{key}.")}
+    return changed | {f"{prefix}{key}" for key in old.keys() - new.keys()}
 
 
 def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool = False,
@@ -125,7 +127,7 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
     run_dir = Path(run_dir or config.output_dir / config.name)
     state = _prepare_run_dir(config, run_dir, resume)
     run_id = run_id_of(run_dir)
-    set_threads(config.threads)
+    compute = use_compute(config)
     seed_everything(config.seed)
     repo = Repository(config.repository or run_dir / "repository")
     log = ResultsLog(run_dir / "results.jsonl")
@@ -134,7 +136,7 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         engine = LocalEngine(config, [load_task(spec) for spec in config.tasks], encoder, run_dir / "heads", run_id)
     else:
         engine = engine_for(run_dir, run_id)
-    suite = ServerSuite(config, encoder)
+    suite = ServerSuite(config, encoder, compute)
     progress.start_run(config.loop.iterations, state.completed_iterations if state else 0)
 
     def evaluation_rows(version: int, body: Tensors, iteration: int) -> list[dict]:

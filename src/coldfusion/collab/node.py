@@ -1,8 +1,8 @@
 """What belongs to one contributor's node and never leaves it: its task, model copy,
-device, threads, local overrides, and the directory where its head survives restarts.
+device, precision, threads, local overrides, and the directory where its head survives restarts.
 
 On Flower these come from the SuperNode's node config (`--node-config "task='t.yaml'
-device='cuda' threads=8 state-dir='/srv/cf'"`); the local engine and the simulation
+device='cuda' precision='bf16' threads=8 state-dir='/srv/cf'"`); the local engine and the simulation
 build them from the run's one YAML file. The consortium's settings (collab/consortium.py)
 arrive with every base; a node may override only settings that change how it computes,
 not what the consortium asked of it: `batch-size` (finetune.batch_size, what fits its
@@ -37,6 +37,8 @@ class NodeSettings(BaseModel):
         None, description="this node's copy of the consortium's model (a directory); needed when the "
                           "consortium's model is a directory on the server")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+    precision: str = Field("auto", description="auto (bf16 where the device multiplies it natively), fp32, bf16 "
+                                               "or fp16")
     threads: int | None = Field(None, ge=1, description="torch threads; default: the cores this process may use")
     state_dir: Path | None = Field(
         None, alias="state-dir", description="where this node keeps its task heads across rounds, restarts and "
@@ -51,7 +53,7 @@ class NodeSettings(BaseModel):
     batch_size: int | None = Field(None, ge=1, alias="batch-size")
     eval_batch_size: int | None = Field(None, ge=1, alias="eval-batch-size")
 
-    @field_validator("contributor", "model", "device", mode="before")
+    @field_validator("contributor", "model", "device", "precision", mode="before")
     @classmethod
     def _text(cls, value):
         return None if value is None else str(value)

@@ -9,7 +9,7 @@ from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import FinetuneSettings, ProbeSettings
+from coldfusion.training.settings import ComputeSettings, FinetuneSettings, ProbeSettings
 
 
 class FewShotSettings(BaseModel):
@@ -48,10 +48,9 @@ class BodySpec(BaseModel):
         return self
 
 
-class EvalConfig(ProtocolSettings):
+class EvalConfig(ProtocolSettings, ComputeSettings):
     name: SafeName = "evaluation"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    threads: int = Field(2, ge=1)
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"
     bodies: list[BodySpec] = Field(min_length=1)

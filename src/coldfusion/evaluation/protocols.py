@@ -13,7 +13,7 @@ import torch
 from coldfusion.encoder import Classifier
 from coldfusion.evaluation.config import ProtocolSettings
 from coldfusion.evaluation.few_shot import few_shot
-from coldfusion.runtime import derive_seed
+from coldfusion.runtime import Compute, derive_seed
 from coldfusion.tasks.task import Task
 from coldfusion.training import encode
 from coldfusion.training.evaluate import classification_metrics, predict_logits
@@ -35,16 +35,19 @@ def _test_score(model: Classifier, test, details: dict) -> Score:
 
 
 def run_protocol(protocol: str, new_body, task: Task, splits: dict, seed: int, settings: ProtocolSettings,
-                 tokenizer, max_length: int, pooling: str) -> Score:
+                 tokenizer, max_length: int, pooling: str, compute: Compute | None = None) -> Score:
     """Score a fresh copy of the body (`new_body()`) on `task` with `protocol` and `seed`.
 
     `splits` holds the task's encoded train / validation / test examples. Seeds are
     derived from (seed, protocol, task): independent across tasks, and the same for
     every body, so bodies are compared on the same head initialisation and few-shot draw.
+    `compute`: where the model runs and in which precision (default: CPU, fp32).
     """
     seed = derive_seed(seed, protocol, task.name)
     torch.manual_seed(seed)
     model = Classifier(new_body(), task.num_labels, pooling=pooling)
+    if compute is not None:
+        model.place(compute.device, compute.dtype)
     if protocol == "linear_probe":
         result = linear_probe(model, splits["train"], splits["validation"], splits["test"], task.num_labels,
                               settings.probe)

@@ -18,7 +18,7 @@ from coldfusion.evaluation.report import write_eval_report
 from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
-from coldfusion.runtime import set_threads
+from coldfusion.runtime import precision_name, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training import encode
 
@@ -64,7 +64,7 @@ def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
 
 def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=None) -> Path:
     progress = progress or SilentProgress()
-    set_threads(config.threads)
+    compute = use_compute(config)
     loaded = {}
     bodies = {b.name: resolve_body(b, loaded) for b in config.bodies}
     run_dir = Path(run_dir or config.output_dir / config.name)
@@ -98,11 +98,12 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
                         continue
                     start = time.perf_counter()
                     score = run_protocol(protocol, lambda e=encoder, t=tensors: e.new_body(t), task, splits, seed,
-                                         config, encoder.tokenizer, config.max_length, config.pooling)
+                                         config, encoder.tokenizer, config.max_length, config.pooling, compute)
                     log.extend([{
                         "body": body_name, "task": task.name, "protocol": protocol, "seed": seed,
                         **score.metrics, "n_test": len(score.correct), "seconds": round(time.perf_counter() - start, 2),
-                        "source": provenance, **score.details,
+                        "source": provenance, "device": str(compute.device),
+                        "precision": precision_name(compute.dtype), **score.details,
                         "test_correct": "".join("1" if c else "0" for c in score.correct)}])
                     progress.advance()
     write_eval_report(run_dir, config)

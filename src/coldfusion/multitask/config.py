@@ -9,7 +9,7 @@ from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import FinetuneSettings
+from coldfusion.training.settings import ComputeSettings, FinetuneSettings
 
 
 class MultitaskSettings(BaseModel):
@@ -24,12 +24,9 @@ class MultitaskSettings(BaseModel):
     optimizer: FinetuneSettings = FinetuneSettings()
 
 
-class MultitaskConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MultitaskConfig(ComputeSettings):
     name: SafeName = "multitask"
     seed: int = 0
-    threads: int = Field(2, ge=1)
     model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"

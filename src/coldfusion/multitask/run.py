@@ -14,7 +14,7 @@ from coldfusion.multitask.train import train_multitask
 from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.results import ResultsLog
-from coldfusion.runtime import derive_seed, seed_everything, set_threads
+from coldfusion.runtime import derive_seed, seed_everything, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training import encode
 
@@ -28,7 +28,7 @@ def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml",
                        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
-    set_threads(config.threads)
+    compute = use_compute(config)
     seed_everything(config.seed)
     tasks = [load_task(spec) for spec in config.tasks]
     encoder = Encoder.load(config.model)
@@ -36,7 +36,7 @@ def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress
     heads = {}
     for t in tasks:  # each head initialised from its own seed: the same whatever the task order
         seed_everything(derive_seed(config.seed, "head", t.name))
-        heads[t.name] = Classifier(body, t.num_labels, pooling=config.pooling)
+        heads[t.name] = Classifier(body, t.num_labels, pooling=config.pooling).place(compute.device, compute.dtype)
     train = {t.name: encode(t.train.head(config.train_examples), encoder.tokenizer, config.max_length) for t in tasks}
     validation = {t.name: encode(t.validation.head(config.validation_examples), encoder.tokenizer, config.max_length)
                   for t in tasks}

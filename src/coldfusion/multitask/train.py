@@ -3,7 +3,8 @@
 Task samplers (proportional, uniform, temperature, adaptive) pick the task of the next
 batch; `uncertainty` (CA-MTL) instead scores a candidate batch from every task and trains
 on the most uncertain examples, whatever their task. `adaptive` is rewarded after each
-step by the drop of the loss on a small held-out sample of every task.
+step by the drop of the loss on a small held-out sample of every task. Training follows
+the heads' device and `compute_dtype`, as finetuning does.
 """
 
 import time
@@ -17,8 +18,9 @@ from transformers import get_linear_schedule_with_warmup
 from coldfusion.encoder import Classifier
 from coldfusion.multitask.config import MultitaskSettings
 from coldfusion.multitask.samplers import make_sampler, most_uncertain
-from coldfusion.training.batching import Encoded, collate, length_bucketed_batches
+from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.finetune import make_optimizer
+from coldfusion.training.precision import training_precision
 
 
 @dataclass
@@ -37,7 +39,9 @@ def _batches(data: Encoded, batch_size: int, rng: np.random.RandomState) -> Iter
 
 
 def _loss(model: Classifier, data: Encoded, idx: np.ndarray) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(model(**collate(data, idx)), data.labels[idx], reduction="sum")
+    device = device_of(model)
+    logits = model(**collate(data, idx, device)).float()
+    return torch.nn.functional.cross_entropy(logits, data.labels[idx].to(device), reduction="sum")
 
 
 @torch.no_grad()
@@ -66,46 +70,47 @@ def train_multitask(
     sampler = None if s.sampler == "uncertainty" else make_sampler(s.sampler, [len(train[t]) for t in names],
                                                                    **s.sampler_params)
     heldout = {t: validation[t].take(range(min(s.heldout_per_task, len(validation[t])))) for t in names}
-    optimizer = make_optimizer(body, [m.head for m in heads.values()], opt)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(opt.warmup_ratio * s.steps), s.steps)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model = torch.nn.ModuleList(heads.values())  # every trained parameter, the shared body once
     counts, history, seen, start = dict.fromkeys(names, 0), [], 0, time.perf_counter()
-    previous = _heldout_loss(heads, heldout) if s.sampler == "adaptive" else None
-    for step in range(1, s.steps + 1):
-        if sampler is None:  # uncertainty: the most uncertain examples among every task's candidates
-            candidates = {t: next(streams[t]) for t in names}
+    with training_precision(model, next(iter(heads.values())).compute_dtype) as precision:
+        optimizer = make_optimizer(body, [m.head for m in heads.values()], opt, precision.optimized)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(opt.warmup_ratio * s.steps), s.steps)
+        previous = _heldout_loss(heads, heldout) if s.sampler == "adaptive" else None
+        for step in range(1, s.steps + 1):
+            if sampler is None:  # uncertainty: the most uncertain examples among every task's candidates
+                candidates = {t: next(streams[t]) for t in names}
+                for m in heads.values():
+                    m.eval()
+                with torch.no_grad():
+                    logits = [heads[t](**collate(train[t], candidates[t], device_of(body))).float().cpu().numpy()
+                              for t in names]
+                chosen = most_uncertain(logits, opt.batch_size)
+                picked = {t: candidates[t][[r for ti, r in chosen if names[ti] == t]] for t in names}
+                picked = {t: idx for t, idx in picked.items() if len(idx)}
+            else:
+                task = names[sampler.draw(draw_rng)]
+                picked = {task: next(streams[task])}
             for m in heads.values():
-                m.eval()
-            with torch.no_grad():
-                logits = [heads[t](**collate(train[t], candidates[t])).numpy() for t in names]
-            chosen = most_uncertain(logits, opt.batch_size)
-            picked = {t: candidates[t][[r for ti, r in chosen if names[ti] == t]] for t in names}
-            picked = {t: idx for t, idx in picked.items() if len(idx)}
-        else:
-            task = names[sampler.draw(draw_rng)]
-            picked = {task: next(streams[task])}
-        for m in heads.values():
-            m.train()
-        total = sum(len(idx) for idx in picked.values())
-        loss = sum(_loss(heads[t], train[t], idx) for t, idx in picked.items()) / total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for t, idx in picked.items():
-            counts[t] += len(idx)
-        seen += total
-        row = {"step": step, "loss": loss.item(), "examples": {t: len(idx) for t, idx in picked.items()}}
-        if s.sampler == "adaptive":
-            current = _heldout_loss(heads, heldout)
-            sampler.update(names.index(next(iter(picked))), previous - current)
-            previous = current
-            row["heldout_loss"] = current
-            row["probabilities"] = dict(zip(names, np.round(sampler.probabilities(), 4).tolist(), strict=True))
-        history.append(row)
-        if on_step:
-            on_step(total)
+                m.train()
+            total = sum(len(idx) for idx in picked.values())
+            with precision.autocast():
+                loss = sum(_loss(heads[t], train[t], idx) for t, idx in picked.items()) / total
+            precision.backward(loss)
+            precision.step(optimizer, opt.max_grad_norm)
+            scheduler.step()
+            for t, idx in picked.items():
+                counts[t] += len(idx)
+            seen += total
+            row = {"step": step, "loss": loss.item(), "examples": {t: len(idx) for t, idx in picked.items()}}
+            if s.sampler == "adaptive":
+                current = _heldout_loss(heads, heldout)
+                sampler.update(names.index(next(iter(picked))), previous - current)
+                previous = current
+                row["heldout_loss"] = current
+                row["probabilities"] = dict(zip(names, np.round(sampler.probabilities(), 4).tolist(), strict=True))
+            history.append(row)
+            if on_step:
+                on_step(total)
     for m in heads.values():
         m.eval()
     return MultitaskResult(s.steps, seen, time.perf_counter() - start, counts, history)

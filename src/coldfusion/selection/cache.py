@@ -21,6 +21,12 @@ def digest(kind: str, **parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def precision_part(precision: str) -> dict:
+    """A key part for results computed in `precision`; none for fp32, so results cached
+    before precisions were chosen stay valid."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 def split_fingerprint(split: "Split") -> str:
     """Of the examples themselves: a task file edited since gets new keys."""
     h = hashlib.sha256()

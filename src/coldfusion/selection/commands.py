@@ -5,7 +5,7 @@ from pathlib import Path
 from coldfusion.errors import ColdFusionError
 from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
-from coldfusion.runtime import set_threads
+from coldfusion.runtime import use_compute
 from coldfusion.selection.bodies import Encoders, load_candidate
 from coldfusion.selection.rank import SCORES, Ranked, rank_candidates
 from coldfusion.selection.select import METHODS, SourceScore, score_sources
@@ -23,7 +23,7 @@ def rank(target: str, candidates: list[str], s: SelectionSettings, cache: Path, 
          top_k: int = 0, base: str | None = "default", progress=None) -> list[Ranked]:
     if by not in SCORES:
         raise ColdFusionError(f"rank by one of {', '.join(SCORES)}, not '{by}'")
-    set_threads(s.threads)
+    use_compute(s)
     encoders, task = Encoders(), task_argument(target)
     bodies = [load_candidate(c, encoders) for c in candidates]
     base_body = load_candidate(base, encoders) if top_k and base else None
@@ -35,7 +35,7 @@ def select(target: str, sources: list[str], s: SelectionSettings, cache: Path, b
            base: str = "default", progress=None) -> list[SourceScore]:
     if by not in METHODS:
         raise ColdFusionError(f"select by one of {', '.join(METHODS)}, not '{by}'")
-    set_threads(s.threads)
+    use_compute(s)
     encoders = Encoders()
     scored = score_sources(task_argument(target), [task_argument(t) for t in sources], load_candidate(base, encoders),
                            s, Repository(cache), encoders, progress or SilentProgress())

@@ -15,7 +15,7 @@ from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.features import frozen_features
 from coldfusion.selection.scores import logme_score, probe_score
-from coldfusion.selection.settings import SelectionSettings
+from coldfusion.selection.settings import SelectionSettings, compute_of
 from coldfusion.selection.transfer import finetune_accuracy
 from coldfusion.tasks import Task
 
@@ -41,7 +41,8 @@ class Ranked:
 
 def score_body(store: Repository, encoders: Encoders, body: Body, target: Task, s: SelectionSettings) -> Ranked:
     encoder = encoders(body.source)
-    train, validation = (frozen_features(store, body, encoder, split, s.max_length, s.pooling, s.probe.batch_size)
+    train, validation = (frozen_features(store, body, encoder, split, s.max_length, s.pooling, s.probe.batch_size,
+                                         compute_of(s))
                          for split in (target.train.head(s.feature_examples),
                                        target.validation.head(s.validation_examples)))
     logme, logme_seconds = logme_score(train)

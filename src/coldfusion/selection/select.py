@@ -16,7 +16,7 @@ from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.features import frozen_features
 from coldfusion.selection.rank import score_body
 from coldfusion.selection.scores import semb_similarity
-from coldfusion.selection.settings import SelectionSettings
+from coldfusion.selection.settings import SelectionSettings, compute_of
 from coldfusion.selection.transfer import intertrain
 from coldfusion.tasks import Task
 
@@ -45,7 +45,8 @@ def score_sources(target: Task, sources: list[Task], base: Body, s: SelectionSet
     progress = progress or SilentProgress()
     encoder = encoders(base.source)
     features = lambda body, task: frozen_features(  # noqa: E731
-        store, body, encoder, task.train.head(s.feature_examples), s.max_length, s.pooling, s.probe.batch_size)
+        store, body, encoder, task.train.head(s.feature_examples), s.max_length, s.pooling, s.probe.batch_size,
+        compute_of(s))
     target_mean = features(base, target)
     progress.phase(f"scoring {len(sources)} sources for {target.name}", len(sources))
     scored = []

@@ -3,17 +3,15 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.errors import ColdFusionError
 from coldfusion.training import FinetuneSettings, ProbeSettings
+from coldfusion.training.settings import ComputeSettings
 
 
-class SelectionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    threads: int = Field(2, ge=1)
+class SelectionSettings(ComputeSettings):
     max_length: int = Field(64, ge=8)
     pooling: Literal["mean", "cls"] = "mean"
     # Cheap scores: frozen features of the target's examples (and, for SEmb, the sources').
@@ -30,6 +28,13 @@ class SelectionSettings(BaseModel):
     # Intertraining (`select`): the base finetuned on each source task.
     source_examples: int = Field(1000, ge=1, description="source training examples of each intertraining")
     source_finetune: FinetuneSettings = FinetuneSettings(epochs=1, batch_size=16)
+
+
+def compute_of(s: SelectionSettings):
+    """`s`'s device and precision resolved here (the commands check them once, up front)."""
+    from coldfusion.runtime import resolve_compute
+
+    return resolve_compute(s.device, s.precision, s.threads)
 
 
 def load_selection_settings(path: Path | None) -> SelectionSettings:

@@ -5,6 +5,7 @@ import torch
 
 from coldfusion.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
+from coldfusion.training.precision import cast_to
 
 
 def classification_metrics(predictions, labels) -> dict[str, float]:
@@ -27,8 +28,9 @@ def predict_logits(model: Classifier, data: Encoded, batch_size: int = 64) -> to
     was_training = model.training
     model.eval()
     out, device = torch.empty((len(data), model.head.out_features)), device_of(model)
-    for idx in length_bucketed_batches(data.lengths, batch_size, rng=None):
-        out[torch.as_tensor(idx)] = model(**collate(data, idx, device)).float().cpu()
+    with cast_to(model, model.compute_dtype):
+        for idx in length_bucketed_batches(data.lengths, batch_size, rng=None):
+            out[torch.as_tensor(idx)] = model(**collate(data, idx, device)).float().cpu()
     model.train(was_training)
     return out
 

@@ -12,6 +12,7 @@ import torch
 from coldfusion.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import classification_metrics
+from coldfusion.training.precision import cast_to
 from coldfusion.training.settings import ProbeProtocol, ProbeSettings  # noqa: F401 (re-exported)
 
 
@@ -27,8 +28,9 @@ class ProbeResult:
 def extract_features(model: Classifier, data: Encoded, batch_size: int = 64) -> torch.Tensor:
     model.eval()
     out, device = torch.empty((len(data), model.head.in_features)), device_of(model)
-    for idx in length_bucketed_batches(data.lengths, batch_size, rng=None):
-        out[torch.as_tensor(idx)] = model.embed(**collate(data, idx, device)).float().cpu()
+    with cast_to(model, model.compute_dtype):
+        for idx in length_bucketed_batches(data.lengths, batch_size, rng=None):
+            out[torch.as_tensor(idx)] = model.embed(**collate(data, idx, device)).float().cpu()
     return out
 
 

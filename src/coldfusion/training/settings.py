@@ -1,6 +1,22 @@
 """Training settings as configs spell them (light: pydantic only, no torch)."""
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class ComputeSettings(BaseModel):
+    """Where and how a command computes (resolved by runtime.resolve_compute)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device multiplies it natively (CUDA since Ampere, CPUs with "
+                            "AVX512-BF16 or AMX), else fp32; fp32 is the reference path")
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="torch threads; auto: the cores this process may use")
 
 
 class FinetuneSettings(BaseModel):

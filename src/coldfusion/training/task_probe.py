@@ -17,9 +17,9 @@ SPLITS = ("train", "validation", "test")
 
 class TaskProbe:
     def __init__(self, task: Task, encoder: Encoder, protocol: ProbeProtocol, max_length: int, pooling: str,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32):
         self.task, self.encoder, self.protocol = task, encoder, protocol
-        self.pooling, self.device = pooling, torch.device(device)
+        self.pooling, self.device, self.compute_dtype = pooling, torch.device(device), compute_dtype
         sizes = (protocol.train_examples, protocol.validation_examples, protocol.test_examples)
         self.splits = {split: encode(getattr(task, split).head(n), encoder.tokenizer, max_length)
                        for split, n in zip(SPLITS, sizes, strict=True)}
@@ -30,7 +30,8 @@ class TaskProbe:
     def score(self, body: Tensors, on_step=None) -> dict:
         """Test accuracy and macro-F1, the chosen L2 and its validation accuracy, and which test
         examples it got right (a 0/1 string, for paired bootstraps): numbers only."""
-        model = Classifier(self.encoder.new_body(body), self.task.num_labels, pooling=self.pooling).to(self.device)
+        model = Classifier(self.encoder.new_body(body), self.task.num_labels, pooling=self.pooling)
+        model.place(self.device, self.compute_dtype)
         features = {}
         for split, data in self.splits.items():
             features[split] = (extract_features(model, data, self.protocol.probe.batch_size), data.labels)

@@ -98,7 +98,8 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
         home.mkdir(parents=True, exist_ok=True)
         task_file = home / "task.yaml"
         task_file.write_text(yaml.safe_dump(_absolute(spec).model_dump(mode="json", exclude_none=True)))
-        nodes[spec.name] = {"task": str(task_file), "state-dir": str(home / "state"), "threads": cfg.threads,
+        nodes[spec.name] = {"task": str(task_file), "state-dir": str(home / "state"), "device": cfg.device,
+                            "precision": cfg.precision, **({"threads": cfg.threads} if cfg.threads != "auto" else {}),
                             **({"model": str(model_dir)} if model_dir else {})}
     server = cfg.model_copy(update={
         "tasks": [], "contributors": [t.name for t in cfg.tasks], "engine": "flower",

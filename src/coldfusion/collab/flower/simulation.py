@@ -5,7 +5,8 @@ the config; the ClientApp gives it that task and its node settings (the run's th
 its heads under `<run dir>/heads`), exactly what a SuperNode's node config would. So
 tasks stay with the simulated nodes: messages carry what a deployment's carry.
 Contributors get `flower.client_cpus` CPUs each (default: `threads`), so on a machine of
-that many cores they train one at a time, as with the local engine.
+that many cores they train one at a time, as with the local engine; on a machine with
+GPUs (and a device other than cpu) each also gets `flower.client_gpus` of a GPU.
 """
 
 import logging
@@ -14,6 +15,14 @@ from pathlib import Path
 
 from coldfusion.collab.local_engine import run_node
 from coldfusion.config import RunConfig
+from coldfusion.runtime import available_cores
+
+
+def client_resources(config: RunConfig, gpus: int) -> dict[str, float]:
+    """Each simulated contributor's share of a machine with `gpus` CUDA GPUs."""
+    cpus = config.flower.client_cpus or (available_cores() if config.threads == "auto" else config.threads)
+    use_gpus = gpus > 0 and config.device != "cpu"
+    return {"num_cpus": cpus, "num_gpus": (config.flower.client_gpus or 1.0) if use_gpus else 0.0}
 
 
 def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress=None,
@@ -22,6 +31,7 @@ def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bo
     wrapped around every node's handlers (as a deployment's ClientApp could add its own)."""
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")  # never let Flower pip-install
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import torch
     from flwr.simulation import run_simulation
 
     from coldfusion.collab.flower.client_app import client_app_for
@@ -30,13 +40,14 @@ def run_on_simulation(config: RunConfig, run_dir: Path | None = None, resume: bo
     run_dir = Path(run_dir or config.output_dir / config.name).resolve()
     nodes = [run_node(config, run_dir / "heads", spec) for spec in config.tasks]
     outcome: dict = {}
-    cpus = config.flower.client_cpus or config.threads
+    resources = client_resources(config, torch.cuda.device_count())
     run_simulation(
         server_app=server_app_for(config, run_dir, resume, progress, outcome),
         client_app=client_app_for(nodes, client_mods),
         num_supernodes=len(nodes),
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": max(cpus, os.cpu_count() or 1), "include_dashboard": False,
+        backend_config={"client_resources": resources,
+                        "init_args": {"num_cpus": max(resources["num_cpus"], os.cpu_count() or 1),
+                                      "include_dashboard": False,
                                       "logging_level": logging.ERROR}})
     if "error" in outcome:
         raise outcome["error"]
