@@ -60,7 +60,8 @@ def shrink(bench: dict) -> dict:
 def configs(bench: dict, out: Path) -> dict[str, dict]:
     """The four command configs the benchmark is made of."""
     runs = out / "runs"
-    common = {"model": bench["model"], "max_length": bench["max_length"], "seed": bench["seed"], "threads": 1}
+    common = {"model": bench["model"], "max_length": bench["max_length"], "seed": bench["seed"], "threads": 1,
+              "precision": bench.get("precision", "auto")}
     cf, ft, ev = bench["coldfusion"], bench["finetune"], bench["evaluation"]
     budget = cf["iterations"] * len(bench["seen"]) * cf["examples_per_contributor"]  # training examples
     run = {**common, "name": "coldfusion", "tasks": bench["seen"], "output_dir": str(runs),
@@ -76,7 +77,8 @@ def configs(bench: dict, out: Path) -> dict[str, dict]:
               {"name": "multitask", "repository": str(runs / "multitask" / "repository")}]
     evaluation = {k: ev[k] for k in ("seeds", "train_examples", "validation_examples", "test_examples", "finetune",
                                      "few_shot", "probe") if k in ev}
-    evaluation = {**evaluation, "max_length": bench["max_length"], "threads": 1, "bodies": bodies,
+    evaluation = {**evaluation, "max_length": bench["max_length"], "threads": 1, "precision": common["precision"],
+                  "bodies": bodies,
                   "reference": "pretrained", "output_dir": str(out / "evaluations")}
     seen = {**evaluation, "name": "seen", "tasks": bench["seen"], "protocols": ev["seen_protocols"]}
     unseen = {**evaluation, "name": "unseen", "tasks": bench["unseen"], "protocols": ev["unseen_protocols"]}

@@ -90,6 +90,7 @@ def logme_speed(repeats: int = 3) -> None:
 def harness(targets: list[str] | None, repository: Path, settings_path: Path | None) -> None:
     from coldfusion.progress import RichProgress
     from coldfusion.repository import Repository
+    from coldfusion.runtime import use_compute
     from coldfusion.selection.bodies import Encoders, load_candidate
     from coldfusion.selection.harness import evaluate_target, summarize
     from coldfusion.selection.select import METHODS
@@ -97,7 +98,7 @@ def harness(targets: list[str] | None, repository: Path, settings_path: Path | N
     from coldfusion.tasks import CATALOG, load_task
 
     s = load_selection_settings(settings_path)
-    torch.set_num_threads(s.threads)
+    use_compute(s)
     store, encoders = Repository(repository), Encoders()
     base = load_candidate("default", encoders)
     tasks = {name: load_task(name) for name in CATALOG}

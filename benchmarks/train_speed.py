@@ -13,9 +13,13 @@ learning rates and threads, alternated `--repeats` times so all see the same mac
 Then a real finetune of each of ours in bf16 and in fp32 on the same data and seeds,
 scored on the test split: the accuracy delta says whether the speed costs accuracy.
 
+Feature extraction (frozen bodies, batch 64), what probing and `rank` spend their time
+on, is timed in both precisions too.
+
 One JSON line per measurement; per task a final line
 `{"metric": "train_speed", "task", "ours_over_hf_best", "ours_over_fp32", "accuracy_delta_points"}`
-against targets 1.3, 2.0 and 0.5. With `--out FILE`, lines already in FILE are not
+against targets 1.3, 2.0 and 0.5, and one `{"metric": "extraction_speed", "ours_over_fp32"}`
+against 3.0. With `--out FILE`, lines already in FILE are not
 measured again (an interrupted run resumes) and new lines are appended.
 
     python benchmarks/train_speed.py --out benchmarks/results/train_speed.jsonl
@@ -36,7 +40,7 @@ LENGTHS = {"movie_sentiment": 64, "bbc_topic": 256}  # short texts; long texts a
 
 
 def ours(task, encoder, examples: int, max_length: int, batch_size: int, precision: str, seed: int,
-         epochs: float = 1.0, test_examples: int = 0) -> dict:
+         epochs: float = 1.0, test_examples: int = 0, device: str = "cpu") -> dict:
     """Throughput of our finetune; with `test_examples`, the test accuracy after it too."""
     from coldfusion.encoder import Classifier
     from coldfusion.runtime import resolve_precision
@@ -44,9 +48,9 @@ def ours(task, encoder, examples: int, max_length: int, batch_size: int, precisi
     from coldfusion.training.evaluate import evaluate
     from coldfusion.training.finetune import finetune
 
-    dtype = resolve_precision(precision, torch.device("cpu"))
+    dtype = resolve_precision(precision, torch.device(device))
     torch.manual_seed(seed)
-    model = Classifier(encoder.new_body(), task.num_labels).place("cpu", dtype)
+    model = Classifier(encoder.new_body(), task.num_labels).place(device, dtype)
     data = encode(task.train.head(examples), encoder.tokenizer, max_length)
     settings = FinetuneSettings(epochs=epochs, batch_size=batch_size, lr=5e-5, head_lr=1e-3)
     result = finetune(model, data, None, settings, seed=seed)
@@ -57,8 +61,23 @@ def ours(task, encoder, examples: int, max_length: int, batch_size: int, precisi
     return row
 
 
+def extraction(task, encoder, examples: int, max_length: int, precision: str, device: str = "cpu") -> dict:
+    """Throughput of frozen-feature extraction (what probing and `rank` spend their time on)."""
+    from coldfusion.encoder import Classifier
+    from coldfusion.runtime import resolve_precision
+    from coldfusion.training import encode
+    from coldfusion.training.probe import extract_features
+
+    dtype = resolve_precision(precision, torch.device(device))
+    model = Classifier(encoder.new_body(), task.num_labels).place(device, dtype)
+    data = encode(task.train.head(examples), encoder.tokenizer, max_length)
+    start = time.perf_counter()
+    extract_features(model, data, batch_size=64)
+    return {"examples_per_s": len(data) / (time.perf_counter() - start)}
+
+
 def hf_trainer(task, model_dir: str, tokenizer, examples: int, max_length: int, batch_size: int, bf16: bool,
-               seed: int) -> dict:
+               seed: int, device: str = "cpu") -> dict:
     import datasets
     from transformers import (
         AutoModelForSequenceClassification,
@@ -78,7 +97,7 @@ def hf_trainer(task, model_dir: str, tokenizer, examples: int, max_length: int, 
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=5e-5,
             warmup_steps=0.06, weight_decay=0.01, report_to="none", save_strategy="no", logging_strategy="no",
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=seed,
+            use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True, seed=seed,
             train_sampling_strategy="group_by_length",
             bf16=bf16, optim="adamw_torch_fused",
         )
@@ -120,13 +139,14 @@ def measure_task(name: str, args, log: Log) -> None:
     n = min(args.speed_examples, len(task.train))
     tokens = [len(x) for x in encoder.tokenizer(task.train.head(n).texts, truncation=True,
                                                 max_length=max_length)["input_ids"]]
-    common = {"task": name, "examples": n, "batch_size": args.batch_size, "max_length": max_length,
-              "threads": args.threads, "mean_tokens": round(sum(tokens) / len(tokens), 1)}
+    common = {"task": name, "device": args.device, "examples": n, "batch_size": args.batch_size,
+              "max_length": max_length, "threads": args.threads, "mean_tokens": round(sum(tokens) / len(tokens), 1)}
+    tok, d, b = encoder.tokenizer, args.device, args.batch_size
     systems = {
-        "ours": lambda: ours(task, encoder, n, max_length, args.batch_size, "auto", 0),
-        "ours_fp32": lambda: ours(task, encoder, n, max_length, args.batch_size, "fp32", 0),
-        "hf_fp32": lambda: hf_trainer(task, model_dir, encoder.tokenizer, n, max_length, args.batch_size, False, 0),
-        "hf_bf16": lambda: hf_trainer(task, model_dir, encoder.tokenizer, n, max_length, args.batch_size, True, 0),
+        "ours": lambda: ours(task, encoder, n, max_length, b, "auto", 0, device=d),
+        "ours_fp32": lambda: ours(task, encoder, n, max_length, b, "fp32", 0, device=d),
+        "hf_fp32": lambda: hf_trainer(task, model_dir, tok, n, max_length, b, False, 0, device=d),
+        "hf_bf16": lambda: hf_trainer(task, model_dir, tok, n, max_length, b, True, 0, device=d),
     }
     warmed = False
     for repeat in range(args.repeats):  # alternate the systems, so all see the same machine load
@@ -134,13 +154,23 @@ def measure_task(name: str, args, log: Log) -> None:
             if log.find(kind="speed", system=system, repeat=repeat, **common):
                 continue
             if not warmed:  # the first training in a process pays one-off kernel set-up
-                ours(task, encoder, args.batch_size * 2, max_length, args.batch_size, "auto", 0)
-                ours(task, encoder, args.batch_size * 2, max_length, args.batch_size, "fp32", 0)
+                ours(task, encoder, b * 2, max_length, b, "auto", 0, device=d)
+                ours(task, encoder, b * 2, max_length, b, "fp32", 0, device=d)
                 warmed = True
             log.write({"kind": "speed", "system": system, "repeat": repeat,
                        **{k: round(v, 3) for k, v in run().items()}, **common})
 
-    accuracy_common = {"task": name, "train_examples": min(args.accuracy_examples, len(task.train)),
+    extract_n = min(4 * n, len(task.train))
+    for repeat in range(args.repeats):
+        for precision in ("auto", "fp32"):
+            if log.find(kind="extraction", precision=precision, repeat=repeat, **common):
+                continue
+            log.write({"kind": "extraction", "precision": precision, "repeat": repeat, "extracted": extract_n,
+                       **{k: round(v, 3) for k, v in extraction(task, encoder, extract_n, max_length, precision,
+                                                                 d).items()}, **common})
+
+    accuracy_common = {"task": name, "device": args.device,
+                       "train_examples": min(args.accuracy_examples, len(task.train)),
                        "test_examples": min(args.test_examples, len(task.test)), "epochs": args.epochs,
                        "max_length": max_length, "batch_size": args.batch_size}
     for seed in args.seeds:
@@ -148,7 +178,7 @@ def measure_task(name: str, args, log: Log) -> None:
             if log.find(kind="accuracy", precision=precision, seed=seed, **accuracy_common):
                 continue
             row = ours(task, encoder, accuracy_common["train_examples"], max_length, args.batch_size, precision,
-                       seed, epochs=args.epochs, test_examples=accuracy_common["test_examples"])
+                       seed, epochs=args.epochs, test_examples=accuracy_common["test_examples"], device=d)
             log.write({"kind": "accuracy", "precision": precision, "seed": seed,
                        **{k: round(v, 4) for k, v in row.items()}, **accuracy_common})
 
@@ -178,6 +208,13 @@ def measure_task(name: str, args, log: Log) -> None:
         "accuracy_delta_points": deltas != [] and abs(final["accuracy_delta_points"]) <= TARGETS[
             "accuracy_delta_points"]}
     log.write(final)
+    extracted = {p: max(r["examples_per_s"] for r in log.rows if r.get("kind") == "extraction"
+                        and r["precision"] == p and all(r.get(k) == v for k, v in common.items()))
+                 for p in ("auto", "fp32")}
+    ratio = round(extracted["auto"] / extracted["fp32"], 2)
+    log.write({"metric": "extraction_speed", "task": name, "ours_over_fp32": ratio, "target": 3.0,
+               "met": ratio >= 3.0, "best_examples_per_s": {p: round(v, 1) for p, v in extracted.items()},
+               "batch_size": 64, **{k: v for k, v in common.items() if k != "batch_size"}})
 
 
 def main() -> None:
@@ -187,6 +224,7 @@ def main() -> None:
     p.add_argument("--speed-examples", type=int, default=640, help="examples of each timed epoch")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the GPU check runs it on cuda)")
     p.add_argument("--repeats", type=int, default=3, help="alternate the systems this many times (best counts)")
     p.add_argument("--accuracy-examples", type=int, default=2000, help="training examples of the accuracy finetunes")
     p.add_argument("--test-examples", type=int, default=2000)

@@ -90,7 +90,8 @@ def test_attackers_must_be_contributors(tiny_model_dir, four_tasks):
 def test_real_tasks_one_poisoned_contributor(tmp_path):
     """The bundled MiniLM on three real tasks, one contributor sending large random noise
     (an honest update's norm is about 0.5, the weights' about 280, so x1000): the plain
-    average collapses; validation and the median stay within a point of clean."""
+    average collapses; validation and the median lose at most a point against clean (they
+    fuse fewer honest updates, which may also score higher)."""
     def run(name, fusion, attack=None):
         config = parse_config({
             "name": name, "model": "default", "max_length": 48,
@@ -110,4 +111,4 @@ def test_real_tasks_one_poisoned_contributor(tmp_path):
     validated = run("validated", {"method": "average"}, attack)
     median = run("median", {"method": "median", **off}, attack)
     assert collapsed < clean - 10, (clean, collapsed)
-    assert abs(validated - clean) <= 1.0 and abs(median - clean) <= 1.0, (clean, validated, median)
+    assert validated >= clean - 1.0 and median >= clean - 1.0, (clean, validated, median)

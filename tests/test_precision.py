@@ -1,6 +1,8 @@
 """Precision: how it is chosen, how bf16 trains (fp32 master weights), the cheap dropout of
 the CPU fast path, and how far bf16 results may stray from fp32 ones."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -114,13 +116,25 @@ def _sentiment(tiny_model_dir, toy_task_files):
     return encoder, task, encode(task.train, encoder.tokenizer, 32), encode(task.test, encoder.tokenizer, 32)
 
 
-@needs_bf16
-def test_bf16_finetuning_learns_and_leaves_an_fp32_model_with_fp32_updates(tiny_model_dir, toy_task_files):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
+
+
+def test_auto_on_a_cuda_gpu_takes_bf16_where_the_gpu_has_it():
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA GPU here")
+    gpu = torch.device("cuda")
+    assert resolve_precision("auto", gpu) == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    assert resolve_precision("fp16", gpu) == torch.float16
+    assert resolve_compute("cuda", "auto", 1).device.type == "cuda"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_bf16), pytest.param("cuda", marks=CUDA)])
+def test_bf16_finetuning_learns_and_leaves_an_fp32_model_with_fp32_updates(tiny_model_dir, toy_task_files, device):
     encoder, task, train, test = _sentiment(tiny_model_dir, toy_task_files)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model = Classifier(encoder.new_body(), task.num_labels).place(CPU, dtype)
+        model = Classifier(encoder.new_body(), task.num_labels).place(device, dtype)
         finetune(model, train, None, FinetuneSettings(epochs=3, batch_size=16, lr=1e-3), seed=0)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert not any(isinstance(m, FastDropout) for m in model.modules())
@@ -145,3 +159,43 @@ def test_bf16_features_of_the_bundled_minilm_stay_close_to_fp32_ones():
         features[dtype] = extract_features(model, data, batch_size=32)
     cosine = torch.nn.functional.cosine_similarity(features[torch.float32], features[torch.bfloat16], dim=1)
     assert cosine.min().item() >= 0.99, cosine.min().item()
+
+
+def _config(tmp_path, tiny_model_dir, toy_task_files, **compute) -> Path:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}],
+        "output_dir": str(tmp_path / "runs"), **compute}))
+    return path
+
+
+def test_what_this_machine_cannot_run_is_a_clear_error_before_anything_is_written(
+        tmp_path, tiny_model_dir, toy_task_files):
+    from test_cli import invoke
+
+    cases = [({"precision": "fp16"}, "precision 'fp16' needs a CUDA or MPS device, not the CPU"),
+             ({"device": "tpu"}, "'device'"), ({"precision": "fp8"}, "'precision'"), ({"threads": 0}, "'threads'")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "device 'cuda': torch sees no CUDA GPU here"))
+    for compute, message in cases:
+        result = invoke("run", _config(tmp_path, tiny_model_dir, toy_task_files, **compute))
+        assert result.exit_code == 2, (compute, result.output)
+        assert message in " ".join(result.output.split()), (compute, result.output)
+        assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+def test_simulated_contributors_get_a_gpu_share_only_where_there_are_gpus(tmp_path, tiny_model_dir, toy_task_files):
+    from coldfusion.collab.flower.simulation import client_resources
+    from coldfusion.config import load_config
+
+    config = load_config(_config(tmp_path, tiny_model_dir, toy_task_files, threads=2))
+    assert client_resources(config, gpus=0) == {"num_cpus": 2, "num_gpus": 0.0}
+    assert client_resources(config, gpus=1) == {"num_cpus": 2, "num_gpus": 1.0}
+    shared = config.model_copy(update={"flower": config.flower.model_copy(update={"client_gpus": 0.25})})
+    assert client_resources(shared, gpus=2)["num_gpus"] == 0.25
+    on_cpu = config.model_copy(update={"device": "cpu"})
+    assert client_resources(on_cpu, gpus=1)["num_gpus"] == 0.0
+    auto = config.model_copy(update={"threads": "auto"})
+    assert client_resources(auto, gpus=0)["num_cpus"] == runtime.available_cores()

@@ -171,6 +171,79 @@ def test_hub_dataset_with_bad_labels_is_refused(tmp_path, labels, message):
         load_task(spec)
 
 
+def hub_dataset(root, features: dict, splits: dict[str, dict[str, list]]):
+    """Any dataset in the hub's parquet layout: `features` as datasets spells them, one
+    column mapping per split."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = datasets.Dataset.from_dict({c: [] for c in features}, features=datasets.Features(features)
+                                        ).data.table.schema
+    (root / "data").mkdir(parents=True)
+    for split, columns in splits.items():
+        pq.write_table(pa.table(columns, schema=schema), root / "data" / f"{split}-00000-of-00001.parquet")
+    return str(root)
+
+
+def test_hub_pair_task_loads_premise_and_hypothesis_and_its_own_split_names(tmp_path):
+    """An NLI dataset (MNLI-like: no `validation` split, `validation_matched` instead) loads
+    as a pair task through `hf_splits`; its unlabelled test split is never a class."""
+    import datasets
+
+    features = {"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])}
+    rows = lambda split, labels: {"premise": [f"{split} p{i}" for i in range(len(labels))],  # noqa: E731
+                                  "hypothesis": [f"{split} h{i}" for i in range(len(labels))], "label": labels}
+    root = hub_dataset(tmp_path / "mnli", features, {
+        "train": rows("train", [i % 3 for i in range(30)]), "validation_matched": rows("vm", [0, 1, 2, 2]),
+        "test_matched": rows("tm", [-1] * 4)})
+    task = load_task({"name": "mnli", "hf_dataset": root, "text_column": "premise", "pair_column": "hypothesis",
+                      "hf_splits": {"train": "train", "validation": "validation_matched"}})
+    assert task.label_names == ["entailment", "neutral", "contradiction"]
+    assert task.validation.texts == [f"vm p{i}" for i in range(4)]
+    assert task.validation.pairs == [f"vm h{i}" for i in range(4)] and task.validation.labels == [0, 1, 2, 2]
+    assert all(t.startswith("train") for t in task.train.texts + task.test.texts)  # test carved from train
+    assert all(p.replace(" h", " p") == t for t, p in zip(task.train.texts, task.train.pairs, strict=True))
+    with pytest.raises(ColdFusionError, match=r"has no split \['dev'\]"):
+        load_task({"name": "mnli", "hf_dataset": root, "hf_splits": {"train": "train", "validation": "dev"}})
+    with pytest.raises(ColdFusionError, match="has no train split.*hf_splits"):
+        load_task({"name": "mnli", "hf_dataset": root, "hf_splits": {"validation": "validation_matched"}})
+
+
+def test_hub_formats_we_do_not_support_are_refused_by_name(tmp_path):
+    import datasets
+
+    text = datasets.Value("string")
+    stsb = hub_dataset(tmp_path / "stsb", {"sentence1": text, "sentence2": text, "label": datasets.Value("float32")},
+                       {"train": {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [0.4, 3.8]}})
+    with pytest.raises(ColdFusionError, match="'label' holds real numbers.*regression.*classifiers only"):
+        load_task({"name": "stsb", "hf_dataset": stsb, "text_column": "sentence1", "pair_column": "sentence2"})
+    copa = hub_dataset(
+        tmp_path / "copa", {"premise": text, "choice1": text, "choice2": text, "question": text,
+                            "label": datasets.ClassLabel(names=["choice1", "choice2"])},
+        {"train": {"premise": ["p"], "choice1": ["x"], "choice2": ["y"], "question": ["cause"], "label": [0]}})
+    with pytest.raises(ColdFusionError, match=r"multiple-choice task \(columns \['choice1', 'choice2'\]\)"):
+        load_task({"name": "copa", "hf_dataset": copa, "text_column": "premise"})
+    hellaswag = hub_dataset(tmp_path / "hellaswag", {"ctx": text, "endings": datasets.Sequence(text),
+                                                     "label": datasets.Value("string")},
+                            {"train": {"ctx": ["c"], "endings": [["a", "b"]], "label": ["1"]}})
+    with pytest.raises(ColdFusionError, match=r"multiple-choice task \(columns \['endings'\]\)"):
+        load_task({"name": "hellaswag", "hf_dataset": hellaswag, "text_column": "ctx"})
+    tokens = hub_dataset(tmp_path / "tokens", {"tokens": datasets.Sequence(text), "label": datasets.Value("int64")},
+                         {"train": {"tokens": [["a", "b"]], "label": [1]}})
+    with pytest.raises(ColdFusionError, match="column 'tokens' holds .*not text"):
+        load_task({"name": "tokens", "hf_dataset": tokens, "text_column": "tokens"})
+
+
+def test_a_file_with_real_valued_labels_is_refused_as_regression(tmp_path):
+    path = tmp_path / "scores.csv"
+    path.write_text("text,label\nfine,3.5\ngood,4\nbad,1\n")
+    with pytest.raises(ColdFusionError, match=r"scores.csv: the labels in column 'label' are real numbers \(such as "
+                                              r"3.5\), a regression task"):
+        load_task({"name": "scores", "path": path})
+
+
 def test_split_pool_partitions():
     pool = Split([str(i) for i in range(100)], [i % 2 for i in range(100)])
     tr, va, te = split_pool(pool, seed=3)

@@ -125,9 +125,9 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
     """
     progress = progress or SilentProgress()
     run_dir = Path(run_dir or config.output_dir / config.name)
+    compute = use_compute(config)  # what this machine cannot do fails before anything is written
     state = _prepare_run_dir(config, run_dir, resume)
     run_id = run_id_of(run_dir)
-    compute = use_compute(config)
     seed_everything(config.seed)
     repo = Repository(config.repository or run_dir / "repository")
     log = ResultsLog(run_dir / "results.jsonl")

@@ -22,13 +22,13 @@ from coldfusion.training import encode
 def run_multitask(config: MultitaskConfig, run_dir: Path | None = None, progress=None) -> Path:
     """Train the multitask body; store it as a repository version; write the run directory."""
     progress = progress or SilentProgress()
+    compute = use_compute(config)  # what this machine cannot do fails before anything is written
     run_dir = Path(run_dir or config.output_dir / config.name)
     if (run_dir / "state.json").exists():
         raise ColdFusionError(f"{run_dir} already holds a finished multitask run; set a new `name`")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml",
                        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
-    compute = use_compute(config)
     seed_everything(config.seed)
     tasks = [load_task(spec) for spec in config.tasks]
     encoder = Encoder.load(config.model)

@@ -28,7 +28,7 @@ def load_task(spec: "TaskSpec | str") -> "Task":
         raise ColdFusionError(format_validation_error(exc, "task")) from None
     cols = dict(text_column=spec.text_column, label_column=spec.label_column, pair_column=spec.pair_column)
     if spec.hf_dataset is not None:
-        return load_hub_task(spec.name, spec.hf_dataset, config=spec.hf_config, **cols)
+        return load_hub_task(spec.name, spec.hf_dataset, config=spec.hf_config, splits=spec.hf_splits, **cols)
     if spec.path is not None or spec.train is not None:
         return load_file_task(spec.name, path=spec.path, train=spec.train, validation=spec.validation,
                               test=spec.test, label_names=spec.label_names, **cols)

@@ -8,6 +8,7 @@ jsonl).
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -91,6 +92,16 @@ def _check_rows(frame: pd.DataFrame, where: str, text_columns: list[str], label_
                     f"{MAX_TEXT_CHARS:,}); is a quote left open above it? Split long documents first")
 
 
+def _check_not_regression(labels: pd.Series, where: str, label_column: str) -> None:
+    """Real-valued labels would each become a class of their own: refuse them by name."""
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.notna().all() and (numbers != numbers.round()).any():
+        example = labels[numbers != numbers.round()].iloc[0]
+        raise ColdFusionError(
+            f"{where}: the labels in column '{label_column}' are real numbers (such as {example}), a regression "
+            "task; coldfusion trains classifiers only: bin the values into classes first")
+
+
 def frame_to_split(
     frame: pd.DataFrame, where: str, text_column: str, label_column: str,
     pair_column: str | None, label_names: list[str] | None,
@@ -106,6 +117,7 @@ def frame_to_split(
     if len(frame) == 0:
         raise ColdFusionError(f"{where}: the dataset is empty")
     _check_rows(frame, where, [c for c in (text_column, pair_column) if c], label_column, label_names)
+    _check_not_regression(frame[label_column], where, label_column)
     labels, names = encode_labels([str(v) for v in frame[label_column].tolist()], label_names)  # rows checked
     texts = [str(v) for v in frame[text_column].tolist()]
     pairs = None if pair_column is None else [str(v) for v in frame[pair_column].tolist()]
@@ -139,15 +151,17 @@ def load_file_task(
 
 def load_hub_task(
     name: str, dataset: str, *, config: str | None = None, text_column: str = "text",
-    label_column: str = "label", pair_column: str | None = None,
+    label_column: str = "label", pair_column: str | None = None, splits: dict[str, str] | None = None,
 ) -> Task:
     """A Hugging Face dataset: a hub id (needs the hub or a local datasets cache) or a local
     directory of data files, through the same `datasets.load_dataset` call.
 
-    A ClassLabel column's ints become its names. -1 means "no label" (GLUE's test splits):
-    a split with no labelled row is set aside as if absent (its test split is then carved
-    from the others, as for a file task); a split with only some rows unlabelled is an
-    error naming the first one, as is an int outside the label set.
+    `splits` maps train / validation / test to the dataset's own split names where they
+    differ. A ClassLabel column's ints become its names. -1 means "no label" (GLUE's test
+    splits): a split with no labelled row is set aside as if absent (its test split is then
+    carved from the others, as for a file task); a split with only some rows unlabelled is
+    an error naming the first one, as is an int outside the label set. Formats other than
+    classification of one text or a pair (regression, multiple choice) are refused by name.
     """
     try:
         import datasets
@@ -161,8 +175,15 @@ def load_hub_task(
             "Without network access use a built-in task, a local csv/jsonl/parquet file, or a local "
             "directory of data files as `hf_dataset`."
         ) from None
+    if splits:
+        unknown = sorted(set(splits.values()) - set(ds))
+        if unknown:
+            raise ColdFusionError(f"Hugging Face dataset '{dataset}' has no split {unknown} (its splits: {list(ds)})")
+        ds = {ours: ds[theirs] for ours, theirs in splits.items()}
     if "train" not in ds:
-        raise ColdFusionError(f"Hugging Face dataset '{dataset}' has no train split (its splits: {list(ds)})")
+        raise ColdFusionError(f"Hugging Face dataset '{dataset}' has no train split (its splits: {list(ds)}); "
+                              "name it with `hf_splits: {train: ...}`")
+    _check_classification(ds["train"].features, dataset, text_column, pair_column, label_column)
     feature = ds["train"].features.get(label_column)
     label_names = list(getattr(feature, "names", []) or []) or None
     frames = {}
@@ -178,6 +199,32 @@ def load_hub_task(
     part = lambda s: splits[s][0] if s in splits else None  # noqa: E731
     tr, va, te = complete_splits(name, part("train"), part("validation"), part("test"))
     return Task(name, splits["train"][1], tr, va, te, source=f"hf:{dataset}")
+
+
+# Columns that make a dataset multiple choice: COPA's choice1/2, SWAG's ending0..3,
+# HellaSwag's endings, PIQA's sol1/2, ARC's choices, RACE's options.
+MULTIPLE_CHOICE = re.compile(r"(choice|ending|option|sol)\d+|choices|endings|options")
+
+
+def _check_classification(features, dataset: str, text_column: str, pair_column: str | None,
+                          label_column: str) -> None:
+    """Refuse, by name, the formats a text classifier would silently get wrong."""
+    label = features.get(label_column)
+    if str(getattr(label, "dtype", "")).startswith("float"):
+        raise ColdFusionError(
+            f"Hugging Face dataset '{dataset}': column '{label_column}' holds real numbers ({label.dtype}), a "
+            "regression task (as STS-B); coldfusion trains classifiers only; bin the scores into classes in a file")
+    choices = sorted(c for c in features if MULTIPLE_CHOICE.fullmatch(c))
+    if choices:
+        raise ColdFusionError(
+            f"Hugging Face dataset '{dataset}' is a multiple-choice task (columns {choices}); coldfusion trains "
+            "classifiers of one text or a text pair only")
+    for column in (text_column, pair_column):
+        feature = features.get(column) if column else None
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise ColdFusionError(
+                f"Hugging Face dataset '{dataset}': column '{column}' holds {features[column]}, not text; "
+                "set text_column / pair_column to text columns")
 
 
 def _named_labels(frame: pd.DataFrame, where: str, label_column: str, label_names: list[str]) -> pd.DataFrame | None:

@@ -1,8 +1,9 @@
 """How a config names a task: a built-in name, a local file, or a Hugging Face dataset."""
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coldfusion.names import SafeName
 
@@ -19,6 +20,9 @@ class TaskSpec(BaseModel):
     test: Path | None = None
     hf_dataset: str | None = None
     hf_config: str | None = None
+    hf_splits: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None, description="which of the dataset's splits are train / validation / test when their names differ "
+                          "(MNLI: {validation: validation_matched}); the others are ignored")
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = "label"
@@ -34,6 +38,8 @@ class TaskSpec(BaseModel):
         sources = [self.path is not None, self.train is not None, self.hf_dataset is not None]
         if sum(sources) > 1:
             raise ValueError("give only one of `path`, `train` (+ validation/test) or `hf_dataset`")
+        if self.hf_splits is not None and self.hf_dataset is None:
+            raise ValueError("`hf_splits` names the splits of an `hf_dataset`")
         return self
 
     @property

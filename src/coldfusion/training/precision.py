@@ -90,7 +90,8 @@ class MasterWeights(FullPrecision):
         torch.nn.utils.clip_grad_norm_(_params_of(optimizer), max_grad_norm)
         optimizer.step()
         with torch.no_grad():
-            torch._foreach_copy_([p for p, _ in self.pairs], [m for _, m in self.pairs])
+            for param, master in self.pairs:
+                param.copy_(master)
 
 
 class LossScaling(FullPrecision):

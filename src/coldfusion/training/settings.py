@@ -1,8 +1,8 @@
 """Training settings as configs spell them (light: pydantic only, no torch)."""
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ComputeSettings(BaseModel):
@@ -15,8 +15,14 @@ class ComputeSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the device multiplies it natively (CUDA since Ampere, CPUs with "
                             "AVX512-BF16 or AMX), else fp32; fp32 is the reference path")
-    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="torch threads; auto: the cores this process may use")
+    threads: int | Literal["auto"] = Field("auto", description="torch threads; auto: the cores this process may use")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"give a number of threads (1 or more) or 'auto', not {value!r}")
 
 
 class FinetuneSettings(BaseModel):
