@@ -48,6 +48,10 @@ def test_evaluation_is_deterministic_and_resumable(tiny_model_dir, toy_task_file
     assert len(rows) == len(toy_task_files) * (2 + 2 + 1)
     assert {r["protocol"] for r in rows} == {"linear_probe", "few_shot", "finetune"}
     assert all(len(r["test_correct"]) == r["n_test"] == 48 for r in rows)
+    from coldfusion.runtime import precision_name, resolve_compute
+
+    here = resolve_compute(cfg.device, cfg.precision, cfg.threads)  # each row says where it was measured
+    assert {(r["device"], r["precision"]) for r in rows} == {(str(here.device), precision_name(here.dtype))}
     few = [r for r in rows if r["protocol"] == "few_shot"]
     assert all(r["train_examples"] <= 8 * 3 for r in few)
     # the same body and seed evaluated again (elsewhere) gives identical numbers
