@@ -1,5 +1,6 @@
 """Training settings as configs spell them (light: pydantic only, no torch)."""
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,12 +11,20 @@ class ComputeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
-                        description="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
+    device: str = Field(
+        "auto", description="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the device multiplies it natively (CUDA since Ampere, CPUs with "
                             "AVX512-BF16 or AMX), else fp32; fp32 is the reference path")
     threads: int | Literal["auto"] = Field("auto", description="torch threads; auto: the cores this process may use")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value):
+        text = str(value).strip().lower()
+        if re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", text):
+            return text
+        raise ValueError(f"give auto, cpu, cuda, cuda:N or mps, not {value!r}")
 
     @field_validator("threads", mode="before")
     @classmethod
