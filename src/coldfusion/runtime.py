@@ -87,16 +87,17 @@ class Compute:
     dtype: torch.dtype
     threads: int
 
-    def describe(self) -> str:
-        return f"{self.device}, {precision_name(self.dtype)}, {self.threads} thread(s)"
-
 
 def resolve_compute(device: str = "auto", precision: str = "auto", threads: int | str = "auto") -> Compute:
     """Configs' `device`, `precision` and `threads` resolved on this machine; an unavailable
     choice is a ValueError that says what was found."""
     resolved = resolve_device(device)
-    return Compute(resolved, resolve_precision(precision, resolved),
-                   available_cores() if threads in (None, "auto") else int(threads))
+    return Compute(resolved, resolve_precision(precision, resolved), resolve_threads(threads))
+
+
+def resolve_threads(threads: int | str | None = "auto") -> int:
+    """`auto` (or unset): the cores this process may use."""
+    return available_cores() if threads in (None, "auto") else int(threads)
 
 
 def use_compute(settings) -> Compute:

@@ -40,9 +40,9 @@ class Ranked:
 
 
 def score_body(store: Repository, encoders: Encoders, body: Body, target: Task, s: SelectionSettings) -> Ranked:
-    encoder = encoders(body.source)
+    encoder, compute = encoders(body.source), compute_of(s)
     train, validation = (frozen_features(store, body, encoder, split, s.max_length, s.pooling, s.probe.batch_size,
-                                         compute_of(s))
+                                         compute)
                          for split in (target.train.head(s.feature_examples),
                                        target.validation.head(s.validation_examples)))
     logme, logme_seconds = logme_score(train)

@@ -43,10 +43,10 @@ def score_sources(target: Task, sources: list[Task], base: Body, s: SelectionSet
     if target.name in names or len(set(names)) != len(names):
         raise ColdFusionError(f"sources must be distinct and differ from the target '{target.name}': {names}")
     progress = progress or SilentProgress()
-    encoder = encoders(base.source)
+    encoder, compute = encoders(base.source), compute_of(s)
     features = lambda body, task: frozen_features(  # noqa: E731
         store, body, encoder, task.train.head(s.feature_examples), s.max_length, s.pooling, s.probe.batch_size,
-        compute_of(s))
+        compute)
     target_mean = features(base, target)
     progress.phase(f"scoring {len(sources)} sources for {target.name}", len(sources))
     scored = []

@@ -22,16 +22,17 @@ from coldfusion.training import encode
 def intertrain(store: Repository, encoder: Encoder, base: Body, source: Task, s: SelectionSettings,
                seed: int = 0) -> tuple[Body, float]:
     """The base finetuned on `source` (its first `source_examples`), and what that cost in seconds."""
+    compute = compute_of(s)
     key = digest("intertrained", base=base.sha256, source=split_fingerprint(source.train), examples=s.source_examples,
                  finetune=s.source_finetune.model_dump(), max_length=s.max_length, pooling=s.pooling, seed=seed,
-                 **precision_part(precision_name(compute_of(s).dtype)))
+                 **precision_part(precision_name(compute.dtype)))
     hit = store.recall(key)
     if hit is None:
         start = time.perf_counter()
         contributor = Contributor(
             source, encoder, finetune_settings=s.source_finetune, max_length=s.max_length, pooling=s.pooling,
             examples_per_iteration=s.source_examples, validation_examples=s.validation_examples, keep_head=False,
-            seed=seed, device=(compute := compute_of(s)).device, compute_dtype=compute.dtype)
+            seed=seed, device=compute.device, compute_dtype=compute.dtype)
         result = contributor.contribute(base.tensors, iteration=0)
         hit = store.remember(key, "intertrained", {"base": base.name, "source": source.name,
                                                    "seconds": time.perf_counter() - start, **result.metrics},
@@ -46,9 +47,10 @@ def finetune_accuracy(store: Repository, encoder: Encoder, body: Body, target: T
     batch order: the same for every body, so bodies are compared pairwise."""
     test = target.test.head(s.test_examples)
     train = target.train.head(s.target_examples)
+    compute = compute_of(s)
     key = digest("finetune_score", body=body.sha256, tokenizer=encoder.source, train=split_fingerprint(train),
                  test=split_fingerprint(test), finetune=s.finetune.model_dump(), max_length=s.max_length,
-                 pooling=s.pooling, seed=seed, task=target.name, **precision_part(precision_name(compute_of(s).dtype)))
+                 pooling=s.pooling, seed=seed, task=target.name, **precision_part(precision_name(compute.dtype)))
     hit = store.recall(key)
     if hit is None:
         start = time.perf_counter()
@@ -56,7 +58,7 @@ def finetune_accuracy(store: Repository, encoder: Encoder, body: Body, target: T
                   "test": encode(test, encoder.tokenizer, s.max_length)}
         score = run_protocol("finetune", lambda: encoder.new_body(body.tensors), target, splits, seed,
                              ProtocolSettings(finetune=s.finetune), encoder.tokenizer, s.max_length, s.pooling,
-                             compute_of(s))
+                             compute)
         hit = store.remember(key, "finetune_score", {"body": body.name, "target": target.name, "seed": seed,
                                                      "seconds": time.perf_counter() - start, **score.metrics})
     return hit.value["accuracy"], hit.value["seconds"]

@@ -42,7 +42,7 @@ from coldfusion.collab.node import NodeSettings
 from coldfusion.configfile import format_validation_error
 from coldfusion.encoder import Encoder
 from coldfusion.errors import ColdFusionError
-from coldfusion.runtime import available_cores, set_threads
+from coldfusion.runtime import resolve_threads, set_threads
 from coldfusion.tasks import TaskSpec, load_task
 
 NodeSettingsOf = Callable[[Context], NodeSettings]
@@ -158,7 +158,7 @@ def _serve(settings_of: NodeSettingsOf, mods: list | None = None) -> ClientApp:
 
     def settings(context: Context) -> NodeSettings:
         node = settings_of(context)
-        set_threads(node.threads or available_cores())
+        set_threads(resolve_threads(node.threads))
         return node
 
     def guarded(handler):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from coldfusion.collab.local_engine import run_node
 from coldfusion.config import RunConfig
-from coldfusion.runtime import available_cores
+from coldfusion.runtime import resolve_threads
 
 
 def client_resources(config: RunConfig, gpus: int) -> dict[str, float]:
     """Each simulated contributor's share of a machine with `gpus` CUDA GPUs."""
-    cpus = config.flower.client_cpus or (available_cores() if config.threads == "auto" else config.threads)
+    cpus = config.flower.client_cpus or resolve_threads(config.threads)
     use_gpus = gpus > 0 and config.device != "cpu"
     return {"num_cpus": cpus, "num_gpus": (config.flower.client_gpus or 1.0) if use_gpus else 0.0}
 
