@@ -19,10 +19,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no C
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
-def _contributor(tiny_model_dir, toy_task_files, tmp_path, device, **update):
+def _contributor(tiny_model_dir, toy_task_files, tmp_path, device, precision="auto", **update):
     config = tiny_config(tiny_model_dir, toy_task_files, tmp_path).model_copy(update=update)
     consortium = ConsortiumSettings.of_run(config, "run1")
-    node = NodeSettings(model=str(tiny_model_dir), device=device, threads=1, state_dir=tmp_path / "state")
+    node = NodeSettings(model=str(tiny_model_dir), device=device, precision=precision, threads=1,
+                        state_dir=tmp_path / "state")
     return contributor_for(consortium, node, load_task(config.tasks[0]), Encoder.load(str(tiny_model_dir)))
 
 
@@ -91,3 +92,8 @@ def test_a_device_the_node_does_not_have_is_an_error_that_says_so(tiny_model_dir
         resolve_device(f"cuda:{count}")
     with pytest.raises(ColdFusionError, match="node config: unknown device 'gpu0'"):
         _contributor(tiny_model_dir, toy_task_files, tmp_path, "gpu0")
+    # a node's own precision is checked on the node, with what it found
+    with pytest.raises(ColdFusionError, match="node config: unknown precision 'fp8'"):
+        _contributor(tiny_model_dir, toy_task_files, tmp_path, "cpu", precision="fp8")
+    with pytest.raises(ColdFusionError, match="node config: precision 'fp16' needs a CUDA or MPS device"):
+        _contributor(tiny_model_dir, toy_task_files, tmp_path, "cpu", precision="fp16")

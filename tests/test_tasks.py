@@ -209,6 +209,11 @@ def test_hub_pair_task_loads_premise_and_hypothesis_and_its_own_split_names(tmp_
         load_task({"name": "mnli", "hf_dataset": root, "hf_splits": {"train": "train", "validation": "dev"}})
     with pytest.raises(ColdFusionError, match="has no train split.*hf_splits"):
         load_task({"name": "mnli", "hf_dataset": root, "hf_splits": {"validation": "validation_matched"}})
+    only_ours = r"'hf_splits.dev.\[key\]': Input should be 'train', 'validation' or 'test'"
+    with pytest.raises(ColdFusionError, match=only_ours):
+        load_task({"name": "mnli", "hf_dataset": root, "hf_splits": {"dev": "validation_matched"}})
+    with pytest.raises(ColdFusionError, match="`hf_splits` names the splits of an `hf_dataset`"):
+        load_task({"name": "mnli", "path": "mnli.csv", "hf_splits": {"train": "train"}})
 
 
 def test_hub_formats_we_do_not_support_are_refused_by_name(tmp_path):
