@@ -43,7 +43,7 @@ def generated(strategy, count: int) -> list:
 
 def judge(action: Callable[[], object], expected: str) -> tuple[str, str]:
     """(outcome, message) of one case."""
-    from coldfusion.errors import ColdFusionError
+    from coldfusion.infra.errors import ColdFusionError
 
     try:
         result = action()
@@ -78,11 +78,11 @@ def cases(root: Path) -> list[Case]:
 # -- the library: task files, run configs, contributions, uploads --------------------------
 
 def library_cases(root: Path) -> list[Case]:
-    from coldfusion.config import load_config, parse_config
+    from coldfusion.collab.config import load_config, parse_config
     from coldfusion.repository import Repository
+    from coldfusion.repository.uploads import read_upload
+    from coldfusion.repository.validation import ValidationSettings
     from coldfusion.tasks import load_task
-    from coldfusion.uploads import read_upload
-    from coldfusion.validation import ValidationSettings
 
     root.mkdir(parents=True)
 
@@ -248,7 +248,7 @@ MALFORMED_SAFETENSORS = {
 
 
 def safetensors_cases(root: Path) -> list[Case]:
-    from coldfusion.uploads import read_upload
+    from coldfusion.repository.uploads import read_upload
 
     root.mkdir(parents=True)
     out = []
@@ -267,7 +267,7 @@ class _RunsCode:
 
 
 def pickle_cases(root: Path) -> list[Case]:
-    from coldfusion.uploads import read_upload
+    from coldfusion.repository.uploads import read_upload
 
     root.mkdir(parents=True)
     files = {
@@ -293,7 +293,8 @@ def pickle_cases(root: Path) -> list[Case]:
 # -- model directories given to merge --------------------------------------------------------
 
 def model_directory_cases(root: Path) -> list[Case]:
-    from coldfusion.merge import load_merge_config, merge_checkpoints
+    from coldfusion.merge.config import load_merge_config
+    from coldfusion.merge.run import merge_checkpoints
 
     root.mkdir(parents=True)
     config = {"architectures": ["BertModel"], "model_type": "bert"}
@@ -334,9 +335,9 @@ def model_directory_cases(root: Path) -> list[Case]:
 # -- configs of every command -------------------------------------------------------------
 
 def config_cases(root: Path) -> list[Case]:
-    from coldfusion.config import load_config
+    from coldfusion.collab.config import load_config
     from coldfusion.evaluation import load_eval_config
-    from coldfusion.merge import load_merge_config
+    from coldfusion.merge.config import load_merge_config
     from coldfusion.multitask.config import load_multitask_config
     from coldfusion.selection.settings import load_selection_settings
 
@@ -518,8 +519,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def generated_cases(root: Path) -> list[Case]:
-    from coldfusion.config import load_config, parse_config
-    from coldfusion.uploads import read_upload
+    from coldfusion.collab.config import load_config, parse_config
+    from coldfusion.repository.uploads import read_upload
 
     root.mkdir(parents=True)
     out = []

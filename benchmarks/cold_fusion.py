@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from coldfusion.evaluation.config import EvalConfig  # noqa: E402
 from coldfusion.evaluation.report import protocol_table  # noqa: E402
 from coldfusion.evaluation.run import seeds_of  # noqa: E402
+from coldfusion.io.results import ResultsLog  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
-from coldfusion.results import ResultsLog  # noqa: E402
 
 BODIES = ["pretrained", "coldfusion", "multitask"]
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 from cold_fusion import ROOT, Step, configs, phase, run_queue, write
 
-from coldfusion.config import RunConfig
+from coldfusion.collab.config import RunConfig
 from coldfusion.evaluation.report import protocol_table
+from coldfusion.io.results import ResultsLog
 from coldfusion.repository import Repository
-from coldfusion.results import ResultsLog
 
 HERE = Path(__file__).resolve().parent
 

@@ -65,7 +65,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
 def make_inputs(root: Path, n: int) -> tuple[Path, list[Path]]:
     from transformers import AutoModel
 
-    from coldfusion.model_names import default_model_dir
+    from coldfusion.models.names import default_model_dir
 
     base = root / "base"
     if not base.exists():
@@ -115,7 +115,7 @@ def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
     from contextlib import ExitStack
 
     from coldfusion.fusion.streaming import fuse_stream
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     ours_method, params = OURS[method]
     start = time.perf_counter()
@@ -193,7 +193,7 @@ def main() -> None:
     one_model_mb = (base / "model.safetensors").stat().st_size / MB
     # Start-up footprint of each tool (its imports); memory targets are read above it.
     baselines = {
-        "coldfusion": measured([sys.executable, "-c", "import coldfusion.cli, coldfusion.merge"], env)[1],
+        "coldfusion": measured([sys.executable, "-c", "import coldfusion.cli, coldfusion.merge.run"], env)[1],
         "mergekit": measured([str(args.mergekit / "bin" / "python"), "-c",
                               "import mergekit.scripts.run_yaml, mergekit.merge, mergekit.plan"], env)[1],
         "naive": measured([sys.executable, "-c", "import torch, safetensors.torch"], env)[1],

@@ -8,7 +8,7 @@ Three parts, each printing JSON lines (and appending them to results/reliability
   arguments; part generated with hypothesis). Each must be refused with a message that
   says what was wrong; none may crash or be accepted. The last line is
   {"metric": "bad_inputs", "tried", "refused_clearly", "refused_unclear", "crashed", "accepted_wrongly"}.
-- `faults`: `coldfusion run` killed with SIGKILL at every failpoint (coldfusion/faults.py),
+- `faults`: `coldfusion run` killed with SIGKILL at every failpoint (coldfusion/infra/faults.py),
   then `coldfusion verify` and `coldfusion run --resume`; counts contributions lost (must
   be 0) and checks the final base equals an uninterrupted run's. Tiny random encoder with
   the MiniLM tokenizer, two real built-in tasks: seconds per kill.
@@ -65,7 +65,7 @@ def tiny_model(root: Path) -> Path:
     """A 2-layer hidden-32 BERT with the MiniLM's tokenizer (real vocabulary, random weights)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from coldfusion.model_names import default_model_dir
+    from coldfusion.models.names import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

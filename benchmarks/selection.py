@@ -88,9 +88,9 @@ def logme_speed(repeats: int = 3) -> None:
 
 
 def harness(targets: list[str] | None, repository: Path, settings_path: Path | None) -> None:
-    from coldfusion.progress import RichProgress
+    from coldfusion.infra.progress import RichProgress
+    from coldfusion.infra.runtime import use_compute
     from coldfusion.repository import Repository
-    from coldfusion.runtime import use_compute
     from coldfusion.selection.bodies import Encoders, load_candidate
     from coldfusion.selection.harness import evaluate_target, summarize
     from coldfusion.selection.select import METHODS

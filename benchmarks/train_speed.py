@@ -42,8 +42,8 @@ LENGTHS = {"movie_sentiment": 64, "bbc_topic": 256}  # short texts; long texts a
 def ours(task, encoder, examples: int, max_length: int, batch_size: int, precision: str, seed: int,
          epochs: float = 1.0, test_examples: int = 0, device: str = "cpu") -> dict:
     """Throughput of our finetune; with `test_examples`, the test accuracy after it too."""
-    from coldfusion.encoder import Classifier
-    from coldfusion.runtime import resolve_precision
+    from coldfusion.infra.runtime import resolve_precision
+    from coldfusion.models.encoder import Classifier
     from coldfusion.training import FinetuneSettings, encode
     from coldfusion.training.evaluate import evaluate
     from coldfusion.training.finetune import finetune
@@ -63,8 +63,8 @@ def ours(task, encoder, examples: int, max_length: int, batch_size: int, precisi
 
 def extraction(task, encoder, examples: int, max_length: int, precision: str, device: str = "cpu") -> dict:
     """Throughput of frozen-feature extraction (what probing and `rank` spend their time on)."""
-    from coldfusion.encoder import Classifier
-    from coldfusion.runtime import resolve_precision
+    from coldfusion.infra.runtime import resolve_precision
+    from coldfusion.models.encoder import Classifier
     from coldfusion.training import encode
     from coldfusion.training.probe import extract_features
 
@@ -150,8 +150,8 @@ class Log:
 
 
 def measure_task(name: str, args, log: Log) -> None:
-    from coldfusion.encoder import Encoder
-    from coldfusion.model_names import default_model_dir
+    from coldfusion.models.encoder import Encoder
+    from coldfusion.models.names import default_model_dir
     from coldfusion.tasks import load_builtin
 
     model_dir = str(default_model_dir())

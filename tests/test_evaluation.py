@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from coldfusion.errors import ColdFusionError
 from coldfusion.evaluation import EvalConfig, run_evaluation
 from coldfusion.evaluation.config import load_eval_config
 from coldfusion.evaluation.few_shot import few_shot
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.tasks.task import Split
 
 
@@ -48,7 +48,7 @@ def test_evaluation_is_deterministic_and_resumable(tiny_model_dir, toy_task_file
     assert len(rows) == len(toy_task_files) * (2 + 2 + 1)
     assert {r["protocol"] for r in rows} == {"linear_probe", "few_shot", "finetune"}
     assert all(len(r["test_correct"]) == r["n_test"] == 48 for r in rows)
-    from coldfusion.runtime import precision_name, resolve_compute
+    from coldfusion.infra.runtime import precision_name, resolve_compute
 
     here = resolve_compute(cfg.device, cfg.precision, cfg.threads)  # each row says where it was measured
     assert {(r["device"], r["precision"]) for r in rows} == {(str(here.device), precision_name(here.dtype))}
@@ -78,7 +78,7 @@ def test_evaluation_is_deterministic_and_resumable(tiny_model_dir, toy_task_file
 
 def test_report_compares_bodies_with_paired_intervals(tiny_model_dir, toy_task_files, tmp_path):
     """A repository version as a second body: the report has its gain over the reference."""
-    from coldfusion.encoder import Encoder
+    from coldfusion.models.encoder import Encoder
     from coldfusion.repository import Repository
 
     encoder = Encoder.load(str(tiny_model_dir))

@@ -18,6 +18,7 @@ flwr = pytest.importorskip("flwr")
 
 from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
+from coldfusion.collab.config import AttackSettings, FusionSettings, dump_config, parse_config  # noqa: E402
 from coldfusion.collab.consortium import ConsortiumSettings  # noqa: E402
 from coldfusion.collab.contributor import ContributionResult  # noqa: E402
 from coldfusion.collab.flower import deployment  # noqa: E402
@@ -33,7 +34,6 @@ from coldfusion.collab.flower.messages import (  # noqa: E402
 from coldfusion.collab.flower.security import make_certificates  # noqa: E402
 from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
 from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
-from coldfusion.config import AttackSettings, FusionSettings, dump_config, parse_config  # noqa: E402
 from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 
@@ -175,7 +175,7 @@ def test_the_client_app_says_who_it_is_scores_declines_and_names_no_path_in_erro
 
     from coldfusion.collab.flower.client_app import app as client_app
     from coldfusion.collab.flower.messages import ARRAYS, CONFIG, read_declined, read_scores
-    from coldfusion.encoder import Encoder
+    from coldfusion.models.encoder import Encoder
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as inside a SuperLink's run
         monkeypatch.setattr(TaskIdentity, attr, value)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from coldfusion.checkpoint import save_tensors
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import REGISTRY, fuse_files, get_operator
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import save_tensors
 
 
 def write(tmp_path, name, tensors):
@@ -89,7 +89,7 @@ def test_bad_weights_and_unknown_method(tmp_path):
 
 def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
     """The operator sees a lazy sequence: no tensor is read before the operator asks for it."""
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     paths = [write(tmp_path, str(i), {"a": torch.full((3,), float(i)), "b": torch.ones(2) * i}) for i in range(4)]
     reads = []
@@ -112,7 +112,7 @@ def test_streaming_reads_each_tensor_lazily(tmp_path, monkeypatch):
 def test_reader_reads_every_dtype_like_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "b": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
@@ -179,7 +179,7 @@ def test_writer_streams_a_valid_safetensors_file(tmp_path):
 
     from safetensors.torch import load_file
 
-    from coldfusion.tensorfile import SafetensorsReader, SafetensorsWriter
+    from coldfusion.io.tensorfile import SafetensorsReader, SafetensorsWriter
 
     tensors = {"a": torch.randn(10, 3), "b16": torch.randn(7).bfloat16(), "empty": torch.zeros(0, 2),
                "ids": torch.arange(5), "mask": torch.tensor([True, False, True])}
@@ -216,7 +216,7 @@ def test_elementwise_fusion_reads_bounded_slices(tmp_path, monkeypatch, method):
     """Memory does not grow with the number of models: an elementwise operator only ever
     sees one slice per model; whole tensors are read one model at a time, by `prepare`."""
     from coldfusion.fusion import streaming
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     torch.manual_seed(3)
     paths = [write(tmp_path, str(i), {"w": torch.randn(40, 5)}) for i in range(6)]
@@ -322,7 +322,7 @@ def test_whole_tensors_share_one_buffer_without_aliasing_what_was_yielded(tmp_pa
 
     from coldfusion.fusion import registry, streaming
     from coldfusion.fusion.task_vectors import stack_float
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     buffers = []
 
@@ -356,7 +356,7 @@ def test_slices_returned_as_views_of_a_reused_buffer_are_kept(tmp_path, monkeypa
 
     from coldfusion.fusion import registry, streaming
     from coldfusion.fusion.task_vectors import stack_float
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
     def first_model(tensors, weights):
         return stack_float(tensors)[0]  # a view into the thread's buffer

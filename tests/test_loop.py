@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from coldfusion.collab import run_cold_fusion
-from coldfusion.config import parse_config
-from coldfusion.errors import ColdFusionError
+from coldfusion.collab.config import parse_config
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.repository import Repository
 
 
@@ -111,7 +111,7 @@ def test_kill_9_mid_iteration_then_resume(tiny_model_dir, toy_task_files, tmp_pa
 
     import yaml
 
-    from coldfusion.config import dump_config
+    from coldfusion.collab.config import dump_config
 
     cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path / "killed", iterations=3)
     path = tmp_path / "killed.yaml"
@@ -202,7 +202,7 @@ def test_fusion_without_the_needed_statistics_is_refused(tmp_path):
 def test_the_servers_own_suite_is_scored_beside_the_contributors_tasks(tiny_model_dir, toy_task_files, tmp_path):
     """`evaluation.suite`: tasks the repository owner holds, scored on the server; they are
     reported beside (not as) the contributors' scores, and no contributor trains on them."""
-    from coldfusion.config import RunConfig
+    from coldfusion.collab.config import RunConfig
 
     data = tiny_config(tiny_model_dir, {"sentiment": toy_task_files["sentiment"]}, tmp_path, iterations=1).model_dump()
     data["evaluation"]["suite"] = [{"name": "public_topic", "path": str(toy_task_files["topic"])}]

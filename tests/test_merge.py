@@ -17,12 +17,13 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
-from coldfusion.checkpoint import save_tensors
 from coldfusion.cli import app
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files
-from coldfusion.inputs import sha256_file
-from coldfusion.merge import MergeConfig, load_merge_config, merge_checkpoints
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import save_tensors
+from coldfusion.io.model_files import sha256_file
+from coldfusion.merge.config import MergeConfig, load_merge_config
+from coldfusion.merge.run import merge_checkpoints
 
 SMALL = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
              max_position_embeddings=40)
@@ -182,7 +183,7 @@ def test_base_without_tensors_the_inputs_have_is_refused(tmp_path):
 def test_default_names_the_bundled_minilm_and_the_card_names_it_portably(tmp_path):
     """`default` is the MiniLM this install carries, never a hub lookup; the card names the
     base by its hub id and checksums, not by a path inside the virtualenv."""
-    from coldfusion.model_names import DEFAULT_HUB_ID, default_model_dir
+    from coldfusion.models.names import DEFAULT_HUB_ID, default_model_dir
 
     out = merge_checkpoints(MergeConfig(method="task_arithmetic", base_model="default",
                                         models=[{"model": "default"}, {"model": "default"}], output=tmp_path / "m"))

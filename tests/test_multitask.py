@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.multitask.config import MultitaskConfig, load_multitask_config
 from coldfusion.multitask.run import run_multitask
 from coldfusion.repository import Repository

@@ -13,9 +13,9 @@ from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
 from coldfusion.collab.local_engine import LocalEngine
 from coldfusion.collab.node import HeadStore, NodeSettings, default_state_dir
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
 from coldfusion.tasks import load_task
 

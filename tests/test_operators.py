@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from coldfusion.checkpoint import save_tensors
-from coldfusion.errors import ColdFusionError
 from coldfusion.fusion import fuse_files, get_operator
 from coldfusion.fusion.task_vectors import sign_consensus_merge
 from coldfusion.fusion.ties_kernel import MagnitudeCut, magnitude_cut, ties_merge
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import save_tensors
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_dare_is_reproducible_and_unbiased(files):
 def test_fusion_parameters_out_of_range_are_refused_before_any_training(tmp_path, method, params, message):
     import yaml
 
-    from coldfusion.config import load_config
+    from coldfusion.collab.config import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"tasks": ["bbc_topic"], "fusion": {"method": method, "params": params}}))

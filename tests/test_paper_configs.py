@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from coldfusion.config import load_config
+from coldfusion.collab.config import load_config
 from coldfusion.evaluation.config import load_eval_config
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"

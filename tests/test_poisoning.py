@@ -13,7 +13,7 @@ from conftest import make_sentiment_rows, make_topic_rows
 
 from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.attacks import poisoned_update
-from coldfusion.config import parse_config
+from coldfusion.collab.config import parse_config
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_attacks_known_answers():
 
 
 def test_attackers_must_be_contributors(tiny_model_dir, four_tasks):
-    from coldfusion.errors import ColdFusionError
+    from coldfusion.infra.errors import ColdFusionError
 
     with pytest.raises(ColdFusionError, match=r"attack.contributors \['nobody'\] are not among the contributors"):
         parse_config({"model": str(tiny_model_dir), "tasks": [{"name": "t", "path": str(four_tasks["topic"])}],

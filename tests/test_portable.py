@@ -10,10 +10,10 @@ from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
 from coldfusion.cli import app
-from coldfusion.encoder import Encoder
-from coldfusion.export import PROVENANCE_FILE
-from coldfusion.inputs import sha256_file
+from coldfusion.io.model_files import sha256_file
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
+from coldfusion.repository.export import PROVENANCE_FILE
 
 runner = CliRunner()
 

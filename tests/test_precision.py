@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from coldfusion import runtime
-from coldfusion.encoder import Classifier, Encoder
-from coldfusion.runtime import resolve_compute, resolve_precision
+from coldfusion.infra import runtime
+from coldfusion.infra.runtime import resolve_compute, resolve_precision
+from coldfusion.models.encoder import Classifier, Encoder
 from coldfusion.tasks import load_task
 from coldfusion.training import FinetuneSettings, encode
 from coldfusion.training.evaluate import evaluate
@@ -149,7 +149,7 @@ def test_bf16_finetuning_learns_and_leaves_an_fp32_model_with_fp32_updates(tiny_
 def test_bf16_features_of_the_bundled_minilm_stay_close_to_fp32_ones():
     """Stated tolerance: per example, the bf16 sentence embedding has cosine similarity at
     least 0.99 with the fp32 one (MiniLM, real movie reviews)."""
-    from coldfusion.model_names import default_model_dir
+    from coldfusion.models.names import default_model_dir
 
     encoder = Encoder.load(str(default_model_dir()))
     data = encode(load_task("movie_sentiment").test.head(64), encoder.tokenizer, 128)
@@ -187,8 +187,8 @@ def test_what_this_machine_cannot_run_is_a_clear_error_before_anything_is_writte
 
 
 def test_simulated_contributors_get_a_gpu_share_only_where_there_are_gpus(tmp_path, tiny_model_dir, toy_task_files):
+    from coldfusion.collab.config import load_config
     from coldfusion.collab.flower.simulation import client_resources
-    from coldfusion.config import load_config
 
     config = load_config(_config(tmp_path, tiny_model_dir, toy_task_files, threads=2))
     assert client_resources(config, gpus=0) == {"num_cpus": 2, "num_gpus": 0.0}

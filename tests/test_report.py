@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from coldfusion.report import summary_markdown
-from coldfusion.stats import correctness, paired_bootstrap_gain
+from coldfusion.collab.report import summary_markdown
+from coldfusion.evaluation.stats import correctness, paired_bootstrap_gain
 
 
 def test_bootstrap_of_identical_models_is_zero():

@@ -3,8 +3,8 @@ import sqlite3
 import pytest
 import torch
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.inputs import sha256_file
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.model_files import sha256_file
 from coldfusion.repository import Repository
 
 
@@ -87,10 +87,10 @@ def test_failed_transaction_leaves_index_unchanged(tmp_path, monkeypatch):
 
 
 def test_old_index_without_stats_column_is_migrated(tmp_path):
-    from coldfusion import repository
+    from coldfusion.repository.schema import SCHEMA
 
-    old = "\n".join(line for line in repository.SCHEMA.splitlines() if not line.strip().startswith("stats TEXT"))
-    assert old != repository.SCHEMA
+    old = "\n".join(line for line in SCHEMA.splitlines() if not line.strip().startswith("stats TEXT"))
+    assert old != SCHEMA
     with sqlite3.connect(tmp_path / "index.sqlite") as db:
         db.executescript(old)
     repo = Repository(tmp_path)

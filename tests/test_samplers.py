@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.multitask.samplers import Adaptive, make_sampler, most_uncertain, normalized_entropy
 
 SIZES = [100, 400, 1600]

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from coldfusion.cli import app
-from coldfusion.encoder import Encoder
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
 from coldfusion.selection import features as features_module
 from coldfusion.selection.bodies import Encoders, body_of, load_candidate

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 from coldfusion.tasks import CATALOG, load_builtin, load_task
 from coldfusion.tasks.task import Split, split_pool
 
@@ -259,7 +259,7 @@ def test_split_pool_partitions():
 def test_pinned_packages_match_the_install_file():
     from pathlib import Path
 
-    from coldfusion.packages import PINNED
+    from coldfusion.io.packages import PINNED
 
     lines = (Path(__file__).parents[1] / "requirements" / "data.txt").read_text().splitlines()
     listed = dict(line.split("==") for line in lines if line and not line.startswith("#"))

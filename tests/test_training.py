@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coldfusion.encoder import Classifier, Encoder
+from coldfusion.models.encoder import Classifier, Encoder
 from coldfusion.tasks import load_task
 from coldfusion.training import FinetuneSettings, ProbeSettings, classification_metrics, encode, linear_probe
 from coldfusion.training.batching import collate, length_bucketed_batches

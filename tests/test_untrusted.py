@@ -145,7 +145,7 @@ def test_a_run_that_failed_before_its_first_iteration_starts_over_with_the_corre
         tiny_model_dir, toy_task_files, tmp_path, resume):
     from test_loop import tiny_config
 
-    from coldfusion.config import dump_config
+    from coldfusion.collab.config import dump_config
 
     config = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=1)
     path = tmp_path / "run.yaml"

@@ -6,7 +6,7 @@ from transformers import AutoModel, BertForSequenceClassification
 from typer.testing import CliRunner
 
 from coldfusion.cli import app
-from coldfusion.encoder import body_tensors
+from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
 
 runner = CliRunner()

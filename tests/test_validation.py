@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from coldfusion.checkpoint import save_tensors
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import save_tensors
+from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
-from coldfusion.tensorfile import SafetensorsReader
-from coldfusion.validation import ValidationSettings, inspect_contribution, norm_outliers
+from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
 
 
 def body(value: float) -> dict[str, torch.Tensor]:

@@ -1,7 +1,13 @@
-"""The ColD Fusion loop and the engines that run its contributors."""
+"""The ColD Fusion loop and the engines that run its contributors.
 
-from coldfusion.collab.contributor import ContributionResult, Contributor
-from coldfusion.collab.local_engine import LocalEngine
-from coldfusion.collab.loop import run_cold_fusion
+Exports load on first use, so that reading a run config (`collab.config`) never pays for torch.
+"""
 
-__all__ = ["ContributionResult", "Contributor", "LocalEngine", "run_cold_fusion"]
+from coldfusion.infra.lazy import lazy_exports
+
+_LAZY = {"ContributionResult": "coldfusion.collab.contributor", "Contributor": "coldfusion.collab.contributor",
+         "LocalEngine": "coldfusion.collab.local_engine", "run_cold_fusion": "coldfusion.collab.loop"}
+
+__getattr__ = lazy_exports(__name__, _LAZY)
+
+__all__ = sorted(_LAZY)

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import torch
 
-from coldfusion.checkpoint import Tensors
+from coldfusion.collab.config import AttackSettings
 from coldfusion.collab.round import RoundResult
-from coldfusion.config import AttackSettings
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.runtime import derive_seed
+from coldfusion.io.checkpoint import Tensors
 
 
 def poisoned_update(body: Tensors, base: Tensors, kind: str, factor: float, seed: int) -> Tensors:

@@ -12,24 +12,23 @@ every engine builds its contributors through it, so all of them train alike.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from coldfusion.collab.config import RunConfig
 from coldfusion.collab.contributor import Contributor
 from coldfusion.collab.node import HeadStore, NodeSettings
-from coldfusion.config import RunConfig
-from coldfusion.encoder import Encoder
 from coldfusion.encodings import EncodingSettings
-from coldfusion.errors import ColdFusionError
-from coldfusion.names import check_name
-from coldfusion.runtime import resolve_compute
+from coldfusion.infra.config_files import ConfigSection
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.names import check_name
+from coldfusion.infra.runtime import resolve_compute
+from coldfusion.models.encoder import Encoder
 from coldfusion.tasks import Task
 from coldfusion.training import FinetuneSettings
 from coldfusion.training.probe import ProbeProtocol
 
 
-class ConsortiumSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ConsortiumSettings(ConfigSection):
     run_id: str = Field(description="identifies the run, so a node keeps its heads per run")
     seed: int
     model: str | None = Field(description="'default' or a hub id; None when the consortium's model is a directory "

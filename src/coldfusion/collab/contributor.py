@@ -13,11 +13,11 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from coldfusion.checkpoint import Tensors
 from coldfusion.collab.node import HeadStore
-from coldfusion.encoder import Classifier, Encoder, body_tensors
 from coldfusion.encodings import FULL, EncodingSettings, encode_contribution
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.runtime import derive_seed
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.models.encoder import Classifier, Encoder, body_tensors
 from coldfusion.tasks import Task
 from coldfusion.training import Encoded, FinetuneSettings, encode
 from coldfusion.training.finetune import finetune

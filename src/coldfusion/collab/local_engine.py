@@ -7,12 +7,12 @@ threads and model, heads under `<run dir>/heads/`).
 
 from pathlib import Path
 
-from coldfusion.checkpoint import Tensors
+from coldfusion.collab.config import RunConfig
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
 from coldfusion.collab.node import NodeSettings
 from coldfusion.collab.round import EvaluationRound, RoundResult
-from coldfusion.config import RunConfig
-from coldfusion.encoder import Encoder
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.models.encoder import Encoder
 from coldfusion.tasks import Task, TaskSpec
 
 

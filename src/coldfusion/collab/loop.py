@@ -25,19 +25,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from coldfusion.checkpoint import Tensors, atomic_write_bytes
 from coldfusion.collab.attacks import poison_round
+from coldfusion.collab.config import RunConfig, dump_config
 from coldfusion.collab.local_engine import LocalEngine
+from coldfusion.collab.report import write_report
 from coldfusion.collab.round import EvaluationRound, RoundResult
-from coldfusion.config import RunConfig, dump_config
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
-from coldfusion.faults import failpoint
-from coldfusion.progress import SilentProgress
-from coldfusion.report import write_report
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.faults import failpoint
+from coldfusion.infra.progress import SilentProgress
+from coldfusion.infra.runtime import Compute, derive_seed, seed_everything, use_compute
+from coldfusion.io.checkpoint import Tensors, atomic_write_bytes
+from coldfusion.io.results import ResultsLog
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
-from coldfusion.results import ResultsLog
-from coldfusion.runtime import Compute, derive_seed, seed_everything, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training.task_probe import TaskProbe
 

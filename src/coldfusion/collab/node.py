@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from coldfusion.checkpoint import Tensors, load_tensors, save_tensors
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors, load_tensors, save_tensors
 from coldfusion.tasks import TaskSpec
 
 

@@ -7,7 +7,7 @@ sent and decodes it when it fuses.
 """
 
 from coldfusion.encodings.settings import EncodingSettings, LoraSettings
-from coldfusion.lazy import lazy_exports
+from coldfusion.infra.lazy import lazy_exports
 
 _LAZY = {name: "coldfusion.encodings.codec"
          for name in ("FULL", "decode_contribution", "encode_contribution", "payload_bytes")}

@@ -1,11 +1,11 @@
 """Encoding a finetuned body for sending, and decoding what was sent (see the package docstring)."""
 
 
-from coldfusion.checkpoint import Tensors
 from coldfusion.encodings.delta import decode_delta, encode_delta
 from coldfusion.encodings.settings import EncodingSettings
 from coldfusion.encodings.sparse import decode_sparse, encode_sparse
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
 
 FULL = {"kind": "full"}
 

@@ -5,8 +5,8 @@ Integer buffers are not sent: they must equal the base's, and decoding takes the
 
 import torch
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

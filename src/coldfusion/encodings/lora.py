@@ -11,10 +11,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from coldfusion.checkpoint import Tensors
 from coldfusion.encodings.delta import DTYPES
 from coldfusion.encodings.settings import LoraSettings
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
 
 A, B = ".lora_A", ".lora_B"
 ADAPTER = "default"

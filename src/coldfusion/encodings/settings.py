@@ -2,12 +2,12 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from coldfusion.infra.config_files import ConfigSection
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoraSettings(ConfigSection):
     # r 16 at lr 1e-3 came within 0.3 points of full contributions, r 8 at 5e-4 within 0.75
     # (benchmarks/results/communication.jsonl)
     r: int = Field(16, ge=1, description="rank of each adapter")
@@ -18,12 +18,10 @@ class LoraSettings(BaseModel):
     lr: float = Field(1e-3, gt=0, description="learning rate of the adapters (they start from zero)")
 
 
-class EncodingSettings(BaseModel):
+class EncodingSettings(ConfigSection):
     """What a contributor sends: `full` (its fp32 body), `delta` (body minus base in fp16 or
     bf16), `sparse` (the top `density` share of delta entries by magnitude or Fisher score,
     as indices + values) or `lora` (it trains LoRA adapters and sends their factors)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["full", "delta", "sparse", "lora"] = "full"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(

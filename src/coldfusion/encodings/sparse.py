@@ -12,9 +12,9 @@ full body's bytes.
 
 import torch
 
-from coldfusion.checkpoint import Tensors
 from coldfusion.encodings.delta import DTYPES
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
 
 INDICES, VALUES = ".indices", ".values"
 

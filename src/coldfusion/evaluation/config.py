@@ -3,38 +3,31 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from coldfusion.configfile import format_validation_error, read_yaml_mapping
-from coldfusion.errors import ColdFusionError
-from coldfusion.names import SafeName
+from coldfusion.infra.config_files import ConfigSection, load_config_file
+from coldfusion.infra.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import ComputeSettings, FinetuneSettings, ProbeSettings
+from coldfusion.training.settings import EncoderSettings, FinetuneSettings, ProbeSettings
 
 
-class FewShotSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FewShotSettings(ConfigSection):
     k: int = Field(100, ge=1, description="labelled training examples per class (all of a class with fewer)")
     validation_k: int | None = Field(
         None, ge=1, description="validation examples per class for early stopping; default none: fixed epochs")
     finetune: FinetuneSettings = FinetuneSettings(epochs=6)
 
 
-class ProtocolSettings(BaseModel):
+class ProtocolSettings(ConfigSection):
     """How each protocol trains (the evaluation config extends this)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     probe: ProbeSettings = ProbeSettings()
     finetune: FinetuneSettings = FinetuneSettings(epochs=3)
     few_shot: FewShotSettings = FewShotSettings()
 
 
-class BodySpec(BaseModel):
+class BodySpec(ConfigSection):
     """A body to evaluate: a model (directory, hub id, 'default') or a repository version."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     model: str | None = Field(None, description="'default', a model directory or a hub id")
@@ -48,11 +41,9 @@ class BodySpec(BaseModel):
         return self
 
 
-class EvalConfig(ProtocolSettings, ComputeSettings):
+class EvalConfig(ProtocolSettings, EncoderSettings):
     name: SafeName = "evaluation"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    max_length: int = Field(64, ge=8)
-    pooling: Literal["mean", "cls"] = "mean"
     bodies: list[BodySpec] = Field(min_length=1)
     reference: str | None = Field(None, description="the body gains are measured against; default the first")
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -84,7 +75,4 @@ class EvalConfig(ProtocolSettings, ComputeSettings):
 
 
 def load_eval_config(path: Path) -> EvalConfig:
-    try:
-        return EvalConfig.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, str(path))) from None
+    return load_config_file(path, EvalConfig)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.runtime import derive_seed
 from coldfusion.tasks.task import Split
 
 

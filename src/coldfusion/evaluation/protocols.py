@@ -1,4 +1,4 @@
-"""How a body is scored on a task (METHODS.md section 1): finetune, linear probe, few-shot.
+"""How a body is scored on a task (docs/METHODS.md section 1): finetune, linear probe, few-shot.
 
 Each protocol starts from the same body, trains what it trains with a seed, and scores
 the test split; it returns the metrics and which test examples it got right (for paired
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coldfusion.encoder import Classifier
 from coldfusion.evaluation.config import ProtocolSettings
 from coldfusion.evaluation.few_shot import few_shot
-from coldfusion.runtime import Compute, derive_seed
+from coldfusion.infra.runtime import Compute, derive_seed
+from coldfusion.models.encoder import Classifier
 from coldfusion.tasks.task import Task
 from coldfusion.training import encode
 from coldfusion.training.evaluate import classification_metrics, predict_logits

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from coldfusion.checkpoint import atomic_write_bytes
-from coldfusion.results import ResultsLog
-from coldfusion.stats import correctness, paired_bootstrap_gain
+from coldfusion.evaluation.stats import correctness, paired_bootstrap_gain
+from coldfusion.io.checkpoint import atomic_write_bytes
+from coldfusion.io.results import ResultsLog
 
 
 def _fmt(x: float) -> str:

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import yaml
 
-from coldfusion.checkpoint import atomic_write_bytes
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
 from coldfusion.evaluation.config import BodySpec, EvalConfig
 from coldfusion.evaluation.protocols import run_protocol
 from coldfusion.evaluation.report import write_eval_report
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
+from coldfusion.infra.runtime import precision_name, use_compute
+from coldfusion.io.checkpoint import atomic_write_bytes
+from coldfusion.io.results import ResultsLog
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
-from coldfusion.results import ResultsLog
-from coldfusion.runtime import precision_name, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training import encode
 
@@ -32,7 +32,7 @@ def resolve_body(spec: BodySpec, loaded: dict[str, Encoder]) -> tuple[Encoder, d
             loaded[spec.model] = Encoder.load(spec.model)
         return loaded[spec.model], None, spec.model
     repo_dir = Path(spec.repository)
-    if not (repo_dir / "index.sqlite").exists():
+    if not Repository.exists_at(repo_dir):
         raise ColdFusionError(f"body '{spec.name}': {repo_dir} is not a coldfusion repository (no index.sqlite)")
     repo = Repository(repo_dir, create=False)
     version = repo.resolve(spec.version)

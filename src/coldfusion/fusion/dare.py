@@ -14,7 +14,7 @@ from pydantic import Field
 
 from coldfusion.fusion.registry import register
 from coldfusion.fusion.task_vectors import mixing_weights, sign_consensus_merge, task_vectors
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.runtime import derive_seed
 
 BLOCK = 1 << 14  # divides the engine's slice: no draw is wasted
 

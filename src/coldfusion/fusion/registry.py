@@ -31,7 +31,7 @@ from functools import cached_property
 import torch
 from pydantic import ConfigDict, ValidationError, create_model
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 
 FuseFn = Callable[..., torch.Tensor]
 

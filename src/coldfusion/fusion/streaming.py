@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.errors import ColdFusionError
-from coldfusion.faults import failpoint
 from coldfusion.fusion.parallel import budget, ordered_map, parallel_map
 from coldfusion.fusion.registry import Operator, get_operator
-from coldfusion.runtime import torch_threads
-from coldfusion.tensorfile import FLOAT_DTYPES, SafetensorsReader
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.faults import failpoint
+from coldfusion.infra.runtime import torch_threads
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.io.tensorfile import FLOAT_DTYPES, SafetensorsReader
 
 # Entries per slice for elementwise operators: SLICE x SLICE_MODELS over all the models
 # (4 MB of float32, which stays in a core's cache), and at least SLICE per model: memory

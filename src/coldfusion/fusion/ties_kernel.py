@@ -5,7 +5,7 @@ took 5-8x as long as reading its inputs. Here the cut of a task vector takes one
 vectorised pass (a sample brackets the k-th largest magnitude; the pass counts the
 entries above the bracket and flags the few inside it, which are then collected), and
 the trim, sign election and disjoint mean are one vectorised pass per model over a
-slice. Both give exactly what their definitions in METHODS.md give
+slice. Both give exactly what their definitions in docs/METHODS.md give
 (tests/test_operators.py checks them against torch spellings). With `workers` threads,
 models are cut and column ranges merged that many at a time (numba releases the GIL).
 Compiled once per machine and cached next to this file (`cache=True`); ties.py imports

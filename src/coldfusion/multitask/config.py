@@ -3,18 +3,16 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from coldfusion.configfile import format_validation_error, read_yaml_mapping
-from coldfusion.errors import ColdFusionError
-from coldfusion.names import SafeName
+from coldfusion.infra.config_files import ConfigSection, load_config_file
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.names import SafeName
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import ComputeSettings, FinetuneSettings
+from coldfusion.training.settings import ExperimentSettings, FinetuneSettings
 
 
-class MultitaskSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MultitaskSettings(ConfigSection):
     sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "adaptive"] = "temperature"
     sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`")
     steps: int = Field(300, ge=1, description="optimizer steps (the training budget)")
@@ -24,12 +22,8 @@ class MultitaskSettings(BaseModel):
     optimizer: FinetuneSettings = FinetuneSettings()
 
 
-class MultitaskConfig(ComputeSettings):
+class MultitaskConfig(ExperimentSettings):
     name: SafeName = "multitask"
-    seed: int = 0
-    model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
-    max_length: int = Field(64, ge=8)
-    pooling: Literal["mean", "cls"] = "mean"
     tasks: list[TaskSpec] = Field(min_length=1)
     train_examples: int | None = Field(None, ge=1, description="cap on each task's training examples")
     validation_examples: int = Field(200, ge=1)
@@ -39,10 +33,7 @@ class MultitaskConfig(ComputeSettings):
 
 
 def load_multitask_config(path: Path) -> MultitaskConfig:
-    try:
-        config = MultitaskConfig.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, str(path))) from None
+    config = load_config_file(path, MultitaskConfig)
     s = config.multitask
     if s.sampler != "uncertainty":  # unknown sampler parameters fail now, not after loading data
         from coldfusion.multitask.samplers import make_sampler

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import yaml
 
-from coldfusion.checkpoint import atomic_write_bytes
-from coldfusion.encoder import Classifier, Encoder, body_tensors
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
+from coldfusion.infra.runtime import derive_seed, seed_everything, use_compute
+from coldfusion.io.checkpoint import atomic_write_bytes
+from coldfusion.io.results import ResultsLog
+from coldfusion.models.encoder import Classifier, Encoder, body_tensors
 from coldfusion.multitask.config import MultitaskConfig
 from coldfusion.multitask.train import train_multitask
-from coldfusion.progress import SilentProgress
 from coldfusion.repository import Repository
-from coldfusion.results import ResultsLog
-from coldfusion.runtime import derive_seed, seed_everything, use_compute
 from coldfusion.tasks import load_task
 from coldfusion.training import encode
 

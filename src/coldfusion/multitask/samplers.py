@@ -1,4 +1,4 @@
-"""Which task the next multitask batch comes from (METHODS.md section 5).
+"""Which task the next multitask batch comes from (docs/METHODS.md section 5).
 
 Static samplers fix a distribution over tasks from their sizes; `adaptive` learns one
 from rewards (a bandit); `uncertainty` picks examples rather than tasks (the most
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 
 
 class TaskSampler:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from coldfusion.encoder import Classifier
+from coldfusion.models.encoder import Classifier
 from coldfusion.multitask.config import MultitaskSettings
 from coldfusion.multitask.samplers import make_sampler, most_uncertain
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches

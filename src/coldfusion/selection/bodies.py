@@ -7,9 +7,9 @@ so the same weights get the same cached features however the user named them.
 from dataclasses import dataclass
 from pathlib import Path
 
-from coldfusion.checkpoint import Tensors, serialize, sha256_bytes
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors, serialize, sha256_bytes
+from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
 
 
@@ -45,7 +45,7 @@ def load_candidate(text: str, encoders: Encoders) -> Body:
     """`REPO` (its latest version), `REPO@VERSION` (v3, 3 or a checksum prefix), a model
     directory, 'default' (the bundled MiniLM) or a hub id."""
     path, at, ref = text.partition("@")
-    if (Path(path) / "index.sqlite").exists():
+    if Repository.exists_at(Path(path)):
         repo = Repository(Path(path), create=False)
         version = repo.resolve(ref if at else "latest")
         encoder = encoders.add(Encoder.from_repository(repo, version))  # the model files stored with it

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
+from coldfusion.infra.runtime import use_compute
 from coldfusion.repository import Repository
-from coldfusion.runtime import use_compute
 from coldfusion.selection.bodies import Encoders, load_candidate
 from coldfusion.selection.rank import SCORES, Ranked, rank_candidates
 from coldfusion.selection.select import METHODS, SourceScore, score_sources

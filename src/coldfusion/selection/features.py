@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from coldfusion.encoder import Classifier, Encoder
+from coldfusion.infra.runtime import Compute, precision_name
+from coldfusion.models.encoder import Classifier, Encoder
 from coldfusion.repository import Repository
-from coldfusion.runtime import Compute, precision_name
 from coldfusion.selection.bodies import Body
 from coldfusion.selection.cache import digest, precision_part, split_fingerprint
 from coldfusion.tasks import Split

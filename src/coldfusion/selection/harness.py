@@ -4,7 +4,7 @@ For every target among the tasks, every other task is a source: the base is fine
 the source (intertraining), then on the target, over the seeds; the base is also
 finetuned on the target directly. The mean test accuracy after intertraining on each
 source is the truth that SEmb, LogME and the linear probe try to predict, and that
-Regret@k and NDCG (METHODS.md section 4) score them against. Everything is cached in the
+Regret@k and NDCG (docs/METHODS.md section 4) score them against. Everything is cached in the
 repository, so the harness resumes where it stopped and its costs stay known.
 """
 
@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.rank import finetune_over_seeds

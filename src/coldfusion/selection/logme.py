@@ -2,13 +2,13 @@
 
 For each class, a Bayesian linear model y = F m + noise with prior m ~ N(0, I / alpha) and
 noise precision beta; its log marginal evidence p(y | F, alpha, beta), maximised over
-alpha and beta by the fixed-point updates of METHODS.md section 4, per example, averaged
+alpha and beta by the fixed-point updates of docs/METHODS.md section 4, per example, averaged
 over the classes (one-hot targets). Higher is better.
 
 One decomposition serves every class and every iteration: with F = U diag(sigma) W^T and
 s = sigma^2, each update is a few sums over the r = rank(F) singular directions, and only
 U^T y is needed. When N >= D it comes from the eigendecomposition F^T F = W diag(s) W^T
-(D x D, as in METHODS.md) as U^T y = diag(1/sigma) W^T F^T y, never forming the N x D U:
+(D x D, as in docs/METHODS.md) as U^T y = diag(1/sigma) W^T F^T y, never forming the N x D U:
 10,000 x 384 features cost one product F^T F and one small eigh (tens of milliseconds).
 When N < D, the thin SVD of F is the cheaper one.
 """

@@ -3,14 +3,14 @@
 Every candidate is scored by LogME and by a linear probe on its frozen features of the
 target (cheap: one forward pass over the target's examples, cached). Optionally the top k
 are finetuned on the target over the seeds to confirm, next to the pretrained base, which
-gives their intertraining gain (METHODS.md section 3).
+gives their intertraining gain (docs/METHODS.md section 3).
 """
 
 import statistics
 from dataclasses import dataclass, field
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.features import frozen_features

@@ -1,4 +1,4 @@
-"""How good a predicted ranking is against the true scores (METHODS.md section 4).
+"""How good a predicted ranking is against the true scores (docs/METHODS.md section 4).
 
 `true` maps each candidate to its measured score (e.g. the target's accuracy after
 intertraining on that source); `predicted` is the candidates in predicted order, best first.

@@ -1,4 +1,4 @@
-"""Cheap scores of how well a body suits a target, from frozen features (METHODS.md 3-4).
+"""Cheap scores of how well a body suits a target, from frozen features (docs/METHODS.md 3-4).
 
 Each returns (score, seconds it took); higher is better. None of them looks at the
 target's test split, which the finetunes that confirm them are scored on.

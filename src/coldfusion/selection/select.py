@@ -1,6 +1,6 @@
 """`coldfusion select`: which source tasks would help a target most as intermediate tasks?
 
-Three predictors (METHODS.md section 4), none of which finetunes on the target:
+Three predictors (docs/METHODS.md section 4), none of which finetunes on the target:
 - SEmb: cosine of the base's mean sentence embeddings of the source's and target's texts;
 - LogME of the source-finetuned body (the base intertrained on the source) on the target;
 - the linear probe of that body on the target.
@@ -9,8 +9,8 @@ The intertrained bodies are cached in the repository; `rank` could reuse them as
 
 from dataclasses import dataclass, field
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.progress import SilentProgress
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.progress import SilentProgress
 from coldfusion.repository import Repository
 from coldfusion.selection.bodies import Body, Encoders
 from coldfusion.selection.features import frozen_features

@@ -1,19 +1,15 @@
 """How candidates are scored: frozen-feature sizes, the probe, and the finetunes that confirm."""
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from coldfusion.configfile import format_validation_error, read_yaml_mapping
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.config_files import load_config_file
 from coldfusion.training import FinetuneSettings, ProbeSettings
-from coldfusion.training.settings import ComputeSettings
+from coldfusion.training.settings import EncoderSettings
 
 
-class SelectionSettings(ComputeSettings):
-    max_length: int = Field(64, ge=8)
-    pooling: Literal["mean", "cls"] = "mean"
+class SelectionSettings(EncoderSettings):
     # Cheap scores: frozen features of the target's examples (and, for SEmb, the sources').
     feature_examples: int = Field(1000, ge=2, description="target training examples whose frozen features "
                                   "score a body (LogME, linear probe) and that SEmb averages")
@@ -32,7 +28,7 @@ class SelectionSettings(ComputeSettings):
 
 def compute_of(s: SelectionSettings):
     """`s`'s device and precision resolved here (the commands check them once, up front)."""
-    from coldfusion.runtime import resolve_compute
+    from coldfusion.infra.runtime import resolve_compute
 
     return resolve_compute(s.device, s.precision, s.threads)
 
@@ -40,7 +36,4 @@ def compute_of(s: SelectionSettings):
 def load_selection_settings(path: Path | None) -> SelectionSettings:
     if path is None:
         return SelectionSettings()
-    try:
-        return SelectionSettings.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, str(path))) from None
+    return load_config_file(path, SelectionSettings)

@@ -6,17 +6,20 @@ result per seed), so they are paid for once and an interrupted harness resumes.
 
 import time
 
-from coldfusion.collab.contributor import Contributor
-from coldfusion.encoder import Encoder
+import numpy as np
+import torch
+
 from coldfusion.evaluation.config import ProtocolSettings
 from coldfusion.evaluation.protocols import run_protocol
+from coldfusion.infra.runtime import Compute, derive_seed, precision_name
+from coldfusion.models.encoder import Classifier, Encoder, body_tensors
 from coldfusion.repository import Repository
-from coldfusion.runtime import precision_name
 from coldfusion.selection.bodies import Body
 from coldfusion.selection.cache import digest, precision_part, split_fingerprint
 from coldfusion.selection.settings import SelectionSettings, compute_of
 from coldfusion.tasks import Task
 from coldfusion.training import encode
+from coldfusion.training.finetune import finetune
 
 
 def intertrain(store: Repository, encoder: Encoder, base: Body, source: Task, s: SelectionSettings,
@@ -29,14 +32,9 @@ def intertrain(store: Repository, encoder: Encoder, base: Body, source: Task, s:
     hit = store.recall(key)
     if hit is None:
         start = time.perf_counter()
-        contributor = Contributor(
-            source, encoder, finetune_settings=s.source_finetune, max_length=s.max_length, pooling=s.pooling,
-            examples_per_iteration=s.source_examples, validation_examples=s.validation_examples, keep_head=False,
-            seed=seed, device=compute.device, compute_dtype=compute.dtype)
-        result = contributor.contribute(base.tensors, iteration=0)
+        body, metrics = _finetune_on_source(encoder, base, source, s, seed, compute)
         hit = store.remember(key, "intertrained", {"base": base.name, "source": source.name,
-                                                   "seconds": time.perf_counter() - start, **result.metrics},
-                             result.body)
+                                                   "seconds": time.perf_counter() - start, **metrics}, body)
     return Body(f"{base.name}+{source.name}", base.source, hit.sha256, store.load(hit.sha256)), hit.value["seconds"]
 
 
@@ -62,3 +60,22 @@ def finetune_accuracy(store: Repository, encoder: Encoder, body: Body, target: T
         hit = store.remember(key, "finetune_score", {"body": body.name, "target": target.name, "seed": seed,
                                                      "seconds": time.perf_counter() - start, **score.metrics})
     return hit.value["accuracy"], hit.value["seconds"]
+
+
+def _finetune_on_source(encoder: Encoder, base: Body, source: Task, s: SelectionSettings, seed: int,
+                        compute: Compute) -> tuple[dict, dict]:
+    """The base with a fresh head, finetuned on a seeded sample of `source_examples` training
+    examples, early-stopped on `validation_examples`: (its body, the finetune's numbers).
+    Seeds derive from the source's name, as a ColD Fusion contributor's first round does."""
+    order = np.random.RandomState(derive_seed(seed, "data", source.name)).permutation(len(source.train))
+    train = encode(source.train, encoder.tokenizer, s.max_length).take(order[:s.source_examples])
+    validation = encode(source.validation.head(s.validation_examples), encoder.tokenizer, s.max_length)
+    with torch.random.fork_rng(devices=[]):  # the head depends on the names only
+        torch.manual_seed(derive_seed(seed, "head", source.name, 0))
+        model = Classifier(encoder.new_body(base.tensors), source.num_labels, pooling=s.pooling)
+    model.place(compute.device, compute.dtype)
+    result = finetune(model, train, validation, s.source_finetune, seed=derive_seed(seed, "finetune", source.name, 0))
+    metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
+               "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
+    return body_tensors(model.body), metrics
+

@@ -2,11 +2,8 @@
 
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from coldfusion.configfile import format_validation_error
-from coldfusion.errors import ColdFusionError
-from coldfusion.lazy import lazy_exports
+from coldfusion.infra.config_files import validate_config
+from coldfusion.infra.lazy import lazy_exports
 from coldfusion.tasks.spec import TaskSpec
 
 if TYPE_CHECKING:
@@ -22,10 +19,7 @@ def load_task(spec: "TaskSpec | str") -> "Task":
     from coldfusion.tasks.catalog import load_builtin
     from coldfusion.tasks.files import load_file_task, load_hub_task
 
-    try:
-        spec = TaskSpec.model_validate(spec)
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, "task")) from None
+    spec = validate_config(TaskSpec, spec, "task")
     cols = dict(text_column=spec.text_column, label_column=spec.label_column, pair_column=spec.pair_column)
     if spec.hf_dataset is not None:
         return load_hub_task(spec.name, spec.hf_dataset, config=spec.hf_config, splits=spec.hf_splits, **cols)

@@ -15,8 +15,8 @@ from functools import cache
 
 import numpy as np
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.runtime import derive_seed
 from coldfusion.tasks import corpora
 from coldfusion.tasks.task import Split, Task, encode_labels, split_pool, split_train_test
 

@@ -4,7 +4,7 @@ import bz2
 import csv
 import gzip
 
-from coldfusion.packages import package_file
+from coldfusion.io.packages import package_file
 
 
 def read_rotten_tomatoes() -> tuple[list[str], list[str]]:

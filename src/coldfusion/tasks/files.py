@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.runtime import derive_seed
 from coldfusion.tasks.task import Split, Task, complete_splits, encode_labels, natural_label_order, split_pool
 
 # Far beyond any max_length; a longer text is almost always a parsing accident.

@@ -3,15 +3,14 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from coldfusion.names import SafeName
+from coldfusion.infra.config_files import ConfigSection
+from coldfusion.infra.names import SafeName
 
 
-class TaskSpec(BaseModel):
+class TaskSpec(ConfigSection):
     """A task in a config. A bare string in YAML means a built-in task of that name."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: SafeName
     path: Path | None = None  # one file, split 70/10/20 deterministically

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coldfusion.runtime import derive_seed
+from coldfusion.infra.runtime import derive_seed
 
 
 @dataclass(frozen=True)

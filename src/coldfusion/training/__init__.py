@@ -5,7 +5,7 @@ their modules (`from coldfusion.training.finetune import finetune`): a package a
 of that name is the submodule once it is loaded.
 """
 
-from coldfusion.lazy import lazy_exports
+from coldfusion.infra.lazy import lazy_exports
 from coldfusion.training.settings import FinetuneSettings, ProbeProtocol, ProbeSettings
 
 _LAZY = {

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from coldfusion.encoder import Classifier
+from coldfusion.models.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.precision import cast_to
 

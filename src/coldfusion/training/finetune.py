@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from coldfusion.encoder import Classifier
-from coldfusion.faults import failpoint
+from coldfusion.infra.faults import failpoint
+from coldfusion.models.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import evaluate
 from coldfusion.training.precision import training_precision

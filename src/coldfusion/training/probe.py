@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coldfusion.encoder import Classifier
+from coldfusion.models.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 from coldfusion.training.evaluate import classification_metrics
 from coldfusion.training.precision import cast_to

@@ -1,15 +1,19 @@
-"""Training settings as configs spell them (light: pydantic only, no torch)."""
+"""Training settings as configs spell them (light: pydantic only, no torch).
+
+The keys every config that trains or infers shares live here once: `ComputeSettings`
+(device, precision, threads), `EncoderSettings` (+ max_length, pooling) and
+`ExperimentSettings` (+ seed, model); each command's config extends one of them."""
 
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from coldfusion.infra.config_files import ConfigSection
 
 
-class ComputeSettings(BaseModel):
+class ComputeSettings(ConfigSection):
     """Where and how a command computes (resolved by runtime.resolve_compute)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device: str = Field(
         "auto", description="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
@@ -34,9 +38,21 @@ class ComputeSettings(BaseModel):
         raise ValueError(f"give a number of threads (1 or more) or 'auto', not {value!r}")
 
 
-class FinetuneSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EncoderSettings(ComputeSettings):
+    """How text becomes features, and where: what every config that trains or infers sets."""
 
+    max_length: int = Field(64, ge=8, description="tokens per example; longer texts are truncated")
+    pooling: Literal["mean", "cls"] = Field("mean", description="how token vectors become one text vector")
+
+
+class ExperimentSettings(EncoderSettings):
+    """What a training experiment adds: the model it starts from and the seed of every random choice."""
+
+    seed: int = 0
+    model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
+
+
+class FinetuneSettings(ConfigSection):
     epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-5, gt=0, description="learning rate of the body")
@@ -48,19 +64,15 @@ class FinetuneSettings(BaseModel):
     patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
 
 
-class ProbeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ProbeSettings(ConfigSection):
     l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
     max_iter: int = Field(200, ge=1, description="L-BFGS iterations per fit")
     batch_size: int = Field(64, ge=1, description="batch size of feature extraction")
 
 
-class ProbeProtocol(BaseModel):
+class ProbeProtocol(ConfigSection):
     """How a base is scored on a task: a linear probe fit on the task's own train split,
     chosen on its validation split, scored on its test split (the first N of each)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     train_examples: int | None = Field(600, ge=1, description="examples the linear-probe head is fit on")
     validation_examples: int | None = Field(200, ge=1)

@@ -6,8 +6,8 @@ its body. Keys are body tensor names, so the repository can fuse them name by na
 
 import torch
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.encoder import Classifier
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.models.encoder import Classifier
 from coldfusion.training.batching import Encoded, collate, device_of, length_bucketed_batches
 
 

@@ -6,8 +6,8 @@ its node), or the server on its own evaluation suite.
 
 import torch
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.encoder import Classifier, Encoder
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.models.encoder import Classifier, Encoder
 from coldfusion.tasks import Task
 from coldfusion.training.batching import encode
 from coldfusion.training.probe import ProbeProtocol, extract_features, probe_features

@@ -39,10 +39,10 @@ from coldfusion.collab.flower.messages import (
     scores_content,
 )
 from coldfusion.collab.node import NodeSettings
-from coldfusion.configfile import format_validation_error
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
-from coldfusion.runtime import resolve_threads, set_threads
+from coldfusion.infra.config_files import format_validation_error
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.runtime import resolve_threads, set_threads
+from coldfusion.models.encoder import Encoder
 from coldfusion.tasks import TaskSpec, load_task
 
 NodeSettingsOf = Callable[[Context], NodeSettings]

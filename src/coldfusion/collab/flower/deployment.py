@@ -16,7 +16,8 @@
 
 Pitfalls handled here: runtime dependency installation is disabled (otherwise Flower
 may pip-install into the environment, e.g. a CUDA torch), each federation has its own
-FLWR_HOME, and everything binds to 127.0.0.1.
+FLWR_HOME, and everything binds to 127.0.0.1. One module because the four parts share one
+directory layout (root/server/, root/nodes/NAME/) and these pitfalls.
 """
 
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 
 NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -68,7 +69,7 @@ def write_app(config: Path, out_dir: Path, run_dir: Path | None = None, resume: 
     """Write the Flower app directory for the run config at `config`; return it. The run
     directory (default: <output_dir>/<name>) is made absolute here, so it does not depend
     on the directory the SuperLink runs the ServerApp in."""
-    from coldfusion.config import load_config
+    from coldfusion.collab.config import load_config
 
     cfg = load_config(config)  # fails now on a bad config, not inside the SuperLink
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,8 +84,8 @@ def split_run_config(config: Path, root: Path) -> tuple[Path, dict[str, dict]]:
     (`root/server/run.yaml`: contributors named, no task data, relative paths made
     absolute) and, per contributor, its task file and node config (`root/nodes/NAME/`).
     Returns the server config's path and each contributor's node config."""
-    from coldfusion.config import dump_config, load_config
-    from coldfusion.names import check_name
+    from coldfusion.collab.config import dump_config, load_config
+    from coldfusion.infra.names import check_name
 
     cfg = load_config(config)
     if cfg.deployment:

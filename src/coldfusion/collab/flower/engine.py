@@ -15,13 +15,13 @@ import time
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from coldfusion.checkpoint import Tensors
+from coldfusion.collab.config import RunConfig
 from coldfusion.collab.consortium import ConsortiumSettings
 from coldfusion.collab.flower.messages import ARRAYS, CONFIG, consortium_record, read_scores, to_record
 from coldfusion.collab.flower.strategy import ColdFusionStrategy
 from coldfusion.collab.round import EvaluationRound, RoundResult
-from coldfusion.config import RunConfig
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
 
 NOT_CONNECTED = "its SuperNode is not connected"
 

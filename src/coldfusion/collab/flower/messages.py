@@ -17,10 +17,10 @@ import json
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from coldfusion.checkpoint import Tensors
 from coldfusion.collab.consortium import ConsortiumSettings
 from coldfusion.collab.contributor import ContributionResult
 from coldfusion.fusion.registry import STATISTICS
+from coldfusion.io.checkpoint import Tensors
 
 ARRAYS, CONFIG, METRICS, CONTRIBUTOR = "arrays", "config", "metrics", "contributor"
 DECLINED, SCORES, CORRECT = "declined", "scores", "correct"

@@ -14,9 +14,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from coldfusion.collab.config import RunConfig, load_config
 from coldfusion.collab.flower.engine import FlowerEngine
 from coldfusion.collab.loop import run_cold_fusion
-from coldfusion.config import RunConfig, load_config
 
 
 def _engine_for(grid: Grid, config: RunConfig):

@@ -13,9 +13,9 @@ import logging
 import os
 from pathlib import Path
 
+from coldfusion.collab.config import RunConfig
 from coldfusion.collab.local_engine import run_node
-from coldfusion.config import RunConfig
-from coldfusion.runtime import resolve_threads
+from coldfusion.infra.runtime import resolve_threads
 
 
 def client_resources(config: RunConfig, gpus: int) -> dict[str, float]:

@@ -23,7 +23,7 @@ from coldfusion.collab.contributor import ContributionResult
 from coldfusion.collab.flower.messages import from_record, read_contribution, read_declined, to_record
 from coldfusion.fusion import get_operator
 from coldfusion.repository import Repository
-from coldfusion.validation import ValidationSettings
+from coldfusion.repository.validation import ValidationSettings
 
 
 class ColdFusionStrategy(FedAvg):

@@ -13,11 +13,11 @@ from pathlib import Path
 import yaml
 
 from coldfusion import __version__
-from coldfusion.checkpoint import staged_directory
-from coldfusion.encoder import Encoder
-from coldfusion.errors import ColdFusionError
-from coldfusion.inputs import sha256_file
-from coldfusion.model_names import card_name
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import staged_directory
+from coldfusion.io.model_files import sha256_file
+from coldfusion.models.encoder import Encoder
+from coldfusion.models.names import card_name
 from coldfusion.repository import Repository, Version
 
 PROVENANCE_FILE = "coldfusion_provenance.json"

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.faults import failpoint
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.faults import failpoint
 
 Tensors = dict[str, torch.Tensor]
 _UMASK = os.umask(0)

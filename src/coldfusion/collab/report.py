@@ -8,9 +8,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from coldfusion.checkpoint import atomic_write_bytes  # noqa: E402
-from coldfusion.results import ResultsLog  # noqa: E402
-from coldfusion.stats import correctness, paired_bootstrap_gain  # noqa: E402
+from coldfusion.evaluation.stats import correctness, paired_bootstrap_gain  # noqa: E402
+from coldfusion.io.checkpoint import atomic_write_bytes  # noqa: E402
+from coldfusion.io.results import ResultsLog  # noqa: E402
 
 
 def accuracy_table(rows: list[dict]) -> tuple[list[str], list[int], dict[tuple[str, int], float]]:

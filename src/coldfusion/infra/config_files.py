@@ -1,11 +1,22 @@
-"""Reading YAML config files and reporting validation errors (light: no ML imports)."""
+"""Config files: YAML read, checked by pydantic, and every problem reported in one format
+that names the file and the key. Every config loader goes through `load_config_file`
+(light: no ML imports, so a bad config is reported before torch loads)."""
 
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class ConfigSection(BaseModel):
+    """A config or a section of one: an unknown key is an error (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _describe(error: dict) -> str:
@@ -41,3 +52,17 @@ def read_yaml_mapping(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ColdFusionError(f"{path}: a config is a YAML mapping of keys, not a {type(data).__name__}")
     return data
+
+
+def validate_config(model: type[Config], data, source: str) -> Config:
+    """`data` checked as a `model`; every problem in one error that names `source`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ColdFusionError(format_validation_error(exc, source)) from None
+
+
+def load_config_file(path: Path, model: type[Config]) -> Config:
+    """The YAML file at `path`, checked as a `model`."""
+    return validate_config(model, read_yaml_mapping(path), str(path))
+

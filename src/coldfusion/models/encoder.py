@@ -23,9 +23,9 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.errors import ColdFusionError
-from coldfusion.model_names import portable_name, resolve_model_source
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.models.names import portable_name, resolve_model_source
 
 transformers_logging.disable_progress_bar()  # "Loading weights" bars would drown our own progress
 

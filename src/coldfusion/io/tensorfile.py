@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from coldfusion.checkpoint import FILE_MODE
-from coldfusion.errors import ColdFusionError
-from coldfusion.faults import failpoint
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.faults import failpoint
+from coldfusion.io.checkpoint import FILE_MODE
 
 # safetensors dtype names -> torch dtypes
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -10,10 +10,15 @@ upload is stored, refused with its reason, and stays on record.
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coldfusion.checkpoint import Tensors
-from coldfusion.errors import ColdFusionError
-from coldfusion.merge import open_body, pickle_to_safetensors, weight_files
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors
+from coldfusion.io.hf_checkpoint import open_body, pickle_to_safetensors, weight_files
+from coldfusion.io.tensorfile import SafetensorsReader
+
+if TYPE_CHECKING:
+    from coldfusion.repository.store import Contribution, Repository
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -36,3 +41,15 @@ def read_upload(path: Path, body_keys: set[str], allow_pickle: bool = False) -> 
         # a classifier's body is read from under its prefix, whatever form it came in
         with open_body(files, body_keys, str(path)) as reader:
             return {k: reader.get_tensor(k) for k in sorted(reader.keys())}
+
+
+def store_upload(repo: "Repository", path: Path, base: str, contributor: str, task: str, examples: int,
+                 allow_pickle: bool = False) -> "Contribution":
+    """Read an upload as a body of the version `base` (id or checksum prefix) and store it as
+    a contribution trained from that version, waiting for `coldfusion fuse`."""
+    version = repo.version(base)
+    with SafetensorsReader([repo.path_of(version.sha256)]) as reader:  # the names only
+        body = read_upload(path, reader.keys(), allow_pickle)
+    return repo.add_contribution(body, base_version=version.id, contributor=contributor, task=task,
+                                 num_examples=examples)
+

@@ -7,22 +7,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from coldfusion.configfile import format_validation_error, read_yaml_mapping
 from coldfusion.encodings import EncodingSettings
-from coldfusion.errors import ColdFusionError
-from coldfusion.names import SafeName
+from coldfusion.infra.config_files import ConfigSection, load_config_file, validate_config
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.names import SafeName
+from coldfusion.repository.validation import ValidationSettings
 from coldfusion.tasks import TaskSpec
-from coldfusion.training.settings import ComputeSettings, FinetuneSettings, ProbeProtocol
-from coldfusion.validation import ValidationSettings
+from coldfusion.training.settings import ExperimentSettings, FinetuneSettings, ProbeProtocol
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoopSettings(Strict):
+class LoopSettings(ConfigSection):
     iterations: int = Field(3, ge=1)
     contributors_per_iteration: int | None = Field(
         None, ge=1, description="k contributors sampled per iteration; default: every seen task")
@@ -33,15 +29,13 @@ class LoopSettings(Strict):
 
 
 class EvaluationSettings(ProbeProtocol):
-    model_config = ConfigDict(extra="forbid")
-
     suite: list[TaskSpec] = Field(
         default_factory=list,
         description="the repository owner's own evaluation tasks (public benchmarks), scored on the server; "
                     "the contributors' tasks are scored by the contributors themselves")
 
 
-class FusionSettings(Strict):
+class FusionSettings(ConfigSection):
     method: str = "average"
     params: dict = Field(default_factory=dict, description="operator parameters")
     statistics_examples: int = Field(
@@ -50,7 +44,7 @@ class FusionSettings(Strict):
         default_factory=ValidationSettings, description="checks every contribution must pass to be fused")
 
 
-class FlowerSettings(Strict):
+class FlowerSettings(ConfigSection):
     """How the loop runs on Flower (engine: flower)."""
 
     mode: Literal["simulation", "deployment"] = Field(
@@ -69,7 +63,7 @@ class FlowerSettings(Strict):
                                 "contributors take turns on each GPU; 0.25 lets four share one)")
 
 
-class AttackSettings(Strict):
+class AttackSettings(ConfigSection):
     """Robustness experiments: poisoned contributors (see collab/attacks.py)."""
 
     contributors: list[str] = Field(min_length=1, description="the poisoned contributors (task names)")
@@ -77,15 +71,11 @@ class AttackSettings(Strict):
     factor: float = Field(20.0, gt=0, description="how far the poisoned update goes, in units of the honest one")
 
 
-class RunConfig(ComputeSettings):
+class RunConfig(ExperimentSettings):
     """A run; its `device`, `precision` and `threads` are those of contributors on this machine (local
     engine, simulation) and of the server's own evaluation suite; a SuperNode chooses its own."""
 
     name: SafeName = "coldfusion"
-    seed: int = 0
-    model: str = Field("default", description="'default' (bundled MiniLM), a model directory or a hub id")
-    max_length: int = Field(64, ge=8)
-    pooling: Literal["mean", "cls"] = "mean"
     tasks: list[TaskSpec] = Field(
         default_factory=list, description="the seen tasks, one contributor each (local engine and simulation)")
     contributors: list[SafeName] = Field(
@@ -148,14 +138,11 @@ class RunConfig(ComputeSettings):
 
 
 def parse_config(data: dict, source: str = "<config>") -> RunConfig:
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ColdFusionError(format_validation_error(exc, source)) from None
+    return validate_config(RunConfig, data, source)
 
 
 def load_config(path: Path) -> RunConfig:
-    config = parse_config(read_yaml_mapping(path), str(path))
+    config = load_config_file(path, RunConfig)
     from coldfusion.fusion import get_operator  # unknown methods fail now, not after an hour of training
 
     try:

@@ -20,16 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from coldfusion.infra.config_files import ConfigSection
 
 if TYPE_CHECKING:
-    from coldfusion.tensorfile import SafetensorsReader
+    from coldfusion.io.tensorfile import SafetensorsReader
 
 
 
-class ValidationSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ValidationSettings(ConfigSection):
     min_accepted: int = Field(
         1, ge=1, description="fuse only when at least this many contributions pass; else stop with every reason")
     max_delta_norm: float | None = Field(

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from coldfusion.errors import ColdFusionError
+from coldfusion.infra.errors import ColdFusionError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RULE = "use 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit"

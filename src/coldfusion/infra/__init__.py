@@ -1,0 +1,1 @@
+"""Infrastructure every layer uses: errors, failpoints, devices and threads, progress, config files, names."""

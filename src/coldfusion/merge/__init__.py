@@ -1,0 +1,1 @@
+"""`coldfusion merge`: fuse finetuned checkpoints a practitioner already has (config, then run)."""

@@ -1,0 +1,170 @@
+"""A fusion in the repository: validate the waiting contributions, decode the encoded ones,
+rebase the stale ones onto the current base, fuse what passed into a new version, and
+record all of it (refusals with their reasons) in one index transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coldfusion.encodings import decode_contribution
+from coldfusion.fusion import fuse_files, get_operator
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import Tensors, load_tensors, save_tensors
+from coldfusion.io.model_files import sha256_file
+from coldfusion.io.tensorfile import SafetensorsReader
+from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
+
+if TYPE_CHECKING:
+    from coldfusion.repository.store import Contribution, Repository, Version
+
+DECODED_PREFIX = ".decoded-"  # scratch directories of a fusion in progress (in the repository's root)
+
+
+def _settled(c: Contribution) -> str:
+    """Why a contribution can no longer be fused."""
+    if c.fused_into is not None:
+        return f"was already fused into version {c.fused_into}"
+    return f"was refused ({c.rejected})" if c.rejected else f"was abandoned ({c.abandoned})"
+
+
+def fuse_contributions(
+    repo: Repository, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
+    params: dict | None = None, run: str | None = None, iteration: int | None = None,
+    run_id: str | None = None, missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
+    validation: ValidationSettings | None = None,
+) -> Version:
+    """Validate the contributions, fuse those that pass into a new version whose parent is
+    `base_version`. A contribution is fused at most once, never once refused or
+    abandoned, and a run's contributions only by that run (`run_id`). `missing`
+    (contributor -> reason) records the chosen contributors that sent nothing, `declined`
+    those that chose not to train on the base. Refused contributions keep their reason
+    in the index and in the version's fusion record; with fewer than
+    `validation.min_accepted` left, nothing is fused and the error lists every reason.
+    """
+    params, validation = params or {}, validation or ValidationSettings()
+    op = get_operator(method)
+    op.check_params(params)  # a typo fails before anything is read
+    base = repo.version(base_version)
+    if base.abandoned:
+        raise ColdFusionError(f"version {base.id} was abandoned ({base.abandoned}); fuse onto another version")
+    repeated = sorted(c for c, n in Counter(contribution_ids).items() if n > 1)
+    if repeated:
+        raise ColdFusionError(f"contributions {repeated} are listed more than once")
+    with repo._db() as db:
+        contribs = [repo._contribution_row(db, c) for c in contribution_ids]
+    settled = [f"contribution {c.id} {_settled(c)}" for c in contribs if not c.waiting]
+    settled += [f"contribution {c.id} was sent to run {c.run_id}, which fuses or abandons it itself (resume "
+                "that run)" for c in contribs if c.waiting and c.run_id is not None and c.run_id != run_id]
+    if settled:
+        raise ColdFusionError("the lineage is not rewritten: " + "; ".join(settled))
+    # Encoded contributions are decoded here, into files deleted after the fusion.
+    with tempfile.TemporaryDirectory(dir=repo.root, prefix=DECODED_PREFIX) as scratch:
+        rejected, norms, dense = _validate(repo, base, contribs, validation, Path(scratch))
+        accepted = [c for c in contribs if c.id not in rejected]
+        if len(accepted) < validation.min_accepted:
+            with repo._db() as db:
+                repo._mark_rejected(db, rejected)
+            reasons = "; ".join(f"contribution {cid}: {why}" for cid, why in rejected.items())
+            raise ColdFusionError(f"only {len(accepted)} of {len(contribs)} contributions passed validation, "
+                                  f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
+        stale = [c for c in accepted if c.base_version != base.id]
+        current = repo.load(base.sha256) if stale else None  # once, for every stale contribution
+        rebased = {c.id: {"from_version": c.base_version, "sha256": _rebase(repo, c, dense[c.id], current)}
+                   for c in stale}
+        weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
+        stats = None
+        if op.needs_stats:
+            lacking = [c.id for c in accepted if op.needs_stats not in c.stats]
+            if lacking:
+                raise ColdFusionError(f"fusion method '{method}' needs {op.needs_stats} statistics, which "
+                                      f"contributions {lacking} did not send")
+            stats = [repo.path_of(c.stats[op.needs_stats]) for c in accepted]
+        bodies = [repo.path_of(rebased[c.id]["sha256"]) if c.id in rebased else dense[c.id] for c in accepted]
+        fused = fuse_files(bodies, method, weights, base=repo.path_of(base.sha256) if op.needs_base else None,
+                           stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None,
+                           **params)
+    fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
+              "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
+              **({"missing": missing} if missing else {}),
+              **({"declined": declined} if declined else {}),
+              **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
+              **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
+    try:
+        with repo._db() as db:
+            sha = repo._store(db, fused)
+            version = repo._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
+                                           base.model)
+            db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
+                           [(version.id, c.id) for c in accepted])
+            repo._mark_rejected(db, rejected)
+    except sqlite3.IntegrityError as exc:  # another fusion settled them since they were read
+        raise ColdFusionError(f"nothing was fused: {exc} (another fusion took some of these contributions "
+                              "first)") from None
+    return version
+
+def _validate(repo: Repository, base: Version, contribs: list[Contribution], settings: ValidationSettings,
+              scratch: Path) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
+    """(contribution id -> why it is refused, -> its delta norm, -> the file of its body:
+    the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
+    rejected, norms, dense = {}, {}, {}
+    bases: dict[int, Tensors] = {}  # each base an encoded contribution needs, read (and hashed) once
+    first_of: dict[str, Contribution] = {}  # payload checksum -> the first contribution that sent it
+    if sha256_file(repo.path_of(base.sha256)) != base.sha256:
+        raise ColdFusionError(f"base version {base.id} ({repo.path_of(base.sha256)}) does not match its "
+                              "checksum: the repository is damaged; run `coldfusion verify` on it")
+    for c in contribs:
+        if c.sha256 in first_of and first_of[c.sha256].base_version == c.base_version:  # a copy weighs once
+            twin = first_of[c.sha256]
+            rejected[c.id] = (f"duplicate: the same payload as contribution {twin.id} from {twin.contributor}")
+            continue
+        first_of.setdefault(c.sha256, c)
+        if c.base_version != base.id and settings.stale == "reject":
+            rejected[c.id] = (f"stale: trained from version {c.base_version}, not the current base "
+                              f"{base.id} (validation.stale = reject)")
+            continue
+        path = repo.path_of(c.sha256)
+        if not path.exists() or sha256_file(path) != c.sha256:
+            rejected[c.id] = f"its file {path.name} is missing or does not match its checksum"
+            continue
+        own_base = base if c.base_version == base.id else repo.version(c.base_version)
+        if c.encoding.get("kind", "full") != "full":
+            try:
+                if own_base.id not in bases:
+                    bases[own_base.id] = repo.load(own_base.sha256)
+                path = _decode(repo, c, bases[own_base.id], scratch)
+            except ColdFusionError as exc:
+                rejected[c.id] = f"its {c.encoding.get('kind')} encoding cannot be decoded: {exc}"
+                continue
+        dense[c.id] = path
+        with SafetensorsReader([path]) as body, SafetensorsReader([repo.path_of(own_base.sha256)]) as b:
+            found = inspect_contribution(body, b)
+        if found.problem:
+            rejected[c.id] = found.problem
+        else:
+            norms[c.id] = found.delta_norm
+    for cid, why in norm_outliers(norms, settings).items():
+        rejected[cid] = why
+    return rejected, norms, dense
+
+def _decode(repo: Repository, contribution: Contribution, own_base: Tensors, scratch: Path) -> Path:
+    """Write the body an encoded contribution stands for (on `own_base`, the tensors of the
+    version it was trained from) into `scratch`; return its path."""
+    payload = load_tensors(repo.path_of(contribution.sha256))  # its checksum was just verified
+    body = decode_contribution(payload, contribution.encoding, own_base)
+    path = scratch / f"{contribution.id}.safetensors"
+    save_tensors(path, body)
+    return path
+
+def _rebase(repo: Repository, contribution: Contribution, body_path: Path, current: Tensors) -> str:
+    """Store `current + (body - the base it was trained from)`, the stale contribution's
+    update carried onto the current base; return its checksum."""
+    body, own_base = load_tensors(body_path), repo.load_version(contribution.base_version)
+    moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
+             for k, v in body.items()}
+    with repo._db() as db:
+        return repo._store(db, moved)

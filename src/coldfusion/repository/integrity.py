@@ -1,0 +1,119 @@
+"""`coldfusion verify`: is the repository what its index says? The index's own integrity,
+every stored file against its checksum, the lineage rules, and what interrupted writes
+left behind (harmless, removable with `clean`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coldfusion.io.model_files import sha256_file
+from coldfusion.repository.fusion_pipeline import DECODED_PREFIX
+
+if TYPE_CHECKING:
+    from coldfusion.repository import Repository
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    """What `Repository.verify` found."""
+
+    checkpoints: int  # indexed and checked
+    problems: list[str]  # damage: the repository cannot be trusted until it is repaired
+    temporary: list[Path]  # left by a write that was interrupted (harmless)
+    unreferenced: list[Path]  # stored, but the index transaction never committed (harmless)
+    cleaned: bool = False
+    without_model_files: list[int] = field(default_factory=list)  # versions that name their model only by a path
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
+    """Check the index (SQLite's integrity check, every reference resolves) and every
+    stored file against its checksum. With `clean`, delete what interrupted writes left
+    behind: temporary files and objects no index row names (only while no other process
+    is writing to this repository: its next object may not be indexed yet)."""
+    problems = []
+    with repo._db() as db:
+        problems += [f"index: {r[0]}" for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        problems += [f"index: {table} row {rowid} names a missing {parent} row"
+                     for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
+        known = {r["sha256"]: r["num_bytes"] for r in db.execute("SELECT sha256, num_bytes FROM checkpoints")}
+        named = {r[0] for r in db.execute("SELECT sha256 FROM versions UNION SELECT sha256 FROM contributions"
+                                          " UNION SELECT sha256 FROM computed WHERE sha256 IS NOT NULL")}
+        for r in db.execute("SELECT stats FROM contributions"):
+            named |= set(json.loads(r[0]).values())
+        for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
+            named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
+        problems += _lineage_problems(db)
+        stored_files = {r["sha256"] for r in db.execute("SELECT sha256 FROM files")}
+        without_model = [r[0] for r in db.execute("SELECT id FROM versions WHERE model IS NULL ORDER BY id")]
+        used_files = {sha for r in db.execute("SELECT files FROM models") for sha in json.loads(r[0]).values()}
+    problems += [f"model file {sha[:12]}... is used but was never stored"
+                 for sha in sorted(used_files - stored_files)]
+    problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
+    stored = [(f"files/{sha}", repo.file_path(sha), sha) for sha in sorted(stored_files)]
+    stored += [(repo.path_of(sha).name, repo.path_of(sha), sha) for sha in sorted(known)]
+    for name, path, sha in stored:
+        if not path.exists():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != sha:
+            problems.append(f"{name}: does not match its checksum (corrupt)")
+    temporary = sorted([p for p in [*repo.objects.iterdir(), *repo.files.iterdir()] if p.name.startswith(".")]
+                       + list(repo.root.glob(DECODED_PREFIX + "*")))
+    unreferenced = sorted([p for p in repo.objects.glob("*.safetensors") if p.stem not in known]
+                          + [p for p in repo.files.iterdir() if not p.name.startswith(".")
+                             and p.name not in stored_files])
+    if clean:
+        for path in temporary + unreferenced:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean,
+                           without_model_files=without_model)
+
+def _lineage_problems(db) -> list[str]:
+    """Every break of the lineage rules (see LINEAGE), as a sentence."""
+    problems = []
+    listed: dict[int, list[int]] = {}  # contribution -> the versions whose fusion record lists it
+    versions = {r["id"]: r for r in db.execute("SELECT id, parent, fusion, abandoned FROM versions")}
+    for v in versions.values():
+        fusion = json.loads(v["fusion"]) if v["fusion"] else {}
+        for c in fusion.get("contributions", []):
+            listed.setdefault(c, []).append(v["id"])
+        if v["parent"] is not None and versions.get(v["parent"], {"abandoned": None})["abandoned"] \
+                and not v["abandoned"]:
+            problems.append(f"lineage: version {v['id']} builds on abandoned version {v['parent']}")
+    for c in db.execute("SELECT id, base_version, contributor, fused_into, rejected, abandoned FROM contributions"):
+        where = listed.get(c["id"], [])
+        if len(where) > 1:
+            problems.append(f"lineage: contribution {c['id']} is fused into several versions {where}")
+        if c["fused_into"] is not None and c["fused_into"] not in where:
+            problems.append(f"lineage: contribution {c['id']} says it was fused into version {c['fused_into']}, "
+                            "whose fusion record does not list it")
+        for v in where:
+            if v != c["fused_into"]:
+                problems.append(f"lineage: version {v} lists contribution {c['id']}, which says it was fused "
+                                f"into {c['fused_into'] or 'nothing'}")
+        if c["rejected"] is not None and c["fused_into"] is not None:
+            problems.append(f"lineage: contribution {c['id']} was refused and yet fused into version "
+                            f"{c['fused_into']}")
+        fused_version = versions.get(c["fused_into"])
+        if c["abandoned"] is not None and fused_version is not None and not fused_version["abandoned"]:
+            problems.append(f"lineage: abandoned contribution {c['id']} is fused into version {c['fused_into']}")
+        if fused_version is not None:
+            rebased = json.loads(fused_version["fusion"] or "{}").get("rebased", {})
+            if fused_version["parent"] != c["base_version"] and str(c["id"]) not in rebased:
+                problems.append(f"lineage: contribution {c['id']} was trained from version {c['base_version']} "
+                                f"but fused onto version {fused_version['parent']} without being rebased")
+    for r in db.execute("SELECT sha256, contributor, base_version, GROUP_CONCAT(id) AS ids FROM contributions "
+                        "WHERE abandoned IS NULL GROUP BY sha256, contributor, base_version HAVING COUNT(*) > 1"):
+        problems.append(f"lineage: contributions {r['ids']} are the same payload from {r['contributor']} "
+                        f"against version {r['base_version']} (a duplicate)")
+    return problems

@@ -1,0 +1,89 @@
+"""The repository index: its tables, the lineage rules it enforces itself, and how an index
+made by an older version is brought up to date."""
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    sha256 TEXT PRIMARY KEY, num_bytes INTEGER NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
+    parent INTEGER REFERENCES versions(id),
+    model_source TEXT NOT NULL,
+    fusion TEXT,              -- JSON: {"method", "params", "contributions", "missing"?, "declined"?, "rejected"?,
+                              --        "rebased"?}; NULL for a root
+    run TEXT, iteration INTEGER, created TEXT NOT NULL);
+    -- added later: run_id TEXT, abandoned TEXT (why it is no longer part of its run),
+    --              model INTEGER REFERENCES models(id) (its architecture and tokenizer)
+CREATE TABLE IF NOT EXISTS contributions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL REFERENCES checkpoints(sha256),
+    base_version INTEGER NOT NULL REFERENCES versions(id),
+    contributor TEXT NOT NULL, task TEXT NOT NULL, num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,    -- JSON
+    stats TEXT NOT NULL DEFAULT '{}',  -- JSON {"fisher" | "gram": sha256 of the statistics file}
+    fused_into INTEGER REFERENCES versions(id),
+    created TEXT NOT NULL,
+    rejected TEXT,            -- why validation refused it (NULL: not refused)
+    encoding TEXT NOT NULL DEFAULT '{"kind": "full"}');  -- JSON: how the stored file encodes the body
+    -- added later: run_id TEXT, abandoned TEXT
+CREATE TABLE IF NOT EXISTS metrics (
+    version INTEGER NOT NULL REFERENCES versions(id), task TEXT NOT NULL, protocol TEXT NOT NULL,
+    values_json TEXT NOT NULL, run TEXT, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    sha256 TEXT PRIMARY KEY, num_bytes INTEGER NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,       -- portable: 'default', a hub id, or the directory's name
+    files TEXT NOT NULL UNIQUE,  -- JSON {file name: sha256}, keys sorted
+    created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS computed (
+    key TEXT PRIMARY KEY,     -- digest of what was computed, from what, with which settings
+    kind TEXT NOT NULL,       -- e.g. 'intertrained', 'finetune_score', 'features'
+    sha256 TEXT REFERENCES checkpoints(sha256),  -- the tensors it produced, if any
+    value TEXT NOT NULL,      -- JSON: what it measured, and what it cost
+    created TEXT NOT NULL);
+"""
+
+# The lineage rules, enforced by the index itself; `verify` checks them too (an index
+# edited by hand, or made before these existed, may break them).
+LINEAGE = """
+CREATE TRIGGER IF NOT EXISTS fused_at_most_once BEFORE UPDATE OF fused_into ON contributions
+    WHEN OLD.fused_into IS NOT NULL AND NEW.fused_into IS NOT OLD.fused_into
+    BEGIN SELECT RAISE(ABORT, 'lineage: a contribution is fused at most once'); END;
+CREATE TRIGGER IF NOT EXISTS refused_never_fused BEFORE UPDATE OF fused_into ON contributions
+    WHEN NEW.fused_into IS NOT NULL AND (OLD.rejected IS NOT NULL OR OLD.abandoned IS NOT NULL)
+    BEGIN SELECT RAISE(ABORT, 'lineage: a refused or abandoned contribution is never fused'); END;
+CREATE TRIGGER IF NOT EXISTS fused_never_refused BEFORE UPDATE OF rejected ON contributions
+    WHEN OLD.fused_into IS NOT NULL AND NEW.rejected IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'lineage: a fused contribution cannot be refused afterwards'); END;
+-- last: it cannot be made on an index that already holds duplicates
+CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
+    ON contributions(sha256, contributor, base_version) WHERE abandoned IS NULL;
+"""
+
+
+def open_index(db) -> None:
+    """Create or migrate the index's tables and lineage rules."""
+    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    db.executescript(SCHEMA)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(contributions)")}
+    if "stats" not in columns:  # repositories made before statistics travelled with contributions
+        db.execute("ALTER TABLE contributions ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'")
+    if "rejected" not in columns:  # ... and before contributions were validated
+        db.execute("ALTER TABLE contributions ADD COLUMN rejected TEXT")
+    if "encoding" not in columns:  # ... and before they could be sent encoded
+        db.execute("""ALTER TABLE contributions ADD COLUMN encoding TEXT NOT NULL DEFAULT '{"kind": "full"}'""")
+    for table in ("versions", "contributions"):  # ... and before runs could abandon an iteration
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column in ("run_id", "abandoned"):
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        if table == "versions" and "model" not in have:  # ... and before they kept the model's files
+            db.execute("ALTER TABLE versions ADD COLUMN model INTEGER REFERENCES models(id)")
+    db.commit()
+    try:
+        db.executescript(LINEAGE)
+    except sqlite3.IntegrityError:
+        pass  # an older index already holds duplicates: `verify` names them

@@ -1,0 +1,395 @@
+"""The repository: content-addressed safetensors bodies plus an SQLite lineage index.
+
+Layout:  ROOT/objects/<sha256>.safetensors   every body ever stored, named by content
+         ROOT/files/<sha256>                 the pretrained model's config and tokenizer files
+         ROOT/index.sqlite                   versions, contributions, metrics (WAL mode)
+
+A repository stands alone: with its model's files beside the bodies, it exports and
+evaluates after any move, with or without the model directory it was made from.
+
+A checkpoint file is written atomically before any index row points at it, and every
+index change is one transaction, so a crash leaves at worst an unreferenced file.
+
+Why one module of this size: `Repository` is the only code that reads or writes index rows
+and objects (versions, contributions, model files, metrics, cached computations), so the
+transaction and atomic-write rules live in one place. What works on top of those rows is
+beside it: `fusion_pipeline.py`, `integrity.py`, `schema.py`.
+"""
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.faults import failpoint
+from coldfusion.io.checkpoint import Tensors, atomic_write_bytes, load_tensors, serialize, sha256_bytes
+from coldfusion.io.model_files import MODEL_FILES, sha256_file
+from coldfusion.repository.fusion_pipeline import fuse_contributions
+from coldfusion.repository.integrity import IntegrityReport, verify
+from coldfusion.repository.schema import open_index
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Version:
+    id: int
+    sha256: str
+    parent: int | None
+    model_source: str
+    fusion: dict | None
+    run: str | None
+    iteration: int | None
+    created: str
+    run_id: str | None = None  # the run directory's identity (its `run-id` file)
+    abandoned: str | None = None  # why it is no longer part of its run (an iteration redone on resume)
+    model: int | None = None  # the stored model files of its architecture and tokenizer
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A pretrained model's config and tokenizer files, kept in the repository."""
+
+    id: int
+    name: str  # portable: 'default', a hub id, or the directory's name
+    files: dict[str, str]  # file name -> sha256
+
+
+@dataclass(frozen=True)
+class Contribution:
+    id: int
+    sha256: str
+    base_version: int
+    contributor: str
+    task: str
+    num_examples: int
+    metrics: dict
+    stats: dict  # kind -> sha256 of its statistics file
+    fused_into: int | None
+    created: str
+    rejected: str | None = None  # why validation refused it
+    encoding: dict = field(default_factory=lambda: {"kind": "full"})  # how its stored file encodes the body
+    num_bytes: int = 0  # stored (and sent): its file plus its statistics' files
+    run_id: str | None = None  # the run that asked for it (None: sent from outside a run)
+    abandoned: str | None = None  # why it will never be fused (its iteration was redone on resume)
+
+    @property
+    def waiting(self) -> bool:
+        """Neither fused, nor refused, nor abandoned."""
+        return self.fused_into is None and self.rejected is None and self.abandoned is None
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A cached result of an expensive, deterministic computation (see `Repository.remember`)."""
+
+    key: str
+    kind: str
+    sha256: str | None
+    value: dict
+
+
+class Repository:
+    INDEX = "index.sqlite"
+
+    @classmethod
+    def exists_at(cls, root: Path) -> bool:
+        """Whether `root` holds a repository (its index): the one test every caller uses."""
+        return (Path(root) / cls.INDEX).exists()
+
+    def __init__(self, root: Path, create: bool = True):
+        """Open the repository at `root`, creating it unless `create` is False."""
+        self.root = Path(root)
+        if not create and not self.exists_at(self.root):
+            raise ColdFusionError(f"no repository at {self.root} (it has no index.sqlite)")
+        self.objects, self.files = self.root / "objects", self.root / "files"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.files.mkdir(exist_ok=True)
+        db = sqlite3.connect(self.root / self.INDEX, timeout=60)
+        try:
+            open_index(db)
+        except sqlite3.DatabaseError as exc:
+            raise ColdFusionError(f"{self.root / self.INDEX} cannot be opened as a repository index ({exc}); "
+                                  "it is damaged or not an index: restore it from a backup") from None
+        finally:
+            db.close()
+
+    @contextmanager
+    def _db(self):
+        """One connection per operation, one transaction per `with` (commit or roll back)."""
+        db = sqlite3.connect(self.root / self.INDEX, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.close()
+
+    # -- checkpoints ---------------------------------------------------------------
+    def path_of(self, sha256: str) -> Path:
+        return self.objects / f"{sha256}.safetensors"
+
+    def _store(self, db, tensors: Tensors) -> str:
+        data = serialize(tensors)
+        sha = sha256_bytes(data)
+        if not self.path_of(sha).exists():
+            atomic_write_bytes(self.path_of(sha), data)
+        db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?)", (sha, len(data), _now()))
+        failpoint("repository.unindexed")  # the transaction is open: the row is not yet committed
+        return sha
+
+    def checkpoint_bytes(self, sha256: str) -> int:
+        """Size of a stored file, as indexed."""
+        with self._db() as db:
+            row = db.execute("SELECT num_bytes FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            raise ColdFusionError(f"no checkpoint {sha256[:12]}... in repository {self.root}")
+        return row[0]
+
+    def load(self, sha256: str) -> Tensors:
+        """Read a stored body and verify its checksum."""
+        return load_tensors(self.path_of(sha256), expected_sha256=sha256)
+
+    # -- versions ------------------------------------------------------------------
+    def add_version(
+        self, tensors: Tensors, *, model_source: str, parent: int | None = None,
+        fusion: dict | None = None, run: str | None = None, iteration: int | None = None,
+        run_id: str | None = None, model_files: Path | None = None, model_name: str | None = None,
+    ) -> Version:
+        """Store a body as a new version. `model_files`: a model directory whose config and
+        tokenizer files are stored with it (default: `model_source`, when it is a directory;
+        a child version inherits its parent's); `model_name`: their portable name."""
+        files = model_files or (Path(model_source) if Path(model_source).is_dir() else None)
+        with self._db() as db:
+            sha = self._store(db, tensors)
+            model = self._store_model(db, Path(files), model_name or Path(files).name) if files else None
+            if model is None and parent is not None:
+                model = self._version_row(db, parent).model
+            return self._insert_version(db, sha, model_source, parent, fusion, run, iteration, run_id, model)
+
+    def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration, run_id=None,
+                        model=None) -> Version:
+        cur = db.execute(
+            "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created, run_id, model)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sha, parent, model_source, None if fusion is None else json.dumps(fusion), run, iteration, _now(),
+             run_id, model),
+        )
+        return self._version_row(db, cur.lastrowid)
+
+    def _version_row(self, db, version_id: int) -> Version:
+        row = db.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
+        if row is None:
+            raise ColdFusionError(f"no version {version_id} in repository {self.root}")
+        return Version(**{**dict(row), "fusion": json.loads(row["fusion"]) if row["fusion"] else None})
+
+    def version(self, ref: int | str) -> Version:
+        """A version by id (3, 'v3') or by a unique prefix of its checksum."""
+        with self._db() as db:
+            text = str(ref)
+            if text.lstrip("v").isdigit():
+                return self._version_row(db, int(text.lstrip("v")))
+            rows = db.execute("SELECT id FROM versions WHERE sha256 LIKE ?", (text + "%",)).fetchall()
+            if len(rows) != 1:
+                raise ColdFusionError(f"'{ref}' matches {len(rows)} versions in {self.root}; give a version id")
+            return self._version_row(db, rows[0]["id"])
+
+    def versions(self) -> list[Version]:
+        with self._db() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM versions ORDER BY id")]
+            return [self._version_row(db, i) for i in ids]
+
+    def load_version(self, ref: int | str) -> Tensors:
+        return self.load(self.version(ref).sha256)
+
+    def latest(self) -> Version:
+        """The newest version that is not abandoned."""
+        live = [v for v in self.versions() if not v.abandoned]
+        if not live:
+            raise ColdFusionError(f"repository {self.root} has no versions yet")
+        return live[-1]
+
+    def resolve(self, ref: int | str) -> Version:
+        """`version` that also understands 'latest'."""
+        return self.latest() if str(ref) == "latest" else self.version(ref)
+
+    # -- model files ---------------------------------------------------------------
+    def file_path(self, sha256: str) -> Path:
+        return self.files / sha256
+
+    def _store_model(self, db, model_dir: Path, name: str) -> int:
+        """Store the config and tokenizer files of `model_dir` (content-addressed); return
+        the id of the model they make up (one row per distinct set of files)."""
+        found = {n: model_dir / n for n in MODEL_FILES if (model_dir / n).is_file()}
+        if "config.json" not in found:
+            raise ColdFusionError(f"{model_dir} has no config.json: is it a model directory?")
+        files = {}
+        for file_name, path in sorted(found.items()):
+            data = path.read_bytes()
+            sha = sha256_bytes(data)
+            if not self.file_path(sha).exists():
+                atomic_write_bytes(self.file_path(sha), data)
+            db.execute("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", (sha, len(data), _now()))
+            files[file_name] = sha
+        key = json.dumps(files, sort_keys=True)
+        db.execute("INSERT OR IGNORE INTO models (name, files, created) VALUES (?, ?, ?)", (name, key, _now()))
+        return db.execute("SELECT id FROM models WHERE files = ?", (key,)).fetchone()[0]
+
+    def adopt_model(self, model_dir: Path, name: str | None = None) -> list[int]:
+        """Store `model_dir`'s config and tokenizer files for every version that has none (a
+        repository made before they were stored); return those versions' ids."""
+        with self._db() as db:
+            model = self._store_model(db, Path(model_dir), name or Path(model_dir).name)
+            ids = [r[0] for r in db.execute("SELECT id FROM versions WHERE model IS NULL")]
+            db.execute("UPDATE versions SET model = ? WHERE model IS NULL", (model,))
+        return ids
+
+    def model_of(self, version: Version) -> StoredModel | None:
+        if version.model is None:
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT * FROM models WHERE id = ?", (version.model,)).fetchone()
+        return StoredModel(row["id"], row["name"], json.loads(row["files"]))
+
+    def write_model_files(self, model: StoredModel, into: Path) -> Path:
+        """Copy a stored model's files into the directory `into`, each checked against its checksum."""
+        into.mkdir(parents=True, exist_ok=True)
+        for file_name, sha in model.files.items():
+            source = self.file_path(sha)
+            if not source.exists() or sha256_file(source) != sha:
+                raise ColdFusionError(f"{source} ({file_name} of model {model.name}) is missing or corrupt; "
+                                      "run `coldfusion verify` on the repository")
+            shutil.copyfile(source, into / file_name)
+        return into
+
+    # -- contributions -------------------------------------------------------------
+    def add_contribution(
+        self, tensors: Tensors, *, base_version: int, contributor: str, task: str,
+        num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
+        encoding: dict | None = None, run_id: str | None = None,
+    ) -> Contribution:
+        """Store a contribution as sent: a body, or its `encoding` (see coldfusion.encodings),
+        which is decoded against `base_version` when it is fused; and its statistics, if any.
+        The same payload from the same contributor against the same base is refused: one
+        party cannot weigh itself twice by sending its file twice."""
+        with self._db() as db:
+            self._version_row(db, base_version)
+            sha = self._store(db, tensors)
+            earlier = db.execute("SELECT id FROM contributions WHERE sha256 = ? AND contributor = ? AND "
+                                 "base_version = ? AND abandoned IS NULL", (sha, contributor, base_version)).fetchone()
+            if earlier is not None:
+                raise ColdFusionError(f"duplicate: {contributor} already sent this exact payload against version "
+                                      f"{base_version} (contribution {earlier['id']}); it is not stored twice")
+            stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
+            cur = db.execute(
+                "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
+                " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
+                 json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"}), run_id),
+            )
+            return self._contribution_row(db, cur.lastrowid)
+
+    def _contribution_row(self, db, cid: int) -> Contribution:
+        row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()
+        if row is None:
+            raise ColdFusionError(f"no contribution {cid} in repository {self.root}")
+        stats = json.loads(row["stats"])
+        files = [row["sha256"], *stats.values()]
+        num_bytes = db.execute(f"SELECT COALESCE(SUM(num_bytes), 0) FROM checkpoints WHERE sha256 IN "
+                               f"({','.join('?' * len(files))})", files).fetchone()[0]
+        return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"]), "stats": stats,
+                               "encoding": json.loads(row["encoding"]), "num_bytes": num_bytes})
+
+    def contributions(self, *, base_version: int | None = None, fused_into: int | None = None) -> list[Contribution]:
+        query, args = "SELECT id FROM contributions WHERE 1=1", []
+        if base_version is not None:
+            query, args = query + " AND base_version = ?", args + [base_version]
+        if fused_into is not None:
+            query, args = query + " AND fused_into = ?", args + [fused_into]
+        with self._db() as db:
+            return [self._contribution_row(db, r["id"]) for r in db.execute(query + " ORDER BY id", args).fetchall()]
+
+    def uploads_waiting(self) -> list[Contribution]:
+        """Contributions sent from outside any run (`coldfusion contribute`) that are neither
+        fused, refused nor abandoned: what `coldfusion fuse` fuses by default (runs fuse their own)."""
+        return [c for c in self.contributions() if c.waiting and c.run_id is None]
+
+    # -- fusion and integrity (their own modules) ---------------------------------
+    def fuse(self, base_version: int, contribution_ids: Sequence[int], **options) -> Version:
+        """Validate and fuse contributions into a new version: see `fusion_pipeline.fuse_contributions`."""
+        return fuse_contributions(self, base_version, contribution_ids, **options)
+
+    def verify(self, clean: bool = False) -> IntegrityReport:
+        """Check the index and every stored file: see `integrity.verify`."""
+        return verify(self, clean)
+
+    @staticmethod
+    def _mark_rejected(db, rejected: dict[int, str]) -> None:
+        db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?", [(why, c) for c, why in rejected.items()])
+
+    def abandon_unfinished(self, run_id: str, completed_iterations: int | None) -> list[str]:
+        """Mark what run `run_id` stored past its last finished iteration as abandoned: the
+        versions of later iterations and the contributions sent for them (trained from the
+        last finished version or a later one). None: no iteration finished, so everything of
+        the run. A resumed run redoes that iteration; nothing of the lost attempt is reused,
+        and the lost attempt stays on record. Returns what was marked ('version N', ...)."""
+        after = -1 if completed_iterations is None else completed_iterations
+        why = (f"run {run_id} was resumed after iteration {after}; this iteration was redone" if after >= 0
+               else f"run {run_id} was restarted before it finished iteration 0")
+        with self._db() as db:
+            versions = [r[0] for r in db.execute(
+                "SELECT id FROM versions WHERE run_id = ? AND iteration > ? AND abandoned IS NULL", (run_id, after))]
+            contributions = [r[0] for r in db.execute(
+                "SELECT c.id FROM contributions c JOIN versions b ON b.id = c.base_version WHERE c.run_id = ? "
+                "AND c.abandoned IS NULL AND (? < 0 OR b.iteration >= ?)", (run_id, after, after))]
+            db.executemany("UPDATE versions SET abandoned = ? WHERE id = ?", [(why, v) for v in versions])
+            db.executemany("UPDATE contributions SET abandoned = ? WHERE id = ?", [(why, c) for c in contributions])
+        return [f"version {v}" for v in versions] + [f"contribution {c}" for c in contributions]
+
+    # -- metrics -------------------------------------------------------------------
+    def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+                       (version, task, protocol, json.dumps(values), run, _now()))
+
+    def metrics(self, version: int) -> list[dict]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM metrics WHERE version = ? ORDER BY rowid", (version,)).fetchall()
+        return [{**dict(r), "values": json.loads(r["values_json"])} for r in rows]
+
+    # -- cached computations -------------------------------------------------------
+    def remember(self, key: str, kind: str, value: dict, tensors: Tensors | None = None) -> Computed:
+        """Keep the result of a computation under `key` (a digest of everything it depended
+        on), with the tensors it produced, if any; a key already kept is left as it was."""
+        with self._db() as db:
+            sha = None if tensors is None else self._store(db, tensors)
+            db.execute("INSERT OR IGNORE INTO computed VALUES (?, ?, ?, ?, ?)",
+                       (key, kind, sha, json.dumps(value), _now()))
+            row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
+        return Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
+
+    def recall(self, key: str) -> Computed | None:
+        """What `remember` kept under `key`, or None."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
+
+    def lineage(self, ref: int | str) -> list[Version]:
+        """The version and its ancestors, newest first."""
+        chain = [self.version(ref)]
+        while chain[-1].parent is not None:
+            chain.append(self.version(chain[-1].parent))
+        return chain
