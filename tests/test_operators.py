@@ -8,7 +8,8 @@ import torch
 
 from coldfusion.fusion import fuse_files, get_operator
 from coldfusion.fusion.task_vectors import sign_consensus_merge
-from coldfusion.fusion.ties_kernel import MagnitudeCut, magnitude_cut, ties_merge
+from coldfusion.fusion.ties import MagnitudeCut
+from coldfusion.fusion.ties_kernel import magnitude_cut, ties_merge
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import save_tensors
 
@@ -347,31 +348,80 @@ def test_statistics_are_required(files):
         fused([m, m], "fisher")
 
 
-def test_cuts_of_whole_tensors_on_threads_reuse_the_engine_buffer():
-    """The prepare step reads each model's tensor into the engine's idle scratch, as many
-    at once as it has room for; each cut is the one computed on its own."""
+def test_cuts_of_whole_tensors_are_the_same_on_threads():
+    """The prepare step cuts every model's whole task vector, one or several at a time on
+    threads, from a list or from the engine's reader; each cut is the one computed alone."""
     from coldfusion.fusion.ties_kernel import magnitude_cuts
 
     g = torch.Generator().manual_seed(5)
     n, size = 5, 70_000  # above the size that is cut by a sampled bracket
     base = torch.randn(size, generator=g)
     models = base + torch.randn(n, size, generator=g) * torch.rand(n, 1, generator=g)
-    scratch, used = torch.empty(size + 10), []  # room for one model's tensor
 
     class Engine(list):  # what the engine hands prepare: read_into a buffer, and a scratch
         def read_into(self, i, out):
-            used.append(out.data_ptr())
             return out.copy_(self[i])
 
-    engine = Engine(models)
-    engine.scratch = scratch
     expected = [magnitude_cut(m - base, 0.2) for m in models]
-    for workers in (1, 2):  # one model at a time, in the scratch: memory holds one tensor
-        used.clear()
-        assert magnitude_cuts(engine, base, 0.2, workers=workers) == expected, workers
-        assert set(used) == {scratch.data_ptr()}
-    engine.scratch = torch.empty(2 * size)  # room for two: two models at once, both in the scratch
-    used.clear()
-    assert magnitude_cuts(engine, base, 0.2, workers=2) == expected
-    assert set(used) == {engine.scratch.data_ptr(), engine.scratch[size:].data_ptr()}
-    assert magnitude_cuts(models, base, 0.2, workers=2) == expected  # a plain list: read as it comes
+    for room in (size + 10, 2 * size):  # room for one model's tensor, or two
+        engine = Engine(models)
+        engine.scratch = torch.empty(room)
+        for workers in (1, 2):
+            assert magnitude_cuts(engine, base, 0.2, workers=workers) == expected, (room, workers)
+    assert magnitude_cuts(models, base, 0.2, workers=2) == expected
+
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_plain_ties_gives_the_compiled_bits(normalize):
+    """Without numba, TIES runs in plain torch: the same cuts (small tensors selected
+    exactly, large ones the compiled path brackets by a sample) and the same merged bits."""
+    from coldfusion.fusion.ties import plain_cut, plain_merge
+
+    g = torch.Generator().manual_seed(3)
+    for size in (500, 300_000):
+        base = torch.randn(size, generator=g)
+        models = base + torch.randn(4, size, generator=g) * torch.rand(4, 1, generator=g)
+        models[:, ::5] = base[::5] + (torch.randint(-3, 4, (4, 1), generator=g).float() / 64)  # ties at the cut
+        weights = torch.tensor([1.0, 0.5, 2.0, 0.0])
+        for density in (0.01, 0.2, 1.0):
+            cuts = [magnitude_cut(m - base, density) for m in models]
+            assert [plain_cut(m - base, density) for m in models] == cuts, (size, density)
+            for start, stop in ((0, size), (7, size // 3), (size // 2, size)):
+                compiled = ties_merge(models[:, start:stop].contiguous(), base[start:stop], cuts, weights,
+                                      offset=start, normalize=normalize, scale=0.7)
+                plain = plain_merge(models[:, start:stop], base[start:stop], cuts, weights, offset=start,
+                                    normalize=normalize, scale=0.7)
+                assert torch.equal(plain, compiled), (size, density, start)
+
+
+def test_ties_without_numba_fuses_the_same_files(tmp_path):
+    """numba is an optional extra: a process that cannot import it fuses TIES through the
+    same engine (a small tensor whole; a large one cut first, then merged slice by slice)
+    to the same bytes."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(4)
+    # three models of "big" outgrow what the engine holds at once: it is fused in slices
+    base = {"big": torch.randn(6_000_000, generator=g), "small": torch.randn(30, 7, generator=g)}
+    paths = [tmp_path / "base.safetensors"]
+    save_tensors(paths[0], base)
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_tensors(paths[-1], {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()})
+    code = ("import sys\nsys.modules['numba'] = None  # as if it were not installed\n"
+            "from coldfusion.fusion import fuse_files, ties\nfrom coldfusion.io.checkpoint import save_tensors\n"
+            "assert not ties.compiled()\n"
+            "save_tensors(sys.argv[5], fuse_files(sys.argv[1:4], 'ties', base=sys.argv[4], density=0.3))\n")
+    out = tmp_path / "plain.safetensors"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, paths[1:]), str(paths[0]), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    compiled = fuse_files(paths[1:], "ties", base=paths[0], density=0.3)
+    plain = load_file(out)
+    assert plain.keys() == compiled.keys()
+    for name in compiled:
+        assert torch.equal(plain[name], compiled[name]), name

@@ -1,4 +1,5 @@
-"""TIES's two hot loops, compiled with numba: each model's magnitude cut, and the merge.
+"""TIES's two hot loops, compiled with numba (the `fast` extra): each model's magnitude cut,
+and the merge. ties.py holds the same two steps in plain torch, used without numba.
 
 Written as torch and numpy operations, TIES made about a dozen passes over the data and
 took 5-8x as long as reading its inputs. Here the cut of a task vector takes one
@@ -9,36 +10,24 @@ slice. Both give exactly what their definitions in docs/METHODS.md give
 (tests/test_operators.py checks them against torch spellings). With `workers` threads,
 models are cut and column ranges merged that many at a time (numba releases the GIL).
 Compiled once per machine and cached next to this file (`cache=True`); ties.py imports
-this module only when TIES runs.
+this module only when TIES runs and numba is installed.
 """
 
 import math
 import queue
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numba import njit
 
 from coldfusion.fusion.parallel import parallel_map
+from coldfusion.fusion.ties import MagnitudeCut
 
 SAMPLE, SAMPLE_MAX = 1 << 14, 1 << 18  # magnitudes sampled to bracket a cut: n/16 within these bounds
 RUN = 16  # the sample takes runs of this many adjacent entries: one cache line each
 PARALLEL_MIN = 1 << 20  # from this many entries, a cut's bracketing scan may be split over threads
 BLOCK = 1 << 16  # entries the bracketing pass flags before collecting them (still in cache)
-
-
-@dataclass(frozen=True)
-class MagnitudeCut:
-    """The entries TIES keeps of one flattened task vector: the k = max(1, floor(density *
-    size)) largest magnitudes (mergekit's k). Exactly k: among entries whose magnitude
-    equals the k-th largest (`value`), those at flat positions <= `last_tie` are kept.
-    (mergekit breaks such ties by an unstable sort, i.e. arbitrarily.)
-    """
-
-    value: float
-    last_tie: int
 
 
 @njit(inline="always")

@@ -11,21 +11,6 @@ from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import save_tensors
 from coldfusion.io.model_files import safetensors_files
 from coldfusion.io.tensorfile import SafetensorsReader
-from coldfusion.models.names import resolve_model_source
-
-
-def local_model_dir(model: str) -> Path:
-    """A model directory: 'default' is the bundled MiniLM, a directory is itself, else a hub id."""
-    path = Path(resolve_model_source(model))
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as exc:
-        raise ColdFusionError(f"'{model}' is not a local directory and could not be fetched from the hub ({exc}); "
-                              "without network access give the path of a saved model") from exc
 
 
 def pickle_to_safetensors(pickle: Path, scratch: Path) -> Path:

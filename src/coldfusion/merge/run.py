@@ -20,11 +20,25 @@ from coldfusion.fusion import get_operator
 from coldfusion.fusion.streaming import fuse_stream, output_layout
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import staged_directory
-from coldfusion.io.hf_checkpoint import body_layout, local_model_dir, open_body, read_config, weight_files
+from coldfusion.io.hf_checkpoint import body_layout, open_body, read_config, weight_files
 from coldfusion.io.model_files import TOKENIZER_FILES, sha256, start_hashing
 from coldfusion.io.tensorfile import SafetensorsReader, SafetensorsWriter
 from coldfusion.merge.config import MergeConfig
-from coldfusion.models.names import card_name, portable_name
+from coldfusion.models.names import card_name, portable_name, resolve_model_source
+
+
+def local_model_dir(model: str) -> Path:
+    """A model directory: 'default' is the bundled MiniLM, a directory is itself, else a hub id."""
+    path = Path(resolve_model_source(model))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:
+        raise ColdFusionError(f"'{model}' is not a local directory and could not be fetched from the hub ({exc}); "
+                              "without network access give the path of a saved model") from exc
 
 
 def merge_checkpoints(config: MergeConfig) -> Path:
