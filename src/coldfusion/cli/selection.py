@@ -43,8 +43,8 @@ def rank(
     candidates: list[str] = typer.Argument(..., help="candidate bodies: REPO (its newest version), REPO@VERSION, "
                                            "a model directory, 'default' (the bundled MiniLM) or a hub id"),
     target: str = typer.Option(..., help="the target task: a built-in name or a task file"),
-    by: str = typer.Option("logme", help="order by 'logme' or 'probe' (linear-probe accuracy); LogME ranked best "
-                           "in benchmarks/selection.py"),
+    by: str = typer.Option("logme", help="order by 'logme' or 'probe' (linear-probe accuracy); LogME had the "
+                           "lowest Regret@3 in benchmarks/selection.py, the probe the highest"),
     top_k: int = typer.Option(0, "--top-k", min=0, help="finetune the top K on the target (over the seeds) "
                               "to confirm, with their gain over --base"),
     base: str = typer.Option("default", help="the pretrained base the gains are measured against"),
