@@ -154,8 +154,7 @@ class Contributor:
 
             payload = lora_factors(model.body, self.encoding.dtype)
             model.body = model.body.merge_and_unload()
-        metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
-                   "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
+        metrics = result.summary()
         stats = {}
         if self.statistics == "fisher":
             stats["fisher"] = diagonal_fisher(model, data, self.statistics_examples,

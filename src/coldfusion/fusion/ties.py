@@ -112,7 +112,7 @@ def fuse_ties(
     """Keep each task vector's top `density` magnitudes, elect signs, average agreeing entries."""
     models, flat_base = stack_float(tensors).flatten(1), base.flatten()
     if not compiled():
-        prepared = prepared or [plain_cut(row - flat_base.float(), density) for row in models]
+        prepared = prepared or magnitude_cuts(models, flat_base, density)
         return plain_merge(models, flat_base, prepared, weights, offset, normalize, scale).view_as(base)
     from coldfusion.fusion.ties_kernel import model_cut, ties_merge
 

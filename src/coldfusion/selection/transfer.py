@@ -75,7 +75,5 @@ def _finetune_on_source(encoder: Encoder, base: Body, source: Task, s: Selection
         model = Classifier(encoder.new_body(base.tensors), source.num_labels, pooling=s.pooling)
     model.place(compute.device, compute.dtype)
     result = finetune(model, train, validation, s.source_finetune, seed=derive_seed(seed, "finetune", source.name, 0))
-    metrics = {"steps": result.steps, "seconds": round(result.seconds, 2),
-               "validation_accuracy": result.best_validation_accuracy, "stopped_early": result.stopped_early}
-    return body_tensors(model.body), metrics
+    return body_tensors(model.body), result.summary()
 

@@ -33,6 +33,11 @@ class FinetuneResult:
     def examples_per_second(self) -> float:
         return self.examples_seen / max(self.seconds, 1e-9)
 
+    def summary(self) -> dict:
+        """What a finetune reports with the body it made (a contribution's or an intertraining's metrics)."""
+        return {"steps": self.steps, "seconds": round(self.seconds, 2),
+                "validation_accuracy": self.best_validation_accuracy, "stopped_early": self.stopped_early}
+
 
 def make_optimizer(body: torch.nn.Module, heads: list[torch.nn.Module], s: FinetuneSettings,
                    optimized=lambda params: params) -> torch.optim.AdamW:
