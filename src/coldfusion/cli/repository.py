@@ -107,6 +107,11 @@ def fuse(
                                                            "others' median (0: off)"),
     max_delta_norm: float | None = typer.Option(None, help="refuse a delta norm above this"),
     stale: str = typer.Option("rebase", help="a contribution from an older base: rebase or reject"),
+    outer_lr: float = typer.Option(1.0, help="outer optimizer: step size on base - fused (1 with momentum 0: "
+                                             "plain fusion; DiLoCo: 0.7)"),
+    outer_momentum: float = typer.Option(0.0, help="outer optimizer: momentum (DiLoCo: 0.9); its buffer continues "
+                                                   "the one stored with the base version"),
+    nesterov: bool = typer.Option(False, "--nesterov", help="outer optimizer: Nesterov momentum"),
 ) -> None:
     """Validate contributions and fuse those that pass into a new version (refusals are recorded)."""
     import re
@@ -115,6 +120,7 @@ def fuse(
     from pydantic import ValidationError
 
     from coldfusion.infra.config_files import format_validation_error
+    from coldfusion.repository.outer import OuterSettings
     from coldfusion.repository.validation import ValidationSettings
 
     repo = open_repository(repository)
@@ -134,6 +140,7 @@ def fuse(
         try:
             settings = ValidationSettings(min_accepted=min_accepted, outlier_factor=outlier_factor or None,
                                           max_delta_norm=max_delta_norm, stale=stale)
+            outer = OuterSettings(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
         except ValidationError as exc:
             raise ColdFusionError(format_validation_error(exc, "options")) from None
         onto = repo.resolve(base or "latest")
@@ -145,7 +152,7 @@ def fuse(
             ids = [c.id for c in repo.uploads_waiting()]
         if not ids:
             raise ColdFusionError(f"no contributions waiting to be fused in {repository}")
-        version = repo.fuse(onto.id, ids, method=method, params=params, validation=settings)
+        version = repo.fuse(onto.id, ids, method=method, params=params, validation=settings, outer=outer)
     except ColdFusionError as exc:
         fail(exc)
     fusion = version.fusion
@@ -154,6 +161,10 @@ def fuse(
         console.print(Text.assemble(("refused", "yellow"), f" contribution {cid}: {why}"), highlight=False)
     for cid, moved in fusion.get("rebased", {}).items():
         say(f"rebased contribution {cid} from version {moved['from_version']}")
+    if "outer" in fusion:
+        o = fusion["outer"]
+        say(f"outer step: lr {o['lr']}, momentum {o['momentum']}{' (Nesterov)' if o['nesterov'] else ''}, "
+            + (f"continuing the buffer of version {o['momentum_from']}" if o["momentum_from"] else "a new buffer"))
 
 
 @app.command()

@@ -13,6 +13,7 @@ from coldfusion.encodings import EncodingSettings
 from coldfusion.infra.config_files import ConfigSection, load_config_file, validate_config
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.names import SafeName
+from coldfusion.repository.outer import OuterSettings
 from coldfusion.repository.validation import ValidationSettings
 from coldfusion.tasks import TaskSpec
 from coldfusion.training.settings import ExperimentSettings, FinetuneSettings, ProbeProtocol
@@ -42,6 +43,9 @@ class FusionSettings(ConfigSection):
         128, ge=1, description="examples each contributor computes Fisher / Gram statistics on (fisher, regmean)")
     validation: ValidationSettings = Field(
         default_factory=ValidationSettings, description="checks every contribution must pass to be fused")
+    outer: OuterSettings = Field(
+        default_factory=OuterSettings, description="the outer optimizer's step on the fused update (DiLoCo: "
+                                                   "{lr: 0.7, momentum: 0.9, nesterov: true}); default: plain fusion")
 
 
 class FlowerSettings(ConfigSection):

@@ -200,7 +200,7 @@ def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteratio
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
                         run=config.name, run_id=run_id, iteration=iteration, missing=round_.missing,
-                        declined=round_.declined, validation=config.fusion.validation)
+                        declined=round_.declined, validation=config.fusion.validation, outer=config.fusion.outer)
     task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
     rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
     fused = [task_of[str(c)] for c in version.fusion["contributions"]]

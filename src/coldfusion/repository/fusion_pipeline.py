@@ -1,6 +1,7 @@
 """A fusion in the repository: validate the waiting contributions, decode the encoded ones,
-rebase the stale ones onto the current base, fuse what passed into a new version, and
-record all of it (refusals with their reasons) in one index transaction."""
+rebase the stale ones onto the current base, fuse what passed, take the outer optimizer's
+step if one is set, and record all of it (refusals with their reasons, the optimizer's
+momentum buffer) in one index transaction."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import Tensors, load_tensors, save_tensors
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
+from coldfusion.repository.outer import OuterSettings, outer_step
 from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ def fuse_contributions(
     repo: Repository, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
     params: dict | None = None, run: str | None = None, iteration: int | None = None,
     run_id: str | None = None, missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
-    validation: ValidationSettings | None = None,
+    validation: ValidationSettings | None = None, outer: OuterSettings | None = None,
 ) -> Version:
     """Validate the contributions, fuse those that pass into a new version whose parent is
     `base_version`. A contribution is fused at most once, never once refused or
@@ -45,6 +47,8 @@ def fuse_contributions(
     those that chose not to train on the base. Refused contributions keep their reason
     in the index and in the version's fusion record; with fewer than
     `validation.min_accepted` left, nothing is fused and the error lists every reason.
+    `outer` steps from the base towards the fused body with momentum (repository/outer.py); its
+    buffer continues the one stored with `base_version`, if that version has one.
     """
     params, validation = params or {}, validation or ValidationSettings()
     op = get_operator(method)
@@ -88,14 +92,21 @@ def fuse_contributions(
         fused = fuse_files(bodies, method, weights, base=repo.path_of(base.sha256) if op.needs_base else None,
                            stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None,
                            **params)
+    buffer, outer_record = None, {}
+    if outer is not None and not outer.is_plain:
+        fused, buffer = outer_step(repo.load(base.sha256), fused, _momentum_buffer(repo, base), outer)
+        outer_record = {"outer": {**outer.model_dump(), "momentum_from": base.id if _momentum_buffer_sha(base)
+                                  else None}}
     fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
               "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
               **({"missing": missing} if missing else {}),
               **({"declined": declined} if declined else {}),
               **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
-              **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {})}
+              **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {}), **outer_record}
     try:
         with repo._db() as db:
+            if buffer is not None:
+                fusion["outer"]["momentum_buffer"] = repo._store(db, buffer)
             sha = repo._store(db, fused)
             version = repo._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
                                            base.model)
@@ -106,6 +117,16 @@ def fuse_contributions(
         raise ColdFusionError(f"nothing was fused: {exc} (another fusion took some of these contributions "
                               "first)") from None
     return version
+
+def _momentum_buffer_sha(version: Version) -> str | None:
+    return ((version.fusion or {}).get("outer") or {}).get("momentum_buffer")
+
+
+def _momentum_buffer(repo: Repository, version: Version):
+    """The outer optimizer's buffer stored with `version` (None: it has none, so it starts at 0)."""
+    sha = _momentum_buffer_sha(version)
+    return repo.load(sha) if sha else None
+
 
 def _validate(repo: Repository, base: Version, contribs: list[Contribution], settings: ValidationSettings,
               scratch: Path) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:

@@ -49,7 +49,9 @@ def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
         for r in db.execute("SELECT stats FROM contributions"):
             named |= set(json.loads(r[0]).values())
         for r in db.execute("SELECT fusion FROM versions WHERE fusion IS NOT NULL"):
-            named |= {x["sha256"] for x in json.loads(r[0]).get("rebased", {}).values()}
+            fusion = json.loads(r[0])
+            named |= {x["sha256"] for x in fusion.get("rebased", {}).values()}
+            named |= {fusion["outer"]["momentum_buffer"]} if "momentum_buffer" in fusion.get("outer", {}) else set()
         problems += _lineage_problems(db)
         stored_files = {r["sha256"] for r in db.execute("SELECT sha256 FROM files")}
         without_model = [r[0] for r in db.execute("SELECT id FROM versions WHERE model IS NULL ORDER BY id")]
