@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coldfusion.evaluation import EvalConfig, run_evaluation
 from coldfusion.evaluation.config import load_eval_config
-from coldfusion.evaluation.few_shot import few_shot
+from coldfusion.evaluation.few_shot import few_shot, stratified_counts
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.tasks.task import Split
 
@@ -24,6 +26,28 @@ def test_few_shot_draws_exactly_k_per_class_deterministically():
     assert set(b.texts) != set(a.texts) and np.bincount(b.labels).tolist() == [10, 10, 5]
     assert all(split.labels[int(t[1:])] == y for t, y in zip(a.texts, a.labels, strict=True))
     assert len(set(a.texts)) == 25  # no repeats
+
+
+def test_few_shot_per_task_is_stratified_by_class():
+    labels = [0] * 50 + [1] * 30 + [2] * 5 + [3] * 1
+    split = Split(texts=[f"t{i}" for i in range(len(labels))], labels=labels)
+    # 20 of 86: one per class, the other 16 in proportion: shares 10.30, 6.58, 1.93, 1.19;
+    # floors 10, 6, 1, 1 and the two largest remainders (1.93, 6.58) get one more
+    a = few_shot(split, 20, seed=1, per="task")
+    assert np.bincount(a.labels).tolist() == [10, 7, 2, 1]
+    assert few_shot(split, 20, seed=1, per="task") == a and len(set(a.texts)) == 20
+    assert sum(few_shot(split, 200, seed=1, per="task").labels) == sum(labels)  # k above the split: all of it
+
+
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=30), st.integers(1, 300))
+def test_stratified_counts_sum_to_k_respect_sizes_and_proportions(sizes, k):
+    counts = stratified_counts(sizes, k)
+    assert sum(counts) == min(k, sum(sizes)) and all(0 <= c <= s for c, s in zip(counts, sizes, strict=True))
+    if k >= len(sizes) and k <= sum(sizes):
+        assert all(c >= 1 for c in counts)
+    if len(sizes) <= k <= sum(sizes) and all(s >= k for s in sizes):  # no class capped: within one of its share
+        for c, s in zip(counts, sizes, strict=True):
+            assert abs(c - (1 + (k - len(sizes)) * s / sum(sizes))) < 1
 
 
 def eval_config(tiny_model_dir, toy_task_files, tmp_path, **overrides) -> EvalConfig:

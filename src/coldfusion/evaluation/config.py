@@ -12,7 +12,11 @@ from coldfusion.training.settings import EncoderSettings, FinetuneSettings, Prob
 
 
 class FewShotSettings(ConfigSection):
-    k: int = Field(100, ge=1, description="labelled training examples per class (all of a class with fewer)")
+    k: int = Field(100, ge=1, description="labelled training examples per class (all of a class with fewer), or "
+                                          "per task with `per: task`")
+    per: Literal["class", "task"] = Field(
+        "class", description="class: k per class; task: k in all, stratified by class (the ColD Fusion publication's "
+                             "100 per dataset)")
     validation_k: int | None = Field(
         None, ge=1, description="validation examples per class for early stopping; default none: fixed epochs")
     finetune: FinetuneSettings = FinetuneSettings(epochs=6)

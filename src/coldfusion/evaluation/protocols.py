@@ -58,9 +58,10 @@ def run_protocol(protocol: str, new_body, task: Task, splits: dict, seed: int, s
         return _test_score(model, splits["test"], {"steps": result.steps, "train_examples": len(splits["train"])})
     if protocol == "few_shot":
         s = settings.few_shot
-        train = encode(few_shot(task.train, s.k, seed), tokenizer, max_length)
+        train = encode(few_shot(task.train, s.k, seed, s.per), tokenizer, max_length)
         validation = (encode(few_shot(task.validation, s.validation_k, seed), tokenizer, max_length)
                       if s.validation_k else None)
         result = finetune(model, train, validation, s.finetune, seed=seed)
-        return _test_score(model, splits["test"], {"steps": result.steps, "train_examples": len(train)})
+        return _test_score(model, splits["test"], {"steps": result.steps, "train_examples": len(train),
+                                                   "few_shot_per": s.per})
     raise ValueError(f"unknown protocol {protocol}")
