@@ -1,21 +1,26 @@
-"""The ColD Fusion benchmark: does the fused base beat the pretrained one and multitask learning?
+"""The ColD Fusion benchmark, in the publication's protocol: is the fused base a better
+starting point for tasks it never saw, and how does it compare with multitask learning?
 
-From configs/benchmark.yaml (seen tasks, unseen tasks, budgets):
+From configs/benchmark.yaml:
 
-1. `coldfusion run` on the seen tasks and `coldfusion multitask` on the same seen data
-   with the same number of training examples;
-2. `coldfusion evaluate` of pretrained / ColD Fusion / multitask on the seen tasks
-   (linear probe, finetune) and on the unseen tasks (finetune, few-shot), one evaluation
-   per (group, body), and a linear probe of every ColD Fusion iteration on the unseen
-   tasks. All of it runs on two single-threaded workers, each taking the next step whose
-   body exists (the multitask body's evaluations start while ColD Fusion still trains);
-3. report.md in the style of the publication's Table 1 (a row per task, a column per
-   model, averages, gains with 95% paired-bootstrap intervals, share of tasks beating
-   the base), the targets of the issue checked plainly, and plots/iterations.png.
+1. Folds: each fold's unseen tasks are held out; the other tasks are its seen tasks (every
+   task is unseen exactly once). Per fold, one `coldfusion run` per variant (k of n
+   contributors sampled each iteration) and one `coldfusion multitask` on the same seen
+   data with the same number of training examples.
+2. Choice on validation only: every variant and the pretrained base are scored on the
+   validation splits (`held_out: validation`): few-shot on the unseen tasks (100 examples
+   per task, stratified) and a linear probe on the seen tasks. The variant with the highest
+   mean of the two averages is chosen.
+3. Test, once, at the end: pretrained / chosen ColD Fusion / multitask, a linear probe on
+   the seen tasks, few-shot (100 per task, and 100 per class) on the unseen tasks, and a
+   linear probe of every version of the chosen run on its unseen tasks (the plot).
+4. report.md (the publication's Table 1: a row per task, averages, paired gains with 95%
+   bootstrap intervals over seeds and test examples, share of tasks above the base),
+   summary.json, plots/iterations.png.
 
-Every step resumes: rerunning the script continues where it stopped. `--quick` shrinks
-everything to check the pipeline in a few minutes. Prints JSON lines (phase timings,
-then the headline numbers).
+Two single-threaded workers take the next step whose inputs exist. Every step resumes:
+rerun the script to continue. `--quick` checks the pipeline on a few dozen examples.
+Prints JSON lines.
 """
 
 import argparse
@@ -35,63 +40,142 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from coldfusion.evaluation.config import EvalConfig  # noqa: E402
 from coldfusion.evaluation.report import protocol_table  # noqa: E402
-from coldfusion.evaluation.run import seeds_of  # noqa: E402
 from coldfusion.io.results import ResultsLog  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 
-BODIES = ["pretrained", "coldfusion", "multitask"]
+FINAL = ["pretrained", "coldfusion", "multitask"]  # the bodies reported on test
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def shrink(bench: dict) -> dict:
-    """--quick: the same pipeline on a few dozen examples."""
+    """--quick: the same pipeline on a few dozen examples, two tasks per fold."""
     bench = json.loads(json.dumps(bench))
-    bench["seen"], bench["unseen"] = bench["seen"][:2], bench["unseen"][:2]
-    bench["coldfusion"].update(iterations=1, examples_per_contributor=48)
+    bench["folds"] = [fold[:2] for fold in bench["folds"]]
+    bench["coldfusion"].update(iterations=2, examples_per_contributor=32, contributors_per_iteration=1, probe_every=1)
+    bench["variants"] = dict(list(bench["variants"].items())[:2])
     ev = bench["evaluation"]
     ev.update(seeds=ev["seeds"][:2], train_examples=48, validation_examples=32, test_examples=48)
-    ev["finetune"]["epochs"] = 1
-    ev["few_shot"].update(k=4)
-    ev["few_shot"]["finetune"]["epochs"] = 1
+    for key in ("few_shot", "few_shot_per_class"):
+        ev[key].update(k=8)
+        ev[key]["finetune"]["epochs"] = 1
     return bench
 
 
-def configs(bench: dict, out: Path) -> dict[str, dict]:
-    """The four command configs the benchmark is made of."""
-    runs = out / "runs"
-    common = {"model": bench["model"], "max_length": bench["max_length"], "seed": bench["seed"], "threads": 1,
-              "precision": bench.get("precision", "auto")}
-    cf, ft, ev = bench["coldfusion"], bench["finetune"], bench["evaluation"]
-    budget = cf["iterations"] * len(bench["seen"]) * cf["examples_per_contributor"]  # training examples
-    run = {**common, "name": "coldfusion", "tasks": bench["seen"], "output_dir": str(runs),
-           "loop": {"iterations": cf["iterations"], "examples_per_contributor": cf["examples_per_contributor"]},
-           "finetune": ft, "fusion": cf.get("fusion", {"method": "average"}),
-           # the per-iteration probe of the seen tasks on the same examples as the final evaluation
-           "evaluation": {k: ev[k] for k in ("train_examples", "validation_examples", "test_examples")}}
-    multitask = {**common, "name": "multitask", "tasks": bench["seen"], "output_dir": str(runs),
-                 "multitask": {**bench["multitask"], "steps": max(1, budget // ft["batch_size"]),
-                               "optimizer": {k: v for k, v in ft.items() if k != "epochs"}}}
-    bodies = [{"name": "pretrained", "model": bench["model"]},
-              {"name": "coldfusion", "repository": str(runs / "coldfusion" / "repository")},
-              {"name": "multitask", "repository": str(runs / "multitask" / "repository")}]
-    evaluation = {k: ev[k] for k in ("seeds", "train_examples", "validation_examples", "test_examples", "finetune",
-                                     "few_shot", "probe") if k in ev}
-    evaluation = {**evaluation, "max_length": bench["max_length"], "threads": 1, "precision": common["precision"],
-                  "bodies": bodies,
-                  "reference": "pretrained", "output_dir": str(out / "evaluations")}
-    seen = {**evaluation, "name": "seen", "tasks": bench["seen"], "protocols": ev["seen_protocols"]}
-    unseen = {**evaluation, "name": "unseen", "tasks": bench["unseen"], "protocols": ev["unseen_protocols"]}
-    return {"run": run, "multitask": multitask, "seen": seen, "unseen": unseen}
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    seen: list[str]
+    unseen: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"fold{self.index}"
 
 
-def iterations_config(bench_configs: dict, out: Path) -> dict:
-    """Linear probe of every ColD Fusion version on the unseen tasks (for the per-iteration plot)."""
-    repo_dir = out / "runs" / "coldfusion" / "repository"
-    versions = [v for v in Repository(repo_dir).versions() if v.run == "coldfusion" and not v.abandoned]
-    return {**bench_configs["unseen"], "name": "iterations", "protocols": ["linear_probe"], "reference": "iteration 0",
-            "bodies": [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
-                       for v in versions]}
+def folds_of(bench: dict) -> list[Fold]:
+    tasks = [t for fold in bench["folds"] for t in fold]
+    if len(set(tasks)) != len(tasks):
+        raise SystemExit("configs: a task is unseen in more than one fold")
+    return [Fold(i, [t for t in tasks if t not in fold], list(fold)) for i, fold in enumerate(bench["folds"])]
+
+
+class Plan:
+    """Every config of the benchmark, and where its results go."""
+
+    def __init__(self, bench: dict, out: Path):
+        self.bench, self.out, self.folds = bench, out, folds_of(bench)
+        self.common = {"model": bench["model"], "max_length": bench["max_length"], "seed": bench["seed"],
+                       "threads": 1, "precision": bench.get("precision", "auto")}
+
+    def run_dir(self, fold: Fold, name: str) -> Path:
+        return self.out / "runs" / fold.name / name
+
+    def coldfusion_run(self, fold: Fold, variant: str) -> dict:
+        cf, ev = self.bench["coldfusion"], self.bench["evaluation"]
+        run = {**self.common, "name": variant, "tasks": fold.seen, "output_dir": str(self.out / "runs" / fold.name),
+               "loop": {"iterations": cf["iterations"], "examples_per_contributor": cf["examples_per_contributor"],
+                        "contributors_per_iteration": cf["contributors_per_iteration"]},
+               "finetune": self.bench["finetune"], "fusion": cf.get("fusion", {"method": "average"}),
+               "evaluation": {"every": cf.get("probe_every", 1), "probe": ev["probe"],
+                              **{k: ev[k] for k in ("train_examples", "validation_examples", "test_examples")}}}
+        return merge(run, self.bench["variants"][variant] or {})
+
+    def budget(self) -> int:
+        cf = self.bench["coldfusion"]
+        return cf["iterations"] * cf["contributors_per_iteration"] * cf["examples_per_contributor"]
+
+    def multitask_run(self, fold: Fold) -> dict:
+        ft = self.bench["finetune"]
+        return {**self.common, "name": "multitask", "tasks": fold.seen, "output_dir": str(self.out / "runs" / fold.name),
+                "multitask": {**self.bench["multitask"], "steps": max(1, self.budget() // ft["batch_size"]),
+                              "optimizer": {k: v for k, v in ft.items() if k != "epochs"}}}
+
+    def body(self, fold: Fold, name: str, variant: str | None = None) -> dict:
+        if name == "pretrained":
+            return {"name": name, "model": self.bench["model"]}
+        run = "multitask" if name == "multitask" else (variant or name)
+        return {"name": name, "repository": str(self.run_dir(fold, run) / "repository")}
+
+    def evaluation(self, name: str, tasks: list[str], protocol: str, bodies: list[dict], held_out: str,
+                   few_shot: str = "few_shot") -> dict:
+        ev = self.bench["evaluation"]
+        return {"name": name, "max_length": self.bench["max_length"], "threads": 1,
+                "precision": self.common["precision"], "seeds": ev["seeds"] if protocol != "linear_probe" else [0],
+                "bodies": bodies, "reference": None, "tasks": tasks, "protocols": [protocol], "held_out": held_out,
+                "probe": ev["probe"], "few_shot": ev[few_shot], "output_dir": str(self.out / "evaluations"),
+                **{k: ev[k] for k in ("train_examples", "validation_examples", "test_examples")}}
+
+    def rows(self, name: str) -> list[dict]:
+        return ResultsLog(self.out / "evaluations" / name / "results.jsonl").rows()
+
+
+# -- choosing the variant (validation only) ------------------------------------------------
+
+
+def validation_steps(plan: Plan, fold: Fold, body: str) -> list[tuple[str, dict]]:
+    spec = plan.body(fold, body)
+    return [(f"val-{fold.name}-unseen-{body}",
+             plan.evaluation(f"val-{fold.name}-unseen-{body}", fold.unseen, "few_shot", [spec], "validation")),
+            (f"val-{fold.name}-seen-{body}",
+             plan.evaluation(f"val-{fold.name}-seen-{body}", fold.seen, "linear_probe", [spec], "validation"))]
+
+
+def validation_scores(plan: Plan) -> dict[str, dict[str, float]]:
+    """Per body (pretrained and each variant): mean validation accuracy of the unseen few-shot
+    and of the seen linear probe, over all folds' tasks, and their mean (the criterion)."""
+    scores = {}
+    for body in ["pretrained", *plan.bench["variants"]]:
+        part = {}
+        for group, protocol in (("unseen", "few_shot"), ("seen", "linear_probe")):
+            rows = [r for f in plan.folds for r in plan.rows(f"val-{f.name}-{group}-{body}")]
+            by_task: dict[str, list[float]] = {}
+            for r in rows:
+                by_task.setdefault(r["task"], []).append(r["accuracy"])
+            part[group] = sum(sum(v) / len(v) for v in by_task.values()) / max(1, len(by_task))
+        scores[body] = {**part, "criterion": (part["unseen"] + part["seen"]) / 2}
+    return scores
+
+
+def chosen_variant(plan: Plan) -> str:
+    scores = validation_scores(plan)
+    return max(plan.bench["variants"], key=lambda v: scores[v]["criterion"])
+
+
+# -- the queue -----------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    name: str
+    args: Callable[[], list[str] | None]  # built when the step starts (it may need what earlier steps made); None: done
+    needs: tuple[str, ...] = ()
 
 
 def _env() -> dict:
@@ -104,13 +188,6 @@ def _call(name: str, cmd: list[str], out: Path) -> str | None:
         if subprocess.call([sys.executable, "-m", "coldfusion", *cmd], stdout=f, stderr=subprocess.STDOUT, env=_env()):
             return f"{name} failed: see {log}"
     return None
-
-
-@dataclass
-class Step:
-    name: str
-    args: Callable[[], list[str] | None]  # built when the step starts (it may need what earlier steps made); None: done
-    needs: tuple[str, ...] = ()
 
 
 def run_queue(steps: list[Step], out: Path, workers: int = 2) -> None:
@@ -133,13 +210,15 @@ def run_queue(steps: list[Step], out: Path, workers: int = 2) -> None:
 
     def worker() -> None:
         while (step := next_step()) is not None:
+            started = time.perf_counter()
             args = step.args()
             failure = _call(step.name, args, out) if args is not None else None
             with lock:
                 failures.extend([failure] if failure else [])
                 done.add(step.name)
                 lock.notify_all()
-            print(json.dumps({"kind": "step", "step": step.name, "failed": bool(failure)}), flush=True)
+            print(json.dumps({"kind": "step", "step": step.name, "failed": bool(failure), "ran": args is not None,
+                              "minutes": round((time.perf_counter() - started) / 60, 2)}), flush=True)
 
     threads = [threading.Thread(target=worker) for _ in range(workers)]
     for t in threads:
@@ -150,14 +229,197 @@ def run_queue(steps: list[Step], out: Path, workers: int = 2) -> None:
         sys.exit("; ".join(failures))
 
 
-def phase(name: str, started: float) -> None:
-    print(json.dumps({"kind": "phase", "phase": name, "minutes": round((time.perf_counter() - started) / 60, 1)}),
-          flush=True)
-
-
 def write(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def steps(plan: Plan) -> list[Step]:
+    """Training first (multitask last: it is needed only at the end), the validation scores
+    as soon as their body exists, then the test evaluations once the variant is chosen."""
+    out, configs = plan.out, plan.out / "configs"
+
+    def train(fold: Fold, name: str, config: dict, command: str) -> Step:
+        path = write(configs / f"{fold.name}-{name}.yaml", config)
+        run_dir = plan.run_dir(fold, name)
+        if command == "run":
+            return Step(f"{fold.name}-{name}", lambda: ["run", str(path), *(["--resume"] if (run_dir / "config.yaml")
+                                                                              .exists() else [])])
+        return Step(f"{fold.name}-{name}", lambda: None if (run_dir / "state.json").exists()
+                    else ["multitask", str(path)])
+
+    def evaluate(name: str, config: Callable[[], dict], needs: tuple[str, ...]) -> Step:
+        return Step(name, lambda: ["evaluate", str(write(configs / f"{name}.yaml", config()))], needs)
+
+    queue, validation = [], []
+    for fold in plan.folds:
+        for variant in plan.bench["variants"]:
+            queue.append(train(fold, variant, plan.coldfusion_run(fold, variant), "run"))
+    for fold in plan.folds:
+        for body in ["pretrained", *plan.bench["variants"]]:
+            for name, config in validation_steps(plan, fold, body):
+                needs = () if body == "pretrained" else (f"{fold.name}-{body}",)
+                queue.append(evaluate(name, lambda c=config: c, needs))
+                validation.append(name)
+    for fold in plan.folds:
+        queue.append(train(fold, "multitask", plan.multitask_run(fold), "multitask"))
+    chosen = tuple(validation)
+    for fold in plan.folds:
+        trained = (*chosen, f"{fold.name}-multitask")
+        bodies = lambda f=fold: [plan.body(f, b, chosen_variant(plan)) for b in FINAL]  # noqa: E731
+        queue += [
+            evaluate(f"test-{fold.name}-seen", lambda f=fold, b=bodies: plan.evaluation(
+                f"test-{f.name}-seen", f.seen, "linear_probe", b(), "test"), trained),
+            evaluate(f"test-{fold.name}-unseen-per-task", lambda f=fold, b=bodies: plan.evaluation(
+                f"test-{f.name}-unseen-per-task", f.unseen, "few_shot", b(), "test"), trained),
+            evaluate(f"test-{fold.name}-unseen-per-class", lambda f=fold, b=bodies: plan.evaluation(
+                f"test-{f.name}-unseen-per-class", f.unseen, "few_shot", b(), "test", "few_shot_per_class"), trained),
+            evaluate(f"test-{fold.name}-iterations", lambda f=fold: iterations_config(plan, f), chosen),
+        ]
+    return queue
+
+
+def iterations_config(plan: Plan, fold: Fold) -> dict:
+    """Linear probe of every version of the chosen run on the fold's unseen tasks (the plot)."""
+    variant = chosen_variant(plan)
+    repo_dir = plan.run_dir(fold, variant) / "repository"
+    versions = [v for v in Repository(repo_dir).versions() if v.run == variant and not v.abandoned]
+    bodies = [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
+              for v in versions]
+    return plan.evaluation(f"test-{fold.name}-iterations", fold.unseen, "linear_probe", bodies, "test")
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _test_rows(plan: Plan, kind: str) -> list[dict]:
+    return [r for f in plan.folds for r in plan.rows(f"test-{f.name}-{kind}")]
+
+
+def _points(nums: dict | None) -> dict:
+    if not nums:
+        return {}
+    return {"gain": round(100 * nums["gain"], 2), "ci": [round(100 * nums["low"], 2), round(100 * nums["high"], 2)],
+            "wins": nums["wins"], "tasks": nums["tasks"]}
+
+
+def report(plan: Plan, minutes: float) -> dict:
+    """report.md, summary.json and plots/iterations.png from the rows measured so far."""
+    out, bench = plan.out, plan.bench
+    sections, numbers = [], {}
+    for kind, protocol, title in (("seen", "linear_probe", "Seen tasks, linear probe"),
+                                  ("unseen-per-task", "few_shot", "Unseen tasks, few-shot: 100 examples per task "
+                                                                  "(stratified)"),
+                                  ("unseen-per-class", "few_shot", "Unseen tasks, few-shot: 100 examples per class")):
+        rows = _test_rows(plan, kind)
+        if not rows:
+            continue
+        table, nums = protocol_table(rows, protocol, FINAL, "pretrained")
+        _, versus = protocol_table(rows, protocol, ["multitask", "coldfusion"], "multitask")
+        numbers[kind] = {"base": nums, "vs_multitask": versus.get("coldfusion")}
+        sections.append(f"### {title}\n\n{table}")
+    scores = validation_scores(plan)
+    variant = chosen_variant(plan) if all(plan.rows(s) for f in plan.folds
+                                          for s in (f"val-{f.name}-unseen-{v}" for v in bench["variants"])) else None
+    seen, few = numbers.get("seen", {}), numbers.get("unseen-per-task", {})
+    summary = {
+        "seen_probe_gain": _points(seen.get("base", {}).get("coldfusion")).get("gain"),
+        "seen_probe_gain_ci": _points(seen.get("base", {}).get("coldfusion")).get("ci"),
+        "seen_probe_vs_multitask": _points(seen.get("vs_multitask")).get("gain"),
+        "seen_probe_vs_multitask_ci": _points(seen.get("vs_multitask")).get("ci"),
+        "unseen_few_shot_gain": _points(few.get("base", {}).get("coldfusion")).get("gain"),
+        "unseen_few_shot_ci": _points(few.get("base", {}).get("coldfusion")).get("ci"),
+        "unseen_few_shot_win_rate": (round(few["base"]["coldfusion"]["wins"] / few["base"]["coldfusion"]["tasks"], 3)
+                                     if few.get("base", {}).get("coldfusion") else None),
+        "unseen_few_shot_vs_multitask": _points(few.get("vs_multitask")).get("gain"),
+        "unseen_few_shot_per_class_gain": _points(numbers.get("unseen-per-class", {}).get("base", {})
+                                                  .get("coldfusion")).get("gain"),
+        "variant": variant,
+        "variant_settings": bench["variants"].get(variant) if variant else None,
+        "validation_scores": {b: {k: round(100 * v, 2) for k, v in s.items()} for b, s in scores.items()},
+        "tasks_seen": sorted({t for f in plan.folds for t in f.seen}),
+        "tasks_unseen": [t for f in plan.folds for t in f.unseen],
+        "folds": [f.unseen for f in plan.folds],
+        "wall_minutes": round(minutes, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot = plot_iterations(plan, variant) if variant else None
+    cf = bench["coldfusion"]
+    text = (
+        "# ColD Fusion benchmark\n\n"
+        f"Base `{bench['model']}`, max length {bench['max_length']}, precision {bench.get('precision', 'auto')}. "
+        f"{len(plan.folds)} folds; every task is unseen in exactly one: "
+        + "; ".join(f"fold {f.index} holds out {', '.join(f.unseen)}" for f in plan.folds) + ". "
+        f"ColD Fusion per fold: {cf['iterations']} iterations, {cf['contributors_per_iteration']} of the "
+        f"{len(plan.folds[0].seen)} seen tasks' contributors sampled each iteration, {cf['examples_per_contributor']} "
+        f"fresh examples each; multitask: `{bench['multitask']['sampler']}` sampler on the same seen tasks, the same "
+        f"{plan.budget()} training examples. Accuracy (%) on each task's test split, mean ± sd over seeds "
+        f"{bench['evaluation']['seeds']} (the linear probe is deterministic: one seed); gains are paired (same seeds "
+        f"and test examples) with 95% bootstrap intervals over test examples and seeds. Wall time "
+        f"{minutes:.0f} minutes on this machine (2 CPU cores, two single-threaded jobs).\n\n"
+        f"## Targets\n\n{targets(summary)}\n\n"
+        f"## The variant, chosen on validation splits only\n\n{variant_table(plan, scores, variant)}\n"
+        "## Results (test splits, read once)\n\n" + "\n".join(sections)
+        + (f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n" if plot else ""))
+    (out / "report.md").write_text(text)
+    return summary
+
+
+def variant_table(plan: Plan, scores: dict, variant: str | None) -> str:
+    lines = ["| body | settings | unseen few-shot (val) | seen linear probe (val) | criterion (mean) |",
+             "|---|---|---:|---:|---:|"]
+    for body, s in scores.items():
+        settings = "-" if body == "pretrained" else json.dumps(plan.bench["variants"][body] or "plain averaging")
+        mark = " **(chosen)**" if body == variant else ""
+        lines.append(f"| {body}{mark} | `{settings}` | {100 * s['unseen']:.1f} | {100 * s['seen']:.1f} | "
+                     f"{100 * s['criterion']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(s: dict) -> str:
+    if s["unseen_few_shot_gain"] is None or s["seen_probe_vs_multitask"] is None:
+        return "(not measured yet)"
+    few_ok = s["unseen_few_shot_gain"] >= 2 and s["unseen_few_shot_ci"][0] > 0 and s["unseen_few_shot_win_rate"] >= 0.75
+    mt_ok = s["seen_probe_vs_multitask"] >= 0
+    return "\n".join([
+        f"- Unseen few-shot (100 per task): {s['unseen_few_shot_gain']:+.2f} points over the base "
+        f"[{s['unseen_few_shot_ci'][0]:+.2f}, {s['unseen_few_shot_ci'][1]:+.2f}], better than the base on "
+        f"{100 * s['unseen_few_shot_win_rate']:.0f}% of unseen tasks; target (+2, interval above 0, 75% of tasks): "
+        f"**{'met' if few_ok else 'not met'}**.",
+        f"- Seen linear probe, ColD Fusion ({s['variant']}) minus multitask: {s['seen_probe_vs_multitask']:+.2f} points "
+        f"[{s['seen_probe_vs_multitask_ci'][0]:+.2f}, {s['seen_probe_vs_multitask_ci'][1]:+.2f}]; target (at least "
+        f"as good): **{'met' if mt_ok else 'not met'}**.",
+        f"- Unseen few-shot, ColD Fusion minus multitask: {s['unseen_few_shot_vs_multitask']:+.2f} points."])
+
+
+def plot_iterations(plan: Plan, variant: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen: dict[int, list[float]] = {}
+    for fold in plan.folds:
+        for r in ResultsLog(plan.run_dir(fold, variant) / "results.jsonl").rows():
+            if r.get("kind") == "probe":
+                seen.setdefault(r["iteration"], []).append(r["accuracy"])
+    unseen: dict[int, list[float]] = {}
+    for r in _test_rows(plan, "iterations"):
+        unseen.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, data in (("seen tasks (contributors' probe)", seen), ("unseen tasks", unseen)):
+        xs = sorted(data)
+        ax.plot(xs, [100 * sum(data[x]) / len(data[x]) for x in xs], marker="o", label=label)
+    ax.set_xlabel(f"ColD Fusion iteration ({variant}; 0 = pretrained)")
+    ax.set_ylabel("linear-probe accuracy (%), mean")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = plan.out / "plots" / "iterations.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -166,157 +428,26 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark.yaml")
     p.add_argument("--out", type=Path, default=HERE / "results" / "cold_fusion")
     p.add_argument("--quick", action="store_true", help="a few dozen examples: checks the pipeline, not the claim")
-    p.add_argument("--report-only", action="store_true", help="rewrite report.md from the rows measured so far")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the rows measured so far")
     args = p.parse_args()
     bench = yaml.safe_load(args.config.read_text())
     if args.quick:
         bench = shrink(bench)
-    out = args.out
-    if args.report_only:  # the wall time of the last full run, if it finished
-        log = out / "benchmark.jsonl"
-        phases = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        report(bench, out, minutes=next((p["minutes"] for p in phases if p.get("kind") == "phase"), None))
-        return
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    cfgs = configs(bench, out)
-    paths = {k: write(out / "configs" / f"{k}.yaml", v) for k, v in cfgs.items()}
-    start = time.perf_counter()
-    run_queue(steps(cfgs, paths, out), out)
-    phase("train and evaluate", start)
-    report(bench, out, minutes=(time.perf_counter() - start) / 60)
-
-
-def evaluation_name(group: str, body: str) -> str:
-    return f"{group}-{body}"
-
-
-def steps(cfgs: dict, paths: dict, out: Path) -> list[Step]:
-    """Training, then one evaluation per (group, body), so each starts as soon as its body
-    exists and the pretrained base's evaluations fill the wait for the others."""
-    run_dir = out / "runs" / "coldfusion"
-    trained_by = {"pretrained": (), "coldfusion": ("coldfusion-run",), "multitask": ("multitask",)}
-    resume = lambda: ["--resume"] if (run_dir / "config.yaml").exists() else []  # noqa: E731
-    queue = [Step("coldfusion-run", lambda: ["run", str(paths["run"]), *resume()]),
-             Step("multitask", lambda: None if (out / "runs" / "multitask" / "state.json").exists()
-                  else ["multitask", str(paths["multitask"])])]
-    for body in ("multitask", "coldfusion", "pretrained"):  # bodies ready first go first
-        for group in ("seen", "unseen"):
-            spec = next(b for b in cfgs[group]["bodies"] if b["name"] == body)
-            name = evaluation_name(group, body)
-            path = write(out / "configs" / f"{name}.yaml",
-                         {**cfgs[group], "name": name, "bodies": [spec], "reference": None})
-            queue.append(Step(f"evaluate-{name}", lambda p=path: ["evaluate", str(p)], trained_by[body]))
-    queue.append(Step("evaluate-iterations", lambda: ["evaluate", str(write(
-        out / "configs" / "iterations.yaml", iterations_config(cfgs, out)))], ("coldfusion-run",)))
-    return queue
-
-
-def report(bench: dict, out: Path, minutes: float | None) -> None:
-    """report.md: Table 1, the issue's targets checked, the per-iteration plot."""
-    ev, cfgs = out / "evaluations", configs(bench, out)
-    logs = lambda group: [ResultsLog(ev / evaluation_name(group, b) / "results.jsonl") for b in BODIES]  # noqa: E731
-    rows = {group: [r for log in logs(group) for r in log.rows()] for group in ("seen", "unseen")}
-    rows["iterations"] = ResultsLog(ev / "iterations" / "results.jsonl").rows()
-    expected = {}
-    for group in ("seen", "unseen"):
-        config = EvalConfig.model_validate(cfgs[group])
-        expected[group] = len(config.tasks) * len(BODIES) * sum(len(seeds_of(p, config)) for p in config.protocols)
-    missing = {k: n - len(rows[k]) for k, n in expected.items() if len(rows[k]) < n}
-    sections, numbers = [], {}
-    for group, protocols in (("seen", bench["evaluation"]["seen_protocols"]),
-                             ("unseen", bench["evaluation"]["unseen_protocols"])):
-        for protocol in protocols:
-            table, nums = protocol_table(rows[group], protocol, BODIES, "pretrained")
-            numbers[(group, protocol)] = nums
-            sections.append(f"### {group} tasks, {protocol}\n\n{table}")
-    plot = plot_iterations(out, rows["iterations"])
-    checks = targets(numbers, rows)
-    cf = bench["coldfusion"]
-    text = (
-        f"# ColD Fusion benchmark\n\n"
-        f"Base: `{bench['model']}`; seen tasks (contributors, multitask data): {', '.join(bench['seen'])}; "
-        f"unseen tasks (held out): {', '.join(bench['unseen'])}. ColD Fusion: {cf['iterations']} iterations, "
-        f"{cf['examples_per_contributor']} fresh examples per contributor per iteration, fusion "
-        f"`{cf.get('fusion', {'method': 'average'})['method']}`; multitask: `{bench['multitask']['sampler']}` "
-        f"sampler, the same number of training examples. Accuracy (%) on each test split, mean ± sd over seeds "
-        f"{bench['evaluation']['seeds']} (the linear probe is deterministic: one seed). Gains are paired (same "
-        f"seeds and test examples) with 95% bootstrap intervals over test examples and seeds. "
-        + (f"Wall time: {minutes:.0f} minutes on this machine.\n\n" if minutes is not None else "\n\n")
-        + (f"**Incomplete**: rows still to measure {missing}; rerun the script to finish (it resumes).\n\n"
-           if missing else "") +
-        f"## Targets\n\n{checks}\n\n{tried(out)}## Results\n\n" + "\n".join(sections) +
-        f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n")
-    (out / "report.md").write_text(text)
-    headline = {f"{g}/{p}": {b: {k: round(v, 4) if isinstance(v, float) else v for k, v in n.items()}
-                             for b, n in nums.items()} for (g, p), nums in numbers.items()}
-    minutes = None if minutes is None else round(minutes, 1)
-    print(json.dumps({"kind": "summary", "minutes": minutes, "gains_over_pretrained": headline}), flush=True)
-
-
-def tried(out: Path) -> str:
-    """What benchmarks/cold_fusion_tuning.py tried for the unseen few-shot target (validation only)."""
-    tuning = out.parent / "cold_fusion_tuning" / "report.md"
-    if not tuning.exists():
-        return ""
-    lines = [line for line in tuning.read_text().splitlines() if line.startswith("- `")]
-    return ("## What was tried for the few-shot target\n\nOn the unseen tasks' validation splits (never test), "
-            "variants stopped after 3 iterations, few-shot gain over the base "
-            "(../cold_fusion_tuning/report.md):\n\n" + "\n".join(lines) +
-            "\n\nNone is distinguishable from the base or from the others, so the benchmark keeps its settings.\n\n")
-
-
-def targets(numbers: dict, rows: dict) -> str:
-    lines = []
-    seen_lp = numbers.get(("seen", "linear_probe"), {}).get("coldfusion")
-    if seen_lp:
-        ok = seen_lp["low"] > 0 and seen_lp["gain"] >= 0.02
-        lines.append(f"- Seen tasks, linear probe: ColD Fusion {100 * seen_lp['gain']:+.1f} points over the base "
-                     f"[{100 * seen_lp['low']:+.1f}, {100 * seen_lp['high']:+.1f}]; target (interval above 0, "
-                     f"mean >= 2): **{'met' if ok else 'not met'}**.")
-    few = numbers.get(("unseen", "few_shot"), {}).get("coldfusion")
-    if few:
-        ok = few["gain"] >= 0.02 and few["wins"] >= 0.75 * few["tasks"]
-        lines.append(f"- Unseen tasks, few-shot: {100 * few['gain']:+.1f} points [{100 * few['low']:+.1f}, "
-                     f"{100 * few['high']:+.1f}], better than the base on {few['wins']}/{few['tasks']} tasks; "
-                     f"target (+2 points, 75% of tasks): **{'met' if ok else 'not met'}**.")
-    for protocol in ("finetune", "few_shot"):
-        cf = numbers.get(("unseen", protocol), {}).get("coldfusion")
-        mt = numbers.get(("unseen", protocol), {}).get("multitask")
-        if cf and mt:
-            ok = cf["gain"] >= mt["gain"]
-            lines.append(f"- Unseen tasks, {protocol}: ColD Fusion {100 * cf['gain']:+.1f} vs multitask "
-                         f"{100 * mt['gain']:+.1f} over the base; target (ColD Fusion at least as good): "
-                         f"**{'met' if ok else 'not met'}**.")
-    return "\n".join(lines) or "(no results yet)"
-
-
-def plot_iterations(out: Path, iteration_rows: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seen = [r for r in ResultsLog(out / "runs" / "coldfusion" / "results.jsonl").rows() if r.get("kind") == "probe"]
-    by_iter = {}
-    for r in seen:
-        by_iter.setdefault(r["iteration"], []).append(r["accuracy"])
-    unseen = {}
-    for r in iteration_rows:
-        unseen.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, data in (("seen tasks", by_iter), ("unseen tasks", unseen)):
-        xs = sorted(data)
-        ax.plot(xs, [100 * sum(data[x]) / len(data[x]) for x in xs], marker="o", label=label)
-    ax.set_xlabel("ColD Fusion iteration (0 = pretrained)")
-    ax.set_ylabel("linear-probe accuracy (%), mean")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "plots" / "iterations.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    plan = Plan(bench, args.out)
+    log = args.out / "benchmark.jsonl"  # one row per invocation: the wall time adds up over resumed parts
+    earlier = sum(json.loads(line)["minutes"] for line in log.read_text().splitlines()) if log.exists() else 0.0
+    if not args.report_only:
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            run_queue(steps(plan), args.out)
+        finally:
+            minutes = (time.perf_counter() - start) / 60
+            with open(log, "a") as f:
+                f.write(json.dumps({"kind": "invocation", "minutes": round(minutes, 2)}) + "\n")
+            earlier += minutes
+    summary = report(plan, earlier)
+    print(json.dumps({"kind": "summary", **summary}), flush=True)
 
 
 if __name__ == "__main__":

@@ -216,3 +216,13 @@ def test_the_servers_own_suite_is_scored_beside_the_contributors_tasks(tiny_mode
     data["evaluation"]["suite"] = [{"name": "sentiment", "path": str(toy_task_files["topic"])}]
     with pytest.raises(ValueError, match=r"unique across contributors and evaluation.suite: \['sentiment'\]"):
         RunConfig.model_validate(data)
+
+
+def test_the_base_is_scored_every_n_iterations_and_after_the_last(tiny_model_dir, toy_task_files, tmp_path):
+    cfg = tiny_config(tiny_model_dir, toy_task_files, tmp_path, iterations=3)
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"every": 2})})
+    run_dir = run_cold_fusion(cfg)
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["iteration"] for r in rows if r["kind"] == "probe"}) == [0, 2, 3]
+    assert sorted(r["iteration"] for r in rows if r["kind"] == "fusion") == [1, 2, 3]
+    assert "| **mean** |" in (run_dir / "summary.md").read_text()

@@ -30,6 +30,8 @@ class LoopSettings(ConfigSection):
 
 
 class EvaluationSettings(ProbeProtocol):
+    every: int = Field(1, ge=1, description="score the base every this many iterations (and after the last); "
+                                            "the probes of many seen tasks can cost more than the training")
     suite: list[TaskSpec] = Field(
         default_factory=list,
         description="the repository owner's own evaluation tasks (public benchmarks), scored on the server; "

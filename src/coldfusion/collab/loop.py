@@ -173,7 +173,8 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
         rows, version = _fuse_round(repo, config, state.version, iteration, round_, run_id)
         fusion_row = rows[-1]
         fusion_row["train_seconds"] = round(train_seconds, 2)
-        rows += evaluation_rows(version, repo.load_version(version), iteration)
+        if iteration % config.evaluation.every == 0 or iteration == config.loop.iterations:
+            rows += evaluation_rows(version, repo.load_version(version), iteration)
         fusion_row["iteration_seconds"] = round(time.perf_counter() - started, 2)
         log.extend(rows)
         failpoint("loop.unrecorded")
