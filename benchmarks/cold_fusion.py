@@ -113,8 +113,10 @@ class Plan:
 
     def multitask_run(self, fold: Fold) -> dict:
         ft = self.bench["finetune"]
-        return {**self.common, "name": "multitask", "tasks": fold.seen, "output_dir": str(self.out / "runs" / fold.name),
-                "multitask": {**self.bench["multitask"], "steps": max(1, self.budget() // ft["batch_size"]),
+        steps = max(1, self.budget() // ft["batch_size"])  # the same number of training examples
+        return {**self.common, "name": "multitask", "tasks": fold.seen,
+                "output_dir": str(self.out / "runs" / fold.name),
+                "multitask": {**self.bench["multitask"], "steps": steps,
                               "optimizer": {k: v for k, v in ft.items() if k != "epochs"}}}
 
     def body(self, fold: Fold, name: str, variant: str | None = None) -> dict:
@@ -153,7 +155,7 @@ def validation_scores(plan: Plan) -> dict[str, dict[str, float]]:
     scores = {}
     for body in ["pretrained", *plan.bench["variants"]]:
         part = {}
-        for group, protocol in (("unseen", "few_shot"), ("seen", "linear_probe")):
+        for group in ("unseen", "seen"):  # few-shot on the unseen tasks, linear probe on the seen ones
             rows = [r for f in plan.folds for r in plan.rows(f"val-{f.name}-{group}-{body}")]
             by_task: dict[str, list[float]] = {}
             for r in rows:
@@ -238,7 +240,7 @@ def write(path: Path, data: dict) -> Path:
 def steps(plan: Plan) -> list[Step]:
     """Training first (multitask last: it is needed only at the end), the validation scores
     as soon as their body exists, then the test evaluations once the variant is chosen."""
-    out, configs = plan.out, plan.out / "configs"
+    configs = plan.out / "configs"
 
     def train(fold: Fold, name: str, config: dict, command: str) -> Step:
         path = write(configs / f"{fold.name}-{name}.yaml", config)
@@ -387,7 +389,8 @@ def targets(s: dict) -> str:
         f"[{s['unseen_few_shot_ci'][0]:+.2f}, {s['unseen_few_shot_ci'][1]:+.2f}], better than the base on "
         f"{100 * s['unseen_few_shot_win_rate']:.0f}% of unseen tasks; target (+2, interval above 0, 75% of tasks): "
         f"**{'met' if few_ok else 'not met'}**.",
-        f"- Seen linear probe, ColD Fusion ({s['variant']}) minus multitask: {s['seen_probe_vs_multitask']:+.2f} points "
+        f"- Seen linear probe, ColD Fusion ({s['variant']}) minus multitask: {s['seen_probe_vs_multitask']:+.2f} "
+        "points "
         f"[{s['seen_probe_vs_multitask_ci'][0]:+.2f}, {s['seen_probe_vs_multitask_ci'][1]:+.2f}]; target (at least "
         f"as good): **{'met' if mt_ok else 'not met'}**.",
         f"- Unseen few-shot, ColD Fusion minus multitask: {s['unseen_few_shot_vs_multitask']:+.2f} points."])

@@ -36,6 +36,7 @@ from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
 from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
 from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
+from coldfusion.repository.outer import OuterSettings  # noqa: E402
 
 TIMINGS = {"seconds", "train_seconds", "fuse_seconds", "iteration_seconds"}
 
@@ -111,10 +112,11 @@ def test_simulation_gives_the_local_engines_rows_and_nodes_receive_only_the_cons
         tiny_model_dir, three_tasks, tmp_path):
     """The same seeds give the same results.jsonl rows (apart from timings) on the local engine
     and on Flower's simulation runtime, RegMean over sparse contributions included (Gram
-    matrices travel with the encoded bodies). Every message a simulated node receives holds
+    matrices travel with the encoded bodies) and the outer optimizer, whose momentum the
+    run's repository keeps from round to round. Every message a simulated node receives holds
     the consortium's settings and the base, never a task spec, a path, a contributor's name
     or the attack block."""
-    update = {"fusion": FusionSettings(method="regmean"),
+    update = {"fusion": FusionSettings(method="regmean", outer=OuterSettings(lr=0.7, momentum=0.9, nesterov=True)),
               "contribution": EncodingSettings(kind="sparse", density=0.5, dtype="float32")}
     local = run_cold_fusion(tiny_config(tiny_model_dir, three_tasks, tmp_path / "local").model_copy(update=update))
     config = tiny_config(tiny_model_dir, three_tasks, tmp_path / "flower").model_copy(
@@ -130,6 +132,8 @@ def test_simulation_gives_the_local_engines_rows_and_nodes_receive_only_the_cons
     assert [f["contributors"] for f in fusions] == [list(three_tasks)] * 2 and all(not f["missing"] for f in fusions)
     assert all(f["method"] == "regmean" and f["encoding"] == "sparse" for f in fusions)
     assert {c.encoding["kind"] for c in Repository(flower / "repository").contributions()} == {"sparse"}
+    last = Repository(flower / "repository").latest()
+    assert last.fusion["outer"]["momentum_from"] == last.parent  # round 2 continued round 1's buffer
     probes = [r for r in rows_of(flower) if r["kind"] == "probe"]
     assert {(r["task"], r["iteration"]) for r in probes} == {(t, i) for t in three_tasks for i in (0, 1, 2)}
     assert all(r["scored_by"] == "contributor" and set(r["test_correct"]) <= {"0", "1"} for r in probes)
