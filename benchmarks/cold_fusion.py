@@ -10,7 +10,8 @@ From configs/benchmark.yaml:
 2. Choice on validation only: every variant and the pretrained base are scored on the
    validation splits (`held_out: validation`): few-shot on the unseen tasks (100 examples
    per task, stratified) and a linear probe on the seen tasks. The variant with the highest
-   mean of the two averages is chosen.
+   mean of the two averages is chosen. The multitask body is scored the same way, beside
+   them (not a candidate).
 3. Test, once, at the end: pretrained / chosen ColD Fusion / multitask, a linear probe on
    the seen tasks, few-shot (100 per task, and 100 per class) on the unseen tasks, and a
    linear probe of every version of the chosen run on its unseen tasks (the plot).
@@ -150,10 +151,10 @@ def validation_steps(plan: Plan, fold: Fold, body: str) -> list[tuple[str, dict]
 
 
 def validation_scores(plan: Plan) -> dict[str, dict[str, float]]:
-    """Per body (pretrained and each variant): mean validation accuracy of the unseen few-shot
+    """Per body (pretrained, each variant, multitask): mean validation accuracy of the unseen few-shot
     and of the seen linear probe, over all folds' tasks, and their mean (the criterion)."""
     scores = {}
-    for body in ["pretrained", *plan.bench["variants"]]:
+    for body in ["pretrained", *plan.bench["variants"], "multitask"]:
         part = {}
         for group in ("unseen", "seen"):  # few-shot on the unseen tasks, linear probe on the seen ones
             rows = [r for f in plan.folds for r in plan.rows(f"val-{f.name}-{group}-{body}")]
@@ -264,9 +265,11 @@ def steps(plan: Plan) -> list[Step]:
                 needs = () if body == "pretrained" else (f"{fold.name}-{body}",)
                 queue.append(evaluate(name, lambda c=config: c, needs))
                 validation.append(name)
+    chosen = tuple(validation)  # the variant is chosen on these
     for fold in plan.folds:
         queue.append(train(fold, "multitask", plan.multitask_run(fold), "multitask"))
-    chosen = tuple(validation)
+        for name, config in validation_steps(plan, fold, "multitask"):  # the variants' yardstick, not a choice
+            queue.append(evaluate(name, lambda c=config: c, (f"{fold.name}-multitask",)))
     for fold in plan.folds:
         trained = (*chosen, f"{fold.name}-multitask")
         bodies = lambda f=fold: [plan.body(f, b, chosen_variant(plan)) for b in FINAL]  # noqa: E731
@@ -372,7 +375,8 @@ def variant_table(plan: Plan, scores: dict, variant: str | None) -> str:
     lines = ["| body | settings | unseen few-shot (val) | seen linear probe (val) | criterion (mean) |",
              "|---|---|---:|---:|---:|"]
     for body, s in scores.items():
-        settings = "-" if body == "pretrained" else json.dumps(plan.bench["variants"][body] or "plain averaging")
+        settings = ("-" if body in ("pretrained", "multitask")
+                    else json.dumps(plan.bench["variants"][body] or "plain averaging"))
         mark = " **(chosen)**" if body == variant else ""
         lines.append(f"| {body}{mark} | `{settings}` | {100 * s['unseen']:.1f} | {100 * s['seen']:.1f} | "
                      f"{100 * s['criterion']:.1f} |")
