@@ -31,21 +31,26 @@ class CatalogEntry:
     build: Callable[[str], Task]
 
 
+def _kept_rows(texts: list[str], labels: list[str], exclude: set = frozenset(),
+               pairs: list[str] | None = None) -> list[int]:
+    """The rows that stay: a text and a label after stripping, the first of repeated texts
+    (text pairs, for pair tasks), none in `exclude`."""
+    seen, kept = set(exclude), []
+    for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
+        t, p = t.strip(), pairs[i].strip() if pairs is not None else None
+        key = t if pairs is None else (t, p)
+        if t and y.strip() and p != "" and key not in seen:
+            seen.add(key)
+            kept.append(i)
+    return kept
+
+
 def _clean(texts: list[str], labels: list[str], exclude: set = frozenset(),
            pairs: list[str] | None = None) -> tuple[list[str], list[str], list[str] | None]:
-    """Strip, drop empty rows, keep the first of repeated texts (text pairs, for pair
-    tasks), drop those in `exclude`."""
-    seen, out_t, out_y, out_p = set(exclude), [], [], []
-    for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
-        t, y = t.strip(), y.strip()
-        p = pairs[i].strip() if pairs is not None else ""
-        key = (t, p) if pairs is not None else t
-        if t and y and (p or pairs is None) and key not in seen:
-            seen.add(key)
-            out_t.append(t)
-            out_y.append(y)
-            out_p.append(p)
-    return out_t, out_y, out_p if pairs is not None else None
+    """The kept rows (`_kept_rows`), stripped."""
+    rows = _kept_rows(texts, labels, exclude, pairs)
+    strip = lambda column: [column[i].strip() for i in rows]  # noqa: E731
+    return strip(texts), strip(labels), strip(pairs) if pairs is not None else None
 
 
 def _from_pool(name, package, texts, labels, label_names=None) -> Task:
@@ -58,11 +63,7 @@ def _from_pool(name, package, texts, labels, label_names=None) -> Task:
 def _from_groups(name, package, texts, labels, groups, label_names=None) -> Task:
     """Split whole groups (the speeches, episodes a text is cut from) 70/10/20, so no group
     has texts on both sides of a split."""
-    keep = {}  # first occurrence of each text, as _clean keeps it
-    for i, t in enumerate(texts):
-        if t.strip() and labels[i].strip():
-            keep.setdefault(t.strip(), i)
-    rows = sorted(keep.values())
+    rows = _kept_rows(texts, labels)
     ids, names = encode_labels([labels[i].strip() for i in rows], label_names)
     order = np.random.RandomState(derive_seed("split", name)).permutation(sorted({groups[i] for i in rows}))
     n_test, n_val = round(len(order) * 0.2), round(len(order) * 0.1)
