@@ -94,9 +94,10 @@ def fuse_contributions(
                            **params)
     buffer, outer_record = None, {}
     if outer is not None and not outer.is_plain:
-        fused, buffer = outer_step(repo.load(base.sha256), fused, _momentum_buffer(repo, base), outer)
-        outer_record = {"outer": {**outer.model_dump(), "momentum_from": base.id if _momentum_buffer_sha(base)
-                                  else None}}
+        previous = ((base.fusion or {}).get("outer") or {}).get("momentum_buffer")  # None: the buffer starts at 0
+        base_tensors = current if current is not None else repo.load(base.sha256)  # read once per fusion
+        fused, buffer = outer_step(base_tensors, fused, repo.load(previous) if previous else None, outer)
+        outer_record = {"outer": {**outer.model_dump(), "momentum_from": base.id if previous else None}}
     fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
               "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
               **({"missing": missing} if missing else {}),
@@ -117,16 +118,6 @@ def fuse_contributions(
         raise ColdFusionError(f"nothing was fused: {exc} (another fusion took some of these contributions "
                               "first)") from None
     return version
-
-def _momentum_buffer_sha(version: Version) -> str | None:
-    return ((version.fusion or {}).get("outer") or {}).get("momentum_buffer")
-
-
-def _momentum_buffer(repo: Repository, version: Version):
-    """The outer optimizer's buffer stored with `version` (None: it has none, so it starts at 0)."""
-    sha = _momentum_buffer_sha(version)
-    return repo.load(sha) if sha else None
-
 
 def _validate(repo: Repository, base: Version, contribs: list[Contribution], settings: ValidationSettings,
               scratch: Path) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
