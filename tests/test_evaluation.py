@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coldfusion.evaluation import EvalConfig, run_evaluation
-from coldfusion.evaluation.config import load_eval_config
+from coldfusion.evaluation.config import FewShotSettings, load_eval_config
 from coldfusion.evaluation.few_shot import few_shot, stratified_counts
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.tasks.task import Split
@@ -48,6 +48,11 @@ def test_stratified_counts_sum_to_k_respect_sizes_and_proportions(sizes, k):
     if len(sizes) <= k <= sum(sizes) and all(s >= k for s in sizes):  # no class capped: within one of its share
         for c, s in zip(counts, sizes, strict=True):
             assert abs(c - (1 + (k - len(sizes)) * s / sum(sizes))) < 1
+
+
+def test_few_shot_per_is_checked():
+    with pytest.raises(ValueError, match="'class' or 'task'"):
+        FewShotSettings(per="dataset")
 
 
 def eval_config(tiny_model_dir, toy_task_files, tmp_path, **overrides) -> EvalConfig:

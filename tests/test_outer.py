@@ -130,3 +130,17 @@ def test_fuse_through_the_cli_with_an_outer_optimizer(tmp_path):
     second = invoke("fuse", repo.root, "--outer-lr", 0.7, "--outer-momentum", 0.9, "--nesterov")
     assert second.exit_code == 0 and "continuing the buffer of version 2" in second.text, second.text
     assert torch.allclose(repo.load_version(3)["w"], torch.tensor(-0.2145))
+
+
+@pytest.mark.parametrize(("outer", "message"), [
+    ({"momentum": 1.5}, r"fusion\.outer\.momentum"),
+    ({"lr": 0}, r"fusion\.outer\.lr"),
+    ({"nesterov": True}, "nesterov needs a momentum above 0"),
+    ({"lr": 0.7, "beta": 0.9}, r"fusion\.outer\.beta"),
+])
+def test_bad_outer_settings_in_a_run_config_are_refused_by_key(outer, message):
+    from coldfusion.collab.config import parse_config
+    from coldfusion.infra.errors import ColdFusionError
+
+    with pytest.raises(ColdFusionError, match=message):
+        parse_config({"tasks": ["movie_sentiment"], "fusion": {"outer": outer}}, "run.yaml")
