@@ -60,7 +60,8 @@ def shrink(bench: dict) -> dict:
     bench = json.loads(json.dumps(bench))
     bench["folds"] = [fold[:2] for fold in bench["folds"]]
     bench["coldfusion"].update(iterations=2, examples_per_contributor=32, contributors_per_iteration=1, probe_every=1)
-    bench["variants"] = dict(list(bench["variants"].items())[:2])
+    names = list(bench["variants"])
+    bench["variants"] = {n: bench["variants"][n] for n in (names[0], names[-1])}
     ev = bench["evaluation"]
     ev.update(seeds=ev["seeds"][:2], train_examples=48, validation_examples=32, test_examples=48)
     for key in ("few_shot", "few_shot_per_class"):
@@ -120,11 +121,11 @@ class Plan:
                 "multitask": {**self.bench["multitask"], "steps": steps,
                               "optimizer": {k: v for k, v in ft.items() if k != "epochs"}}}
 
-    def body(self, fold: Fold, name: str, variant: str | None = None) -> dict:
+    def body(self, fold: Fold, name: str) -> dict:
+        """`pretrained`, `multitask` or a variant's name (its final base)."""
         if name == "pretrained":
             return {"name": name, "model": self.bench["model"]}
-        run = "multitask" if name == "multitask" else (variant or name)
-        return {"name": name, "repository": str(self.run_dir(fold, run) / "repository")}
+        return {"name": name, "repository": str(self.run_dir(fold, name) / "repository")}
 
     def evaluation(self, name: str, tasks: list[str], protocol: str, bodies: list[dict], held_out: str,
                    few_shot: str = "few_shot") -> dict:
@@ -137,6 +138,26 @@ class Plan:
 
     def rows(self, name: str) -> list[dict]:
         return ResultsLog(self.out / "evaluations" / name / "results.jsonl").rows()
+
+    def missing(self, config: dict) -> list[dict]:
+        """The bodies of an evaluation config that still lack a row: a finished evaluation is
+        not rerun, and needs no body (a fresh clone has the rows but not the runs)."""
+        seeds = config["seeds"]
+        done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in self.rows(config["name"])}
+        return [b for b in config["bodies"] if any((b["name"], t, p, s) not in done for t in config["tasks"]
+                                                   for p in config["protocols"] for s in seeds)]
+
+    def probe_rows(self, fold: Fold, variant: str) -> list[dict]:
+        """The contributors' probes of each base of a run (the plot's seen series), kept beside
+        the evaluations: the run directory itself is too large to commit."""
+        kept = self.out / "probes" / f"{fold.name}-{variant}.jsonl"
+        run = self.run_dir(fold, variant) / "results.jsonl"
+        if run.exists():
+            rows = [r for r in ResultsLog(run).rows() if r.get("kind") == "probe"]
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "test_correct"}) + "\n"
+                                    for r in rows))
+        return ResultsLog(kept).rows() if kept.exists() else []
 
 
 # -- choosing the variant (validation only) ------------------------------------------------
@@ -240,25 +261,30 @@ def write(path: Path, data: dict) -> Path:
 
 def steps(plan: Plan) -> list[Step]:
     """Training first (multitask last: it is needed only at the end), the validation scores
-    as soon as their body exists, then the test evaluations once the variant is chosen."""
+    as soon as their body exists, then the test evaluations once the variant is chosen.
+    What is already measured is skipped, and so is training that nothing left needs."""
     configs = plan.out / "configs"
 
-    def train(fold: Fold, name: str, config: dict, command: str) -> Step:
-        path = write(configs / f"{fold.name}-{name}.yaml", config)
-        run_dir = plan.run_dir(fold, name)
-        if command == "run":
-            return Step(f"{fold.name}-{name}", lambda: ["run", str(path), *(["--resume"] if (run_dir / "config.yaml")
-                                                                              .exists() else [])])
-        return Step(f"{fold.name}-{name}", lambda: None if (run_dir / "state.json").exists()
-                    else ["multitask", str(path)])
+    def run_args(fold: Fold, name: str) -> list[str]:
+        path = write(configs / f"{fold.name}-{name}.yaml", plan.coldfusion_run(fold, name))
+        return ["run", str(path), *(["--resume"] if (plan.run_dir(fold, name) / "config.yaml").exists() else [])]
+
+    def needed(configs_: list[Callable[[], dict]]) -> bool:
+        return any(plan.missing(c()) for c in configs_)
 
     def evaluate(name: str, config: Callable[[], dict], needs: tuple[str, ...]) -> Step:
-        return Step(name, lambda: ["evaluate", str(write(configs / f"{name}.yaml", config()))], needs)
+        def args() -> list[str] | None:
+            full = config()
+            todo = plan.missing(full)
+            return ["evaluate", str(write(configs / f"{name}.yaml", {**full, "bodies": todo}))] if todo else None
+        return Step(name, args, needs)
 
     queue, validation = [], []
     for fold in plan.folds:
         for variant in plan.bench["variants"]:
-            queue.append(train(fold, variant, plan.coldfusion_run(fold, variant), "run"))
+            scored_by = [lambda c=c: c for _, c in validation_steps(plan, fold, variant)]
+            queue.append(Step(f"{fold.name}-{variant}", lambda f=fold, v=variant, c=scored_by:
+                              run_args(f, v) if needed(c) else None))
     for fold in plan.folds:
         for body in ["pretrained", *plan.bench["variants"]]:
             for name, config in validation_steps(plan, fold, body):
@@ -267,39 +293,64 @@ def steps(plan: Plan) -> list[Step]:
                 validation.append(name)
     chosen = tuple(validation)  # the variant is chosen on these
     for fold in plan.folds:
-        queue.append(train(fold, "multitask", plan.multitask_run(fold), "multitask"))
+        tests = test_configs(plan, fold)
+        # the chosen run again where a test evaluation or the plot still needs it (it resumes; a
+        # fresh clone has the scores but not the bases, and a rerun gives the same bases)
+        queue.append(Step(f"{fold.name}-chosen", lambda f=fold, t=tests: run_args(f, chosen_variant(plan))
+                          if needed(list(t.values())) or not plan.probe_rows(f, chosen_variant(plan)) else None,
+                          chosen))
+        mt_write = write(configs / f"{fold.name}-multitask.yaml", plan.multitask_run(fold))
+        mt_uses = [lambda c=c: c for _, c in validation_steps(plan, fold, "multitask")] + [
+            lambda t=tests[k]: {**t(), "bodies": [b for b in t()["bodies"] if b["name"] == "multitask"]}
+            for k in ("seen", "unseen-per-task", "unseen-per-class")]
+        finished = plan.run_dir(fold, "multitask") / "state.json"
+        queue.append(Step(f"{fold.name}-multitask", lambda p=mt_write, u=mt_uses, d=finished: ["multitask", str(p)]
+                          if needed(u) and not d.exists() else None, chosen))
         for name, config in validation_steps(plan, fold, "multitask"):  # the variants' yardstick, not a choice
             queue.append(evaluate(name, lambda c=config: c, (f"{fold.name}-multitask",)))
-    for fold in plan.folds:
-        trained = (*chosen, f"{fold.name}-multitask")
-        bodies = lambda f=fold: [plan.body(f, b, chosen_variant(plan)) for b in FINAL]  # noqa: E731
-        queue += [
-            evaluate(f"test-{fold.name}-seen", lambda f=fold, b=bodies: plan.evaluation(
-                f"test-{f.name}-seen", f.seen, "linear_probe", b(), "test"), trained),
-            evaluate(f"test-{fold.name}-unseen-per-task", lambda f=fold, b=bodies: plan.evaluation(
-                f"test-{f.name}-unseen-per-task", f.unseen, "few_shot", b(), "test"), trained),
-            evaluate(f"test-{fold.name}-unseen-per-class", lambda f=fold, b=bodies: plan.evaluation(
-                f"test-{f.name}-unseen-per-class", f.unseen, "few_shot", b(), "test", "few_shot_per_class"), trained),
-            evaluate(f"test-{fold.name}-iterations", lambda f=fold: iterations_config(plan, f), chosen),
-        ]
+        trained = (f"{fold.name}-chosen", f"{fold.name}-multitask")
+        queue += [evaluate(f"test-{fold.name}-{kind}", config, trained) for kind, config in tests.items()]
     return queue
+
+
+def test_configs(plan: Plan, fold: Fold) -> dict[str, Callable[[], dict]]:
+    """The test evaluations of a fold, built once the variant is chosen. The ColD Fusion body
+    carries its variant's name, so a later choice adds rows instead of reusing another's."""
+    def bodies() -> list[dict]:
+        return [plan.body(fold, b) for b in ("pretrained", chosen_variant(plan), "multitask")]
+
+    return {
+        "seen": lambda: plan.evaluation(f"test-{fold.name}-seen", fold.seen, "linear_probe", bodies(), "test"),
+        "unseen-per-task": lambda: plan.evaluation(f"test-{fold.name}-unseen-per-task", fold.unseen, "few_shot",
+                                                   bodies(), "test"),
+        "unseen-per-class": lambda: plan.evaluation(f"test-{fold.name}-unseen-per-class", fold.unseen, "few_shot",
+                                                    bodies(), "test", "few_shot_per_class"),
+        "iterations": lambda: iterations_config(plan, fold),
+    }
 
 
 def iterations_config(plan: Plan, fold: Fold) -> dict:
     """Linear probe of every version of the chosen run on the fold's unseen tasks (the plot)."""
     variant = chosen_variant(plan)
+    name = f"test-{fold.name}-iterations-{variant}"
     repo_dir = plan.run_dir(fold, variant) / "repository"
+    if not Repository.exists_at(repo_dir):  # the names say what is missing; the chosen run is trained before
+        names = [f"iteration {i}" for i in range(plan.bench["coldfusion"]["iterations"] + 1)]
+        return plan.evaluation(name, fold.unseen, "linear_probe", [{"name": n} for n in names], "test")
     versions = [v for v in Repository(repo_dir).versions() if v.run == variant and not v.abandoned]
     bodies = [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
               for v in versions]
-    return plan.evaluation(f"test-{fold.name}-iterations", fold.unseen, "linear_probe", bodies, "test")
+    return plan.evaluation(name, fold.unseen, "linear_probe", bodies, "test")
 
 
 # -- the report ------------------------------------------------------------------------------
 
 
-def _test_rows(plan: Plan, kind: str) -> list[dict]:
-    return [r for f in plan.folds for r in plan.rows(f"test-{f.name}-{kind}")]
+def _test_rows(plan: Plan, kind: str, variant: str) -> list[dict]:
+    """The test rows of pretrained, multitask and the chosen variant (as `coldfusion`)."""
+    rows = [r for f in plan.folds for r in plan.rows(f"test-{f.name}-{kind}")]
+    return [{**r, "body": "coldfusion"} if r["body"] == variant else r for r in rows
+            if r["body"] in ("pretrained", "multitask", variant)]
 
 
 def _points(nums: dict | None) -> dict:
@@ -313,20 +364,23 @@ def report(plan: Plan, minutes: float) -> dict:
     """report.md, summary.json and plots/iterations.png from the rows measured so far."""
     out, bench = plan.out, plan.bench
     sections, numbers = [], {}
+    for fold in plan.folds:  # keep every run's seen-task probes while its run directory is here
+        for name in bench["variants"]:
+            plan.probe_rows(fold, name)
+    scores = validation_scores(plan)
+    variant = chosen_variant(plan) if all(plan.rows(s) for f in plan.folds
+                                          for s in (f"val-{f.name}-unseen-{v}" for v in bench["variants"])) else None
     for kind, protocol, title in (("seen", "linear_probe", "Seen tasks, linear probe"),
                                   ("unseen-per-task", "few_shot", "Unseen tasks, few-shot: 100 examples per task "
                                                                   "(stratified)"),
                                   ("unseen-per-class", "few_shot", "Unseen tasks, few-shot: 100 examples per class")):
-        rows = _test_rows(plan, kind)
+        rows = _test_rows(plan, kind, variant) if variant else []
         if not rows:
             continue
         table, nums = protocol_table(rows, protocol, FINAL, "pretrained")
         _, versus = protocol_table(rows, protocol, ["multitask", "coldfusion"], "multitask")
         numbers[kind] = {"base": nums, "vs_multitask": versus.get("coldfusion")}
         sections.append(f"### {title}\n\n{table}")
-    scores = validation_scores(plan)
-    variant = chosen_variant(plan) if all(plan.rows(s) for f in plan.folds
-                                          for s in (f"val-{f.name}-unseen-{v}" for v in bench["variants"])) else None
     seen, few = numbers.get("seen", {}), numbers.get("unseen-per-task", {})
     summary = {
         "seen_probe_gain": _points(seen.get("base", {}).get("coldfusion")).get("gain"),
@@ -408,11 +462,10 @@ def plot_iterations(plan: Plan, variant: str) -> Path:
 
     seen: dict[int, list[float]] = {}
     for fold in plan.folds:
-        for r in ResultsLog(plan.run_dir(fold, variant) / "results.jsonl").rows():
-            if r.get("kind") == "probe":
-                seen.setdefault(r["iteration"], []).append(r["accuracy"])
+        for r in plan.probe_rows(fold, variant):
+            seen.setdefault(r["iteration"], []).append(r["accuracy"])
     unseen: dict[int, list[float]] = {}
-    for r in _test_rows(plan, "iterations"):
+    for r in (r for f in plan.folds for r in plan.rows(f"test-{f.name}-iterations-{variant}")):
         unseen.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, data in (("seen tasks (contributors' probe)", seen), ("unseen tasks", unseen)):
