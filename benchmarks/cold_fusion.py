@@ -62,6 +62,9 @@ def shrink(bench: dict) -> dict:
     bench["coldfusion"].update(iterations=2, examples_per_contributor=32, contributors_per_iteration=1, probe_every=1)
     names = list(bench["variants"])
     bench["variants"] = {n: bench["variants"][n] for n in (names[0], names[-1])}
+    for variant in bench["variants"].values():  # fewer, longer rounds keep the shrunk budget
+        if "loop" in (variant or {}):
+            variant["loop"] = {"iterations": 1, "examples_per_contributor": 64}
     ev = bench["evaluation"]
     ev.update(seeds=ev["seeds"][:2], train_examples=48, validation_examples=32, test_examples=48)
     for key in ("few_shot", "few_shot_per_class"):
@@ -95,6 +98,12 @@ class Plan:
         self.bench, self.out, self.folds = bench, out, folds_of(bench)
         self.common = {"model": bench["model"], "max_length": bench["max_length"], "seed": bench["seed"],
                        "threads": 1, "precision": bench.get("precision", "auto")}
+        for variant in bench["variants"]:  # the multitask baseline matches one budget
+            loop = self.coldfusion_run(self.folds[0], variant)["loop"]
+            examples = loop["iterations"] * loop["contributors_per_iteration"] * loop["examples_per_contributor"]
+            if examples != self.budget():
+                raise SystemExit(f"configs: variant {variant} trains on another number of examples than "
+                                 f"{self.budget()}, the multitask baseline's budget; change its loop to match")
 
     def run_dir(self, fold: Fold, name: str) -> Path:
         return self.out / "runs" / fold.name / name
@@ -335,7 +344,7 @@ def iterations_config(plan: Plan, fold: Fold) -> dict:
     name = f"test-{fold.name}-iterations-{variant}"
     repo_dir = plan.run_dir(fold, variant) / "repository"
     if not Repository.exists_at(repo_dir):  # the names say what is missing; the chosen run is trained before
-        names = [f"iteration {i}" for i in range(plan.bench["coldfusion"]["iterations"] + 1)]
+        names = [f"iteration {i}" for i in range(plan.coldfusion_run(fold, variant)["loop"]["iterations"] + 1)]
         return plan.evaluation(name, fold.unseen, "linear_probe", [{"name": n} for n in names], "test")
     versions = [v for v in Repository(repo_dir).versions() if v.run == variant and not v.abandoned]
     bodies = [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
