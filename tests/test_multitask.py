@@ -23,7 +23,7 @@ def mt_config(tiny_model_dir, toy_task_files, tmp_path, sampler, **params) -> Mu
 
 @pytest.mark.parametrize(("sampler", "params"), [("proportional", {}), ("uniform", {}),
                                                  ("temperature", {"temperature": 3.0}),
-                                                 ("uncertainty", {}), ("adaptive", {"temperature": 0.5})])
+                                                 ("uncertainty", {}), ("mometas", {"every": 4})])
 def test_every_sampler_trains_and_stores_a_body(tiny_model_dir, toy_task_files, tmp_path, sampler, params):
     cfg = mt_config(tiny_model_dir, toy_task_files, tmp_path, sampler, **params)
     run_dir = run_multitask(cfg)
@@ -32,12 +32,15 @@ def test_every_sampler_trains_and_stores_a_body(tiny_model_dir, toy_task_files, 
     summary = rows[-1]
     assert len(steps) == 12 and summary["kind"] == "summary"
     assert summary["examples_seen"] == 12 * 8 == sum(summary["examples_per_task"].values())
-    if sampler == "uncertainty":  # a batch may mix tasks
-        assert any(len(r["examples"]) > 1 for r in steps)
+    if sampler == "uncertainty":  # a batch of the most uncertain candidates, from any task
+        assert all(sum(r["examples"].values()) == 8 for r in steps)
     else:
         assert all(len(r["examples"]) == 1 for r in steps)
-    if sampler == "adaptive":
-        assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in steps)
+    if sampler == "mometas":  # the logits learn every 4 steps from the held-out losses
+        learned = [r for r in steps if "reward" in r]
+        assert [r["step"] for r in learned] == [4, 8, 12]
+        assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in learned)
+        assert learned[-1]["probabilities"] != dict.fromkeys(learned[-1]["probabilities"], 1 / 3)
     repo = Repository(run_dir / "repository")
     version = repo.version(summary["version"])
     assert version.fusion["method"] == "multitask" and version.fusion["sampler"] == sampler

@@ -13,12 +13,14 @@ from coldfusion.training.settings import ExperimentSettings, FinetuneSettings
 
 
 class MultitaskSettings(ConfigSection):
-    sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "adaptive"] = "temperature"
-    sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`")
+    sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "mometas"] = "temperature"
+    sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`; "
+                                 "{every: 100, lr: 0.1, entropy_weight: 2} for `mometas`")
     steps: int = Field(300, ge=1, description="optimizer steps (the training budget)")
     candidates_per_task: int | None = Field(
         None, ge=1, description="`uncertainty`: candidate examples drawn from every task per step; default batch size")
-    heldout_per_task: int = Field(8, ge=1, description="`adaptive`: validation examples per task for the reward")
+    heldout_per_task: int = Field(
+        64, ge=1, description="`mometas`: validation examples per task whose loss makes the reward")
     optimizer: FinetuneSettings = FinetuneSettings()
 
 

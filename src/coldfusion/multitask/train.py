@@ -1,10 +1,10 @@
 """Multitask training: one shared body, one head per task, each step's batch chosen by a sampler.
 
-Task samplers (proportional, uniform, temperature, adaptive) pick the task of the next
+Task samplers (proportional, uniform, temperature, mometas) pick the task of the next
 batch; `uncertainty` (CA-MTL) instead scores a candidate batch from every task and trains
-on the most uncertain examples, whatever their task. `adaptive` is rewarded after each
-step by the drop of the loss on a small held-out sample of every task. Training follows
-the heads' device and `compute_dtype`, as finetuning does.
+on the most uncertain examples, whatever their task. `mometas` learns from each task's
+loss on a held-out sample of its validation split, measured every `every` steps. Training
+follows the heads' device and `compute_dtype`, as finetuning does.
 """
 
 import time
@@ -45,9 +45,11 @@ def _loss(model: Classifier, data: Encoded, idx: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _heldout_loss(models: dict[str, Classifier], heldout: dict[str, Encoded]) -> float:
-    losses = [(_loss(models[t], d, np.arange(len(d))) / len(d)).item() for t, d in heldout.items()]
-    return float(np.mean(losses))
+def _heldout_losses(models: dict[str, Classifier], heldout: dict[str, Encoded]) -> list[float]:
+    """Each task's mean loss on its held-out sample, in eval mode (no dropout)."""
+    for m in models.values():
+        m.eval()
+    return [(_loss(models[t], d, np.arange(len(d))) / len(d)).item() for t, d in heldout.items()]
 
 
 def train_multitask(
@@ -75,7 +77,8 @@ def train_multitask(
     with training_precision(model, next(iter(heads.values())).compute_dtype) as precision:
         optimizer = make_optimizer(body, [m.head for m in heads.values()], opt, precision.optimized)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(opt.warmup_ratio * s.steps), s.steps)
-        previous = _heldout_loss(heads, heldout) if s.sampler == "adaptive" else None
+        if sampler is not None and sampler.every:
+            sampler.observe(_heldout_losses(heads, heldout))
         for step in range(1, s.steps + 1):
             if sampler is None:  # uncertainty: the most uncertain examples among every task's candidates
                 candidates = {t: next(streams[t]) for t in names}
@@ -102,11 +105,10 @@ def train_multitask(
                 counts[t] += len(idx)
             seen += total
             row = {"step": step, "loss": loss.item(), "examples": {t: len(idx) for t, idx in picked.items()}}
-            if s.sampler == "adaptive":
-                current = _heldout_loss(heads, heldout)
-                sampler.update(names.index(next(iter(picked))), previous - current)
-                previous = current
-                row["heldout_loss"] = current
+            if sampler is not None and sampler.every and step % sampler.every == 0:
+                losses = _heldout_losses(heads, heldout)
+                row["reward"] = sampler.observe(losses)
+                row["heldout_losses"] = dict(zip(names, np.round(losses, 5).tolist(), strict=True))
                 row["probabilities"] = dict(zip(names, np.round(sampler.probabilities(), 4).tolist(), strict=True))
             history.append(row)
             if on_step:
