@@ -12,7 +12,18 @@ from coldfusion.tasks import TaskSpec
 from coldfusion.training.settings import ExperimentSettings, FinetuneSettings
 
 
+class CaMtlSettings(ConfigSection):
+    """CA-MTL's conditioning (models/ca_mtl.py)."""
+    task_dim: int = Field(64, ge=1, description="size of the learned task embedding")
+    attention_blocks: int = Field(4, ge=1, description="blocks of the conditional attention term (of max_length)")
+    adapter_ratio: int = Field(3, ge=1, description="the top adapter's bottleneck is hidden / adapter_ratio")
+
+
 class MultitaskSettings(ConfigSection):
+    model: Literal["shared", "ca_mtl"] = Field(
+        "shared", description="`shared`: one body, a head per task; `ca_mtl`: the body wrapped in CA-MTL's task "
+                              "conditioning (bottom half frozen)")
+    ca_mtl: CaMtlSettings = CaMtlSettings()
     sampler: Literal["proportional", "uniform", "temperature", "uncertainty", "mometas"] = "temperature"
     sampler_params: dict = Field(default_factory=dict, description="e.g. {temperature: 2} for `temperature`; "
                                  "{every: 100, lr: 0.1, entropy_weight: 2} for `mometas`")

@@ -60,8 +60,10 @@ def train_multitask(
     settings: MultitaskSettings,
     seed: int,
     on_step: Callable[[int], None] | None = None,
+    new_modules: list[torch.nn.Module] | None = None,
 ) -> MultitaskResult:
-    """Train `body` (shared by the `heads` classifiers, one per task) in place."""
+    """Train `body` (shared by the `heads` classifiers, one per task) in place; `new_modules`
+    (CA-MTL's conditioning) are trained from scratch at the heads' learning rate."""
     s, opt = settings, settings.optimizer
     names = list(train)
     torch.manual_seed(seed)
@@ -75,7 +77,8 @@ def train_multitask(
     model = torch.nn.ModuleList(heads.values())  # every trained parameter, the shared body once
     counts, history, seen, start = dict.fromkeys(names, 0), [], 0, time.perf_counter()
     with training_precision(model, next(iter(heads.values())).compute_dtype) as precision:
-        optimizer = make_optimizer(body, [m.head for m in heads.values()], opt, precision.optimized)
+        optimizer = make_optimizer(body, [m.head for m in heads.values()] + list(new_modules or []), opt,
+                                   precision.optimized)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(opt.warmup_ratio * s.steps), s.steps)
         if sampler is not None and sampler.every:
             sampler.observe(_heldout_losses(heads, heldout))

@@ -47,7 +47,8 @@ def make_optimizer(body: torch.nn.Module, heads: list[torch.nn.Module], s: Finet
     in bf16 training). One fused kernel per step where torch has it for the device."""
     decay, no_decay = [], []
     for p in body.parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
+        if p.requires_grad:  # frozen parts stay out (CA-MTL freezes the bottom half)
+            (no_decay if p.ndim < 2 else decay).append(p)
     groups = [
         {"params": optimized(decay), "lr": s.lr, "weight_decay": s.weight_decay},
         {"params": optimized(no_decay), "lr": s.lr, "weight_decay": 0.0},
