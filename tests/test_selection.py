@@ -244,3 +244,54 @@ def test_settings_errors_name_the_file_and_field(tmp_path):
     result = runner.invoke(app, ["rank", "default", "--target", "bbc_topic", "--settings", str(bad)])
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "bad.yaml" in out and "seeds" in out and "feature_examples" in out
+
+
+def test_adapter_intertraining_trains_a_lora_adapter_that_the_target_finetune_continues(
+        tiny_model_dir, toy_task_files, tmp_path, settings):
+    from coldfusion.encodings.lora import attach_lora, load_lora_factors
+    from coldfusion.models.encoder import Classifier
+    from coldfusion.selection.transfer import intertrain
+
+    adapters = SelectionSettings(**SMALL, intertraining="lora", lora={"r": 4, "alpha": 8.0, "lr": 1e-2})
+    encoders, store = Encoders(), Repository(tmp_path / "cache")
+    base = load_candidate(str(tiny_model_dir), encoders)
+    target, source = toy(toy_task_files, "sentiment"), toy(toy_task_files, "topic")
+    body, _ = intertrain(store, encoders(base.source), base, source, adapters)
+    # the body is untouched where no adapter sits; adapted weights are W + (alpha / r) B A
+    factors = body.adapter
+    assert factors and all(v.shape[0] == 4 or v.shape[1] == 4 for v in factors.values())
+    adapted = {k.removesuffix(".lora_A") for k in factors if k.endswith(".lora_A")}
+    for key, value in base.tensors.items():
+        if key in adapted:
+            expected = value + 2.0 * factors[key + ".lora_B"] @ factors[key + ".lora_A"]
+            assert torch.allclose(body.tensors[key], expected, atol=1e-6)
+        else:
+            assert torch.equal(body.tensors[key], value)
+    assert any(not torch.equal(body.tensors[k], base.tensors[k]) for k in adapted)  # it learned
+    assert body.adapter_base is base.tensors
+    # the adapter loaded on the base computes what the folded body computes
+    encoder = encoders(base.source)
+    with_adapter = Classifier(encoder.new_body(base.tensors), 2)
+    with_adapter.body = attach_lora(with_adapter.body, adapters.lora)
+    load_lora_factors(with_adapter.body, factors)
+    folded = Classifier(encoder.new_body(body.tensors), 2)
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 11, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    assert torch.allclose(with_adapter.eval().embed(**batch), folded.eval().embed(**batch), atol=1e-5)
+    # the harness runs in adapter settings, cached apart from full intertraining
+    lora_result = evaluate_target(target, [source], base, adapters, store, encoders)
+    full_result = evaluate_target(target, [source], base, settings, store, encoders)
+    assert len(_computed(store, "intertrained")) == 2 and len(_computed(store, "finetune_score")) == 8
+    assert lora_result.truth != full_result.truth or lora_result.baseline != full_result.baseline
+    assert all(0 <= acc <= 100 for acc in lora_result.baseline + lora_result.truth["topic"])
+
+
+def test_select_command_in_adapter_settings(tiny_model_dir, toy_task_files, tmp_path):
+    args = ["select", "--target", str(toy_task_files["sentiment"]), "--sources", str(toy_task_files["topic"]),
+            "--base", str(tiny_model_dir), "--settings", str(write_settings(tmp_path)),
+            "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "rows.jsonl")]
+    result = runner.invoke(app, [*args, "--intertraining", "lora"])
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["source"] == "topic" and row["seconds"]["intertrain"] > 0
+    refused = runner.invoke(app, [*args, "--intertraining", "adapters"])
+    assert refused.exit_code == 2 and "'full' or 'lora'" in refused.output

@@ -86,6 +86,8 @@ def select(
                            "(cheapest: no intertraining needed to score)"),
     base: str = typer.Option("default", help="the model intertrained on each source"),
     settings: Path | None = typer.Option(None, help=SETTINGS_HELP),
+    intertraining: str | None = typer.Option(None, help="'full' (the whole body) or 'lora' (a LoRA adapter on "
+                                             "the frozen body, adapter settings); default: the settings file's"),
     cache: Path = _cache_option(),
     output: Path | None = typer.Option(None, help="also write the rows as JSON lines here"),
 ) -> None:
@@ -95,6 +97,10 @@ def select(
     from coldfusion.selection import commands
 
     s = _selection_settings(settings)
+    if intertraining is not None:
+        if intertraining not in ("full", "lora"):
+            fail(f"--intertraining must be 'full' or 'lora', not '{intertraining}'")
+        s = s.model_copy(update={"intertraining": intertraining})
     names = [name.strip() for text in sources for name in text.split(",") if name.strip()]
     try:
         with RichProgress() as progress:

@@ -58,3 +58,19 @@ def fold_lora(payload: Tensors, base: Tensors, alpha: float, r: int) -> Tensors:
                                   f"{[rows, cols]} and the rank {r}")
         out[w] = (base[w].float() + (alpha / r) * (b @ a)).to(base[w].dtype)
     return out
+
+
+def load_lora_factors(peft_body: torch.nn.Module, payload: Tensors) -> None:
+    """Set the adapters of `peft_body` to the factors `lora_factors` gave (to continue training
+    an adapter: intertraining in adapter settings, then the target)."""
+    inner = peft_body.get_base_model()
+    adapted = {name: module for name, module in inner.named_modules()
+               if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+    wanted = {k.removesuffix(A).removesuffix(".weight") for k in payload if k.endswith(A)}
+    if wanted != set(adapted):
+        raise ColdFusionError(f"LoRA factors for {sorted(wanted ^ set(adapted))[:3]} do not match this body's "
+                              "adapters (other target_modules?)")
+    with torch.no_grad():
+        for name, module in adapted.items():
+            module.lora_A[ADAPTER].weight.copy_(payload[f"{name}.weight{A}"])
+            module.lora_B[ADAPTER].weight.copy_(payload[f"{name}.weight{B}"])

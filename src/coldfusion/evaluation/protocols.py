@@ -5,6 +5,7 @@ the test split; it returns the metrics and which test examples it got right (for
 confidence intervals across bodies).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,17 +36,21 @@ def _test_score(model: Classifier, test, details: dict) -> Score:
 
 
 def run_protocol(protocol: str, new_body, task: Task, splits: dict, seed: int, settings: ProtocolSettings,
-                 tokenizer, max_length: int, pooling: str, compute: Compute | None = None) -> Score:
+                 tokenizer, max_length: int, pooling: str, compute: Compute | None = None,
+                 prepare: Callable[[Classifier], None] | None = None) -> Score:
     """Score a fresh copy of the body (`new_body()`) on `task` with `protocol` and `seed`.
 
     `splits` holds the task's encoded train / validation / test examples. Seeds are
     derived from (seed, protocol, task): independent across tasks, and the same for
     every body, so bodies are compared on the same head initialisation and few-shot draw.
-    `compute`: where the model runs and in which precision (default: CPU, fp32).
+    `compute`: where the model runs and in which precision (default: CPU, fp32). `prepare`
+    changes the fresh model before it trains (adapter settings attach a LoRA adapter).
     """
     seed = derive_seed(seed, protocol, task.name)
     torch.manual_seed(seed)
     model = Classifier(new_body(), task.num_labels, pooling=pooling)
+    if prepare is not None:
+        prepare(model)
     if compute is not None:
         model.place(compute.device, compute.dtype)
     if protocol == "linear_probe":

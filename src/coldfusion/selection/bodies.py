@@ -18,7 +18,9 @@ class Body:
     name: str  # as the user wrote it
     source: str  # model source of its architecture and tokenizer
     sha256: str
-    tensors: Tensors
+    tensors: Tensors  # what the model computes (an adapter folded in)
+    adapter: Tensors | None = None  # adapter intertraining: the LoRA factors, trained on top of...
+    adapter_base: Tensors | None = None  # ...this body, where the target finetune continues them
 
 
 class Encoders:

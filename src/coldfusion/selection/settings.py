@@ -1,9 +1,11 @@
 """How candidates are scored: frozen-feature sizes, the probe, and the finetunes that confirm."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
+from coldfusion.encodings.settings import LoraSettings
 from coldfusion.infra.config_files import load_config_file
 from coldfusion.training import FinetuneSettings, ProbeSettings
 from coldfusion.training.settings import EncoderSettings
@@ -24,6 +26,12 @@ class SelectionSettings(EncoderSettings):
     # Intertraining (`select`): the base finetuned on each source task.
     source_examples: int = Field(1000, ge=1, description="source training examples of each intertraining")
     source_finetune: FinetuneSettings = FinetuneSettings(epochs=1, batch_size=16)
+    # Adapter settings (Poth et al. 2021): a LoRA adapter is intertrained on the source, and the
+    # same adapter continues on the target; the body itself never changes. The scores see the
+    # intertrained model (the adapter folded into the body).
+    intertraining: Literal["full", "lora"] = Field(
+        "full", description="`full`: intertrain and finetune the whole body; `lora`: a LoRA adapter (peft)")
+    lora: LoraSettings = LoraSettings()
 
 
 def compute_of(s: SelectionSettings):
