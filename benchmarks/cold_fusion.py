@@ -157,12 +157,13 @@ class Plan:
                                                    for p in config["protocols"] for s in seeds)]
 
     def probe_rows(self, fold: Fold, variant: str) -> list[dict]:
-        """The contributors' probes of each base of a run (the plot's seen series), kept beside
-        the evaluations: the run directory itself is too large to commit."""
+        """A run's probe rows (the contributors' scores of each base: the plot's seen series) and
+        fusion rows (its timings), kept beside the evaluations: the run directory itself is too
+        large to commit."""
         kept = self.out / "probes" / f"{fold.name}-{variant}.jsonl"
         run = self.run_dir(fold, variant) / "results.jsonl"
         if run.exists():
-            rows = [r for r in ResultsLog(run).rows() if r.get("kind") == "probe"]
+            rows = [r for r in ResultsLog(run).rows() if r.get("kind") in ("probe", "fusion")]
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "test_correct"}) + "\n"
                                     for r in rows))
@@ -472,7 +473,8 @@ def plot_iterations(plan: Plan, variant: str) -> Path:
     seen: dict[int, list[float]] = {}
     for fold in plan.folds:
         for r in plan.probe_rows(fold, variant):
-            seen.setdefault(r["iteration"], []).append(r["accuracy"])
+            if r["kind"] == "probe":
+                seen.setdefault(r["iteration"], []).append(r["accuracy"])
     unseen: dict[int, list[float]] = {}
     for r in (r for f in plan.folds for r in plan.rows(f"test-{f.name}-iterations-{variant}")):
         unseen.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
