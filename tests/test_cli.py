@@ -147,16 +147,20 @@ def test_a_config_error_is_reported_before_the_heavy_imports(tmp_path, command, 
     assert key in out.stderr
 
 
-def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_task_files):
-    """`coldfusion multitask` stores a body; `coldfusion evaluate` compares it with the pretrained one."""
+@pytest.mark.parametrize(("model", "sampler", "says"), [("shared", "uniform", "uniform sampler, 6 steps"),
+                                                       ("ca_mtl", "uncertainty", "CA-MTL, uncertainty sampler")])
+def test_multitask_then_evaluate_through_the_cli(tmp_path, tiny_model_dir, toy_task_files, model, sampler, says):
+    """`coldfusion multitask` stores a body (plain or CA-MTL's); `coldfusion evaluate` compares
+    it with the pretrained one."""
     tasks = [{"name": n, "path": str(p)} for n, p in toy_task_files.items()]
     mt = {"name": "mt", "model": str(tiny_model_dir), "threads": 1, "max_length": 32, "tasks": tasks,
           "validation_examples": 16, "output_dir": str(tmp_path / "runs"),
-          "multitask": {"sampler": "uniform", "steps": 6, "optimizer": {"batch_size": 8, "lr": 1e-3}}}
+          "multitask": {"model": model, "sampler": sampler, "steps": 6,
+                        "optimizer": {"batch_size": 8, "lr": 1e-3}}}
     (tmp_path / "mt.yaml").write_text(yaml.safe_dump(mt))
     result = invoke("multitask", tmp_path / "mt.yaml")
     assert result.exit_code == 0, result.output
-    assert "uniform sampler, 6 steps" in result.output
+    assert says in " ".join(result.output.split())
     ev = {"name": "ev", "threads": 1, "max_length": 32, "seeds": [0, 1], "tasks": tasks,
           "bodies": [{"name": "pretrained", "model": str(tiny_model_dir)},
                      {"name": "multitask", "repository": str(tmp_path / "runs" / "mt" / "repository")}],
