@@ -263,6 +263,24 @@ def run_queue(steps: list[Step], out: Path, workers: int = 2) -> None:
         sys.exit("; ".join(failures))
 
 
+def timed(queue: list[Step] | None, out: Path) -> float:
+    """Run the queue (None: nothing) and log its wall time; the minutes of every invocation so
+    far (one row each in benchmark.jsonl: a benchmark run in parts adds up)."""
+    log = out / "benchmark.jsonl"
+    earlier = sum(json.loads(line)["minutes"] for line in log.read_text().splitlines()) if log.exists() else 0.0
+    if queue is None:
+        return earlier
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        run_queue(queue, out)
+    finally:
+        minutes = (time.perf_counter() - start) / 60
+        with open(log, "a") as f:
+            f.write(json.dumps({"kind": "invocation", "minutes": round(minutes, 2)}) + "\n")
+    return earlier + minutes
+
+
 def write(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -505,19 +523,8 @@ def main() -> None:
     if args.quick:
         bench = shrink(bench)
     plan = Plan(bench, args.out)
-    log = args.out / "benchmark.jsonl"  # one row per invocation: the wall time adds up over resumed parts
-    earlier = sum(json.loads(line)["minutes"] for line in log.read_text().splitlines()) if log.exists() else 0.0
-    if not args.report_only:
-        (args.out / "logs").mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            run_queue(steps(plan), args.out)
-        finally:
-            minutes = (time.perf_counter() - start) / 60
-            with open(log, "a") as f:
-                f.write(json.dumps({"kind": "invocation", "minutes": round(minutes, 2)}) + "\n")
-            earlier += minutes
-    summary = report(plan, earlier)
+    minutes = timed(None if args.report_only else steps(plan), args.out)
+    summary = report(plan, minutes)
     print(json.dumps({"kind": "summary", **summary}), flush=True)
 
 

@@ -23,7 +23,6 @@ conditioning is not used at test time. Every step resumes; prints JSON lines.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -31,7 +30,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cold_fusion import Fold, Plan, Step, chosen_variant, run_queue, shrink, write  # noqa: E402
+from cold_fusion import Fold, Plan, Step, chosen_variant, shrink, timed, write  # noqa: E402
 
 from coldfusion.evaluation.report import protocol_table  # noqa: E402
 from coldfusion.io.results import ResultsLog  # noqa: E402
@@ -200,20 +199,8 @@ def main() -> None:
     if args.quick:
         bench = shrink(bench)
     c = Comparison(bench, args.out, args.cold_fusion)
-    log = args.out / "benchmark.jsonl"
-    earlier = sum(json.loads(line)["minutes"] for line in log.read_text().splitlines()) if log.exists() else 0.0
-    if not args.report_only:
-        (args.out / "logs").mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            run_queue(steps(c), args.out)
-        finally:
-            minutes = (time.perf_counter() - start) / 60
-            with open(log, "a") as f:
-                f.write(json.dumps({"kind": "invocation", "minutes": round(minutes, 2)}) + "\n")
-            earlier += minutes
-    print(json.dumps({"kind": "summary", **report(c, earlier)}), flush=True)
-
+    minutes = timed(None if args.report_only else steps(c), args.out)
+    print(json.dumps({"kind": "summary", **report(c, minutes)}), flush=True)
 
 if __name__ == "__main__":
     main()
