@@ -447,6 +447,8 @@ def report(plan: Plan, minutes: float) -> dict:
         f"{minutes:.0f} minutes on this machine (2 CPU cores, two single-threaded jobs).\n\n"
         f"## Targets\n\n{targets(summary)}\n\n"
         f"## The variant, chosen on validation splits only\n\n{variant_table(plan, scores, variant)}\n"
+        "Each run also records its contributors' linear probe of every base on their own test splits (the plot's "
+        "seen series, as a contributor would report it); the choice reads only the validation scores above.\n\n"
         "## Results (test splits, read once)\n\n" + "\n".join(sections)
         + (f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n" if plot else ""))
     (out / "report.md").write_text(text)
@@ -479,7 +481,12 @@ def targets(s: dict) -> str:
         "points "
         f"[{s['seen_probe_vs_multitask_ci'][0]:+.2f}, {s['seen_probe_vs_multitask_ci'][1]:+.2f}]; target (at least "
         f"as good): **{'met' if mt_ok else 'not met'}**.",
-        f"- Unseen few-shot, ColD Fusion minus multitask: {s['unseen_few_shot_vs_multitask']:+.2f} points."])
+        f"- Unseen few-shot, ColD Fusion minus multitask: {s['unseen_few_shot_vs_multitask']:+.2f} points.",
+        f"- Compute: {s['wall_minutes']:.0f} minutes over every invocation so far; target (about 120): "
+        f"**{'met' if s['wall_minutes'] <= 130 else 'not met'}**.",
+        *([] if few_ok and mt_ok else [
+            "- Tried, same budget, chosen on validation (table below): "
+            + ", ".join(v for v in s["validation_scores"] if v not in ("pretrained", "multitask")) + "."])])
 
 
 def plot_iterations(plan: Plan, variant: str) -> Path:
