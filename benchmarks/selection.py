@@ -15,14 +15,18 @@ Two parts, each printing JSON lines (and appending them to results/selection.jso
   (--repository), so a stopped run resumes; about an hour on 2 quiet cores.
   `--intertraining lora` runs it in adapter settings (Poth et al. 2021): a LoRA adapter
   intertrained on each source, the same adapter continued on the target.
+- `compare`: the adapter run's pair rows (--out) against the full run's (--full) on the
+  same targets and sources: each method's Regret@1/@3, points lost and rank correlation
+  under both, and whether the best source is the same.
 
     python benchmarks/selection.py [--parts logme harness] [--tasks ...] [--targets ...]
-        [--intertraining full|lora] [--repository DIR] [--out FILE]
+        [--intertraining full|lora] [--repository DIR] [--out FILE] [--full FILE]
 """
 
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -128,10 +132,51 @@ def harness(targets: list[str] | None, repository: Path, settings_path: Path | N
         emit({"part": "summary", **{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}})
 
 
+def compare(adapter_file: Path, full_file: Path) -> None:
+    """Each method's ranking quality under adapter intertraining (the pair rows of adapter_file)
+    next to full intertraining on the same targets and sources (the pair rows of full_file,
+    restricted to the adapter run's tasks): the same TargetResult.quality, from the rows."""
+    from coldfusion.selection.harness import TargetResult
+    from coldfusion.selection.ranking_quality import spearman
+    from coldfusion.selection.select import METHODS
+
+    def targets(path: Path, pool: set[str] | None = None) -> dict[str, TargetResult]:
+        out: dict[str, TargetResult] = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("part") != "pair" or (pool and not {row["target"], row["source"]} <= pool):
+                continue
+            r = out.setdefault(row["target"], TargetResult(row["target"], [], {}, {m: {} for m in METHODS}))
+            r.truth[row["source"]] = row["per_seed"]
+            for m in METHODS:
+                r.scores[m][row["source"]] = row[m]
+        return out
+
+    adapter = targets(adapter_file)
+    pool = set(adapter) | {s for r in adapter.values() for s in r.truth}
+    full = targets(full_file, pool)
+    shared = sorted(set(adapter) & set(full))
+    if set(shared) != set(adapter) or any(set(full[t].truth) != set(adapter[t].truth) for t in shared):
+        raise SystemExit(f"compare: {full_file} lacks the pairs of {adapter_file}; run the full harness on "
+                         f"--tasks {' '.join(sorted(pool))} first")
+    for method in (*METHODS, "random"):
+        row = {"part": "compare", "method": method, "targets": len(shared), "tasks": sorted(pool)}
+        for name, results in (("full", full), ("lora", adapter)):
+            quality = [results[t].random_quality() if method == "random" else results[t].quality(method)
+                       for t in shared]
+            for key in ("regret@1", "regret@3", "lost@3", "spearman"):
+                row[f"{key}_{name}"] = round(statistics.fmean(q[key] for q in quality), 3)
+        emit(row)
+    for t in shared:  # does the same source help under both? (the truth each ranking is scored against)
+        best = {name: max(r[t].mean_truth, key=r[t].mean_truth.get) for name, r in (("full", full), ("lora", adapter))}
+        emit({"part": "compare_target", "target": t, "best_source_full": best["full"], "best_source_lora": best["lora"],
+              "truth_spearman": round(spearman(full[t].mean_truth, adapter[t].mean_truth), 3)})
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["logme", "harness"], choices=["logme", "harness"])
+    parser.add_argument("--parts", nargs="+", default=["logme", "harness"], choices=["logme", "harness", "compare"])
     parser.add_argument("--tasks", nargs="+", help="the built-in tasks that are sources and targets (default: all)")
     parser.add_argument("--targets", nargs="+", help="of those, the targets (default: all of them)")
     parser.add_argument("--intertraining", choices=["full", "lora"],
@@ -140,6 +185,8 @@ def main() -> None:
                         help="where intertrained bodies, features and finetune scores are cached")
     parser.add_argument("--settings", type=Path, default=HERE / "selection.yaml", help="selection settings YAML")
     parser.add_argument("--out", type=Path, default=OUT, help="JSON lines are appended here too")
+    parser.add_argument("--full", type=Path, default=OUT,
+                        help="compare: the full-intertraining harness rows that --out's adapter rows are set against")
     args = parser.parse_args()
     OUT = args.out
     torch.set_num_threads(2)
@@ -148,6 +195,8 @@ def main() -> None:
         logme_speed()
     if "harness" in args.parts:
         harness(args.targets, args.repository, args.settings, args.tasks, args.intertraining)
+    if "compare" in args.parts:
+        compare(args.out, args.full)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,35 @@ def test_select_command_in_adapter_settings(tiny_model_dir, toy_task_files, tmp_
     assert row["source"] == "topic" and row["seconds"]["intertrain"] > 0
     refused = runner.invoke(app, [*args, "--intertraining", "adapters"])
     assert refused.exit_code == 2 and "'full' or 'lora'" in refused.output
+
+
+def test_harness_compare_sets_adapter_rankings_against_full_ones_on_the_same_pairs(tmp_path):
+    """benchmarks/selection.py --parts compare: Regret@k from the pair rows, restricted to the
+    adapter run's tasks; a full file that lacks those pairs is refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def pair(target, source, accuracy, semb):
+        return {"part": "pair", "target": target, "source": source, "per_seed": [accuracy, accuracy],
+                "semb": semb, "logme": semb, "probe": -semb}
+
+    # full: a, b, c, d; target a's truth best is c; semb ranks d first
+    full = [pair("a", "b", 60, 0.2), pair("a", "c", 80, 0.1), pair("a", "d", 70, 0.9), pair("a", "e", 99, 1.0),
+            pair("b", "a", 50, 0.5), pair("b", "c", 40, 0.1), pair("b", "d", 45, 0.2)]
+    adapter = [pair("a", "b", 60, 0.9), pair("a", "c", 80, 0.1), pair("a", "d", 70, 0.2),
+               pair("b", "a", 50, 0.5), pair("b", "c", 40, 0.1), pair("b", "d", 45, 0.2)]
+    (tmp_path / "full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full))
+    (tmp_path / "lora.jsonl").write_text("".join(json.dumps(r) + "\n" for r in adapter))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+    out = subprocess.run([sys.executable, str(script), "--parts", "compare", "--out", str(tmp_path / "lora.jsonl"),
+                          "--full", str(tmp_path / "full.jsonl")], capture_output=True, text=True, check=True)
+    rows = {r["method"]: r for r in map(json.loads, out.stdout.splitlines()) if r["part"] == "compare"}
+    # semb, target a: full picks d (70) of best 80 -> 12.5%; adapter picks b (60) -> 25%; target b: a is best both
+    assert rows["semb"]["regret@1_full"] == pytest.approx(12.5 / 2)
+    assert rows["semb"]["regret@1_lora"] == pytest.approx(25.0 / 2)
+    assert rows["semb"]["targets"] == 2 and rows["semb"]["tasks"] == ["a", "b", "c", "d"]  # e left out
+    (tmp_path / "full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:4]))
+    refused = subprocess.run([sys.executable, str(script), "--parts", "compare", "--out", str(tmp_path / "lora.jsonl"),
+                              "--full", str(tmp_path / "full.jsonl")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "lacks the pairs" in refused.stderr and "Traceback" not in refused.stderr
