@@ -3,7 +3,7 @@
 One module per command group; importing them registers their commands on `app`.
 """
 
-from coldfusion.cli import experiments, flower, repository, selection  # noqa: F401  (registers the commands)
+from coldfusion.cli import experiments, flower, repository, selection, service  # noqa: F401  (registers)
 from coldfusion.cli.app import app
 
 

@@ -1,0 +1,114 @@
+"""The always-on repository: `serve`, `token` (operator), `pull`, `push` (contributors)."""
+
+from pathlib import Path
+
+import typer
+
+from coldfusion.cli.app import HELP, app, done, fail, open_repository, say
+from coldfusion.infra.errors import ColdFusionError
+
+token = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                    help="Contributor tokens of a served repository (the operator's side).")
+app.add_typer(token, name="token")
+
+TOKEN_HELP = "the contributor's token (default: the COLDFUSION_TOKEN environment variable)"
+
+
+@app.command()
+def serve(
+    repository: Path = typer.Argument(..., help="repository directory"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),
+    config: Path | None = typer.Option(None, help="service settings (YAML): upload limit, stall timeout, when "
+                                                  "and how to fuse; see the README"),
+) -> None:
+    """Serve the repository over HTTP: contributors pull versions and push contributions; the
+    service fuses them as they arrive."""
+    import uvicorn
+
+    from coldfusion.service.app import create_app
+    from coldfusion.service.settings import load_service_settings
+
+    open_repository(repository)
+    try:
+        service = create_app(repository, load_service_settings(config))
+    except ColdFusionError as exc:
+        fail(exc)
+    say(f"serving {repository} on http://{host}:{port} (Ctrl-C stops; nothing acknowledged is lost)")
+    uvicorn.run(service, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+
+
+@token.command("issue")
+def token_issue(repository: Path = typer.Argument(..., help="repository directory"),
+                contributor: str = typer.Argument(..., help="who gets it")) -> None:
+    """Issue a token for a contributor (printed once: only its hash is kept)."""
+    from coldfusion.service.tokens import ServiceStore
+
+    open_repository(repository)
+    try:
+        secret = ServiceStore(repository).issue(contributor)
+    except ColdFusionError as exc:
+        fail(exc)
+    done(f"token for {contributor}:", secret)
+
+
+@token.command("revoke")
+def token_revoke(repository: Path = typer.Argument(..., help="repository directory"),
+                 contributor: str = typer.Argument(..., help="whose tokens to revoke")) -> None:
+    """Revoke every token of a contributor."""
+    from coldfusion.service.tokens import ServiceStore
+
+    open_repository(repository)
+    n = ServiceStore(repository).revoke(contributor)
+    if not n:
+        fail(ColdFusionError(f"{contributor} has no live token"))
+    done("revoked", f"{n} token(s) of {contributor}")
+
+
+@token.command("list")
+def token_list(repository: Path = typer.Argument(..., help="repository directory")) -> None:
+    """Contributors with tokens (never the tokens)."""
+    from coldfusion.service.tokens import ServiceStore
+
+    open_repository(repository)
+    for row in ServiceStore(repository).contributors():
+        say(f"{row['contributor']}: {row['live']} live of {row['tokens']} issued, since {row['since']}")
+
+
+@app.command()
+def pull(
+    url: str = typer.Argument(..., help="the service, e.g. http://127.0.0.1:8000"),
+    version: str = typer.Argument("latest", help="version id, checksum prefix or 'latest'"),
+    out: Path = typer.Argument(..., help="directory to write (AutoModel.from_pretrained loads it)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT"),
+) -> None:
+    """Download a version as a Hugging Face model directory, every file checked."""
+    from coldfusion.service.client import ServiceClient
+
+    try:
+        with ServiceClient(url) as client:
+            listing = client.pull(version, out, overwrite)
+    except ColdFusionError as exc:
+        fail(exc)
+    done(f"version {listing['version']} written to", str(out))
+
+
+@app.command()
+def push(
+    url: str = typer.Argument(..., help="the service, e.g. http://127.0.0.1:8000"),
+    body: Path = typer.Argument(..., help="the finetuned body: a .safetensors file or a model directory"),
+    base: str = typer.Option(..., help="the version it was finetuned from (id or checksum prefix)"),
+    task: str = typer.Option(..., help="the task it was finetuned on"),
+    examples: int = typer.Option(..., min=1, help="training examples it saw"),
+    token_: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+) -> None:
+    """Send a contribution to the service; it answers with its id once it is stored."""
+    from coldfusion.service.client import ServiceClient
+
+    try:
+        with ServiceClient(url, token_) as client:
+            reply = client.push(body, base, task, examples)
+    except ColdFusionError as exc:
+        fail(exc)
+    done("stored", f"contribution {reply['id']} ({reply['sha256'][:12]}) against version {reply['base_version']}: "
+                   f"{reply['status']}")

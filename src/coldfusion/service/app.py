@@ -1,0 +1,247 @@
+"""The HTTP API of the always-on repository (FastAPI).
+
+    GET  /v1/versions                           every version: id, checksum, parent, fusion
+    GET  /v1/versions/{ref}                     one (an id, a checksum prefix or `latest`)
+    GET  /v1/versions/{ref}/body                its body (safetensors), X-Checksum-Sha256
+    GET  /v1/versions/{ref}/tensors             the body's tensor names, dtypes and shapes
+    GET  /v1/versions/{ref}/files               a Hugging Face directory of it: name -> sha256
+    GET  /v1/versions/{ref}/files/{name}        one file of that directory
+    GET  /v1/me                                 who the token belongs to           (token)
+    POST /v1/contributors/{name}/contributions  upload a body: ?base=&task=&examples= (token of {name})
+    GET  /v1/contributors/{name}/history        its contributions and refusals     (token of {name})
+
+Reading versions is public, as a published model is; writing and a contributor's own
+history need that contributor's token (`Authorization: Bearer ...`). An upload streams to
+a scratch file with a size limit and a stall timeout, is checked against its base (the
+base's architecture, finite values, integer tensors unchanged) and stored only if it
+passes; the reply carries its id. The repository's own rules then apply when it is fused
+(duplicates, norm outliers, stale bases).
+"""
+
+import asyncio
+import json
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.names import check_name
+from coldfusion.io.model_files import sha256_file
+from coldfusion.io.tensorfile import SafetensorsReader
+from coldfusion.repository import Repository
+from coldfusion.repository.validation import inspect_contribution
+from coldfusion.service.fuser import Fuser
+from coldfusion.service.settings import ServiceSettings
+from coldfusion.service.tokens import ServiceStore
+
+INCOMING = ".incoming-"  # scratch files of uploads in progress (ROOT/service/)
+
+
+def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    root = Path(root)
+    Repository(root, create=False)  # fails now, with its reason, if there is no repository
+    store = ServiceStore(root)
+    scratch = root / "service"
+    for stale in scratch.glob(INCOMING + "*"):  # uploads cut off by a crash were never acknowledged
+        stale.unlink(missing_ok=True)
+    exports = ExportCache(root)
+    fuser = Fuser(root, settings.fusion) if settings.fusion.enabled else None
+    if fuser is not None:
+        from coldfusion.fusion import get_operator
+
+        get_operator(settings.fusion.method).check_params(settings.fusion.params)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if fuser is not None:
+            fuser.start()
+        yield
+        if fuser is not None:
+            fuser.stop()
+
+    app = FastAPI(title="coldfusion repository", lifespan=lifespan)
+    app.state.fuser = fuser
+
+    def repository() -> Repository:  # one per request: SQLite connections stay in their thread
+        return Repository(root, create=False)
+
+    def contributor(authorization: str | None = Header(None)) -> str:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPException(401, "a contributor token is needed: Authorization: Bearer <token> "
+                                     "(the operator issues one with `coldfusion token issue`)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        who = store.contributor_of(token.strip())
+        if who is None:
+            raise HTTPException(401, "this token is unknown or revoked; ask the operator for a new one",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def same_contributor(name: str, who: str) -> None:
+        if name != who:
+            raise HTTPException(403, f"this token belongs to {who}, not to {name}")
+
+    def version_of(repo: Repository, ref: str):
+        try:
+            return repo.resolve(int(ref) if ref.isdigit() else ref)
+        except ColdFusionError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/v1/versions")
+    def list_versions() -> list[dict]:
+        return [describe(v) for v in repository().versions()]
+
+    @app.get("/v1/versions/{ref}")
+    def get_version(ref: str) -> dict:
+        return describe(version_of(repository(), ref))
+
+    @app.get("/v1/versions/{ref}/body")
+    def get_body(ref: str) -> FileResponse:
+        repo = repository()
+        v = version_of(repo, ref)
+        return FileResponse(repo.path_of(v.sha256), media_type="application/octet-stream",
+                            filename=f"version-{v.id}.safetensors", headers={"X-Checksum-Sha256": v.sha256})
+
+    @app.get("/v1/versions/{ref}/tensors")
+    def get_tensors(ref: str) -> dict:
+        repo = repository()
+        v = version_of(repo, ref)
+        with SafetensorsReader([repo.path_of(v.sha256)]) as body:
+            layout = {k: body.layout(k) for k in sorted(body.keys())}
+        return {"version": v.id,
+                "tensors": {k: [str(d).removeprefix("torch."), list(s)] for k, (d, s) in layout.items()}}
+
+    @app.get("/v1/versions/{ref}/files")
+    def list_files(ref: str) -> dict:
+        repo = repository()
+        v = version_of(repo, ref)
+        return {"version": v.id, "files": exports.files(repo, v.id)}
+
+    @app.get("/v1/versions/{ref}/files/{name}")
+    def get_file(ref: str, name: str) -> FileResponse:
+        repo = repository()
+        v = version_of(repo, ref)
+        files = exports.files(repo, v.id)
+        if name not in files:  # only names of the listing: no path reaches outside the export
+            raise HTTPException(404, f"version {v.id} has no file {name!r}; its files: {sorted(files)}")
+        return FileResponse(exports.path(v.id) / name, media_type="application/octet-stream",
+                            headers={"X-Checksum-Sha256": files[name]})
+
+    @app.get("/v1/me")
+    def me(who: str = Depends(contributor)) -> dict:
+        return {"contributor": who}
+
+    @app.post("/v1/contributors/{name}/contributions", status_code=201)
+    async def push(name: str, request: Request, base: str = Query(..., description="version it was trained from"),
+                   task: str = Query(..., max_length=100), examples: int = Query(..., ge=1, le=10**12),
+                   who: str = Depends(contributor)) -> dict:
+        same_contributor(name, who)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
+            raise refused(who, 413, f"the upload is {int(length)} bytes, over the limit of "
+                                    f"{settings.max_upload_bytes}")
+        path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
+        try:
+            await receive(request, path, who)
+            contribution = await run_in_threadpool(store_contribution, path, base, who, task, examples)
+        except ColdFusionError as exc:
+            raise refused(who, 422, str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+        return {"id": contribution.id, "sha256": contribution.sha256, "base_version": contribution.base_version,
+                "status": "waiting"}
+
+    def refused(who: str, status: int, reason: str) -> HTTPException:
+        store.refuse(who, status, reason)
+        return HTTPException(status, reason)
+
+    async def receive(request: Request, path: Path, who: str) -> None:
+        """The request body into `path`, refused past the size limit or after a stall."""
+        chunks, size = request.stream().__aiter__(), 0
+        with open(path, "wb") as f:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), settings.read_timeout_seconds)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise refused(who, 408, "the upload stalled: nothing arrived for "
+                                            f"{settings.read_timeout_seconds:g} seconds") from None
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise refused(who, 413, f"the upload passed the limit of {settings.max_upload_bytes} bytes")
+                f.write(chunk)
+
+    def store_contribution(path: Path, base: str, who: str, task: str, examples: int):
+        check_name(task, "task")
+        repo = repository()
+        version = repo.resolve(int(base) if base.isdigit() else base)
+        with SafetensorsReader([path]) as body, SafetensorsReader([repo.path_of(version.sha256)]) as reference:
+            problem = inspect_contribution(body, reference).problem
+            if problem:
+                raise ColdFusionError(f"refused against version {version.id}: {problem}")
+            tensors = {k: body.get_tensor(k) for k in sorted(body.keys())}
+        return repo.add_contribution(tensors, base_version=version.id, contributor=who, task=task,
+                                     num_examples=examples)
+
+    @app.get("/v1/contributors/{name}/history")
+    def history(name: str, who: str = Depends(contributor)) -> dict:
+        same_contributor(name, who)
+        sent = [{"id": c.id, "created": c.created, "task": c.task, "base_version": c.base_version,
+                 "examples": c.num_examples, "status": status_of(c), "fused_into": c.fused_into,
+                 "reason": c.rejected or c.abandoned}
+                for c in repository().contributions() if c.contributor == name]
+        return {"contributor": name, "contributions": sent, "refused_uploads": store.refusals(name)}
+
+    return app
+
+
+def status_of(c) -> str:
+    if c.fused_into is not None:
+        return "fused"
+    if c.rejected:
+        return "refused"
+    return "abandoned" if c.abandoned else "waiting"
+
+
+def describe(v) -> dict:
+    fusion = v.fusion or {}
+    return {"id": v.id, "sha256": v.sha256, "parent": v.parent, "created": v.created, "run": v.run,
+            "method": fusion.get("method"), "contributions": fusion.get("contributions", []),
+            "rejected": fusion.get("rejected", {}), "rebased": sorted(fusion.get("rebased", {})),
+            "abandoned": v.abandoned}
+
+
+class ExportCache:
+    """Each version as a Hugging Face directory (coldfusion export), written once, kept under
+    ROOT/service/exports/<id>/, with the checksum of every file."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "service" / "exports"
+        self.lock = threading.Lock()
+        self._files: dict[int, dict[str, str]] = {}
+
+    def path(self, version: int) -> Path:
+        return self.dir / str(version)
+
+    def files(self, repo: Repository, version: int) -> dict[str, str]:
+        from coldfusion.repository.export import PROVENANCE_FILE, export_version
+
+        with self.lock:
+            if version not in self._files:
+                out = self.path(version)
+                if not (out / PROVENANCE_FILE).exists():
+                    try:
+                        export_version(repo, version, out, overwrite=True)
+                    except ColdFusionError as exc:
+                        raise HTTPException(409, f"version {version} cannot be exported: {exc}") from None
+                listed = json.loads((out / PROVENANCE_FILE).read_text())["files"]
+                self._files[version] = {**listed, PROVENANCE_FILE: sha256_file(out / PROVENANCE_FILE),
+                                        "README.md": sha256_file(out / "README.md")}
+            return self._files[version]

@@ -1,0 +1,142 @@
+"""The contributor's side of `coldfusion serve`: pull a version, push a contribution.
+
+Downloads are checked against the checksums the service sends and land atomically (a
+directory appears whole or not at all). A model directory (a classifier saved by
+transformers) is reduced to its body here, against the base's tensor names, so only a
+body crosses the network.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import staged_directory
+
+TOKEN_ENV = "COLDFUSION_TOKEN"
+CHUNK = 1 << 20
+
+
+class ServiceClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0):
+        if not url.startswith(("http://", "https://")):
+            raise ColdFusionError(f"{url}: expected the service's address, e.g. http://127.0.0.1:8000")
+        self.url = url.rstrip("/")
+        self.token = token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _get(self, path: str, **kwargs) -> httpx.Response:
+        return self._checked(lambda: self.http.get(path, **kwargs))
+
+    def _checked(self, call) -> httpx.Response:
+        try:
+            response = call()
+        except httpx.HTTPError as exc:
+            raise ColdFusionError(f"{self.url}: the service cannot be reached ({exc})") from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text[:500]
+            raise ColdFusionError(f"{self.url} refused ({response.status_code}): {detail}")
+        return response
+
+    def version(self, ref: str = "latest") -> dict:
+        return self._get(f"/v1/versions/{ref}").json()
+
+    def versions(self) -> list[dict]:
+        return self._get("/v1/versions").json()
+
+    def me(self) -> str:
+        if not self.token:
+            raise ColdFusionError(f"a token is needed: pass --token or set {TOKEN_ENV}")
+        return self._get("/v1/me").json()["contributor"]
+
+    def pull(self, ref: str, out: Path, overwrite: bool = False) -> dict:
+        """Version `ref` as a Hugging Face directory at `out`; every file checked."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise ColdFusionError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
+        listing = self._get(f"/v1/versions/{ref}/files").json()
+        with staged_directory(out) as tmp:
+            for name, sha in listing["files"].items():
+                if Path(name).name != name or name.startswith("."):
+                    raise ColdFusionError(f"{self.url} listed a file name that is not a plain name: {name!r}")
+                self._download(f"/v1/versions/{listing['version']}/files/{name}", tmp / name, sha)
+        return listing
+
+    def pull_body(self, ref: str, out: Path) -> str:
+        """The body of version `ref` as one safetensors file; its checksum."""
+        meta = self.version(ref)
+        self._download(f"/v1/versions/{meta['id']}/body", Path(out), meta["sha256"])
+        return meta["sha256"]
+
+    def _download(self, path: str, into: Path, sha256: str) -> None:
+        digest = hashlib.sha256()
+        tmp = into.with_name(f".{into.name}.part")
+        try:
+            with self.http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._checked(lambda: response)
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_bytes(CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+        except httpx.HTTPError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ColdFusionError(f"{self.url}{path}: the download broke off ({exc})") from None
+        if digest.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise ColdFusionError(f"{self.url}{path}: the download does not match its checksum {sha256[:12]}; "
+                                  "try again")
+        tmp.replace(into)
+
+    def push(self, body: Path, base: str, task: str, examples: int) -> dict:
+        """Upload a body (a .safetensors file, or a model directory reduced to its body)
+        trained from version `base`; the service's reply (id, status)."""
+        body = Path(body)
+        who = self.me()
+        base_id = self.version(base)["id"]
+        with tempfile.TemporaryDirectory() as scratch:
+            if body.is_dir():
+                body = self._body_of(body, base_id, Path(scratch))
+            elif not body.is_file():
+                raise ColdFusionError(f"{body}: no such file or directory")
+            elif body.suffix != ".safetensors":
+                raise ColdFusionError(f"{body}: push a .safetensors body or a model directory (pickles are not "
+                                      "sent over the network)")
+            with open(body, "rb") as f:
+                return self._checked(lambda: self.http.post(
+                    f"/v1/contributors/{who}/contributions", content=_chunks(f),
+                    params={"base": base_id, "task": task, "examples": examples},
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Length": str(body.stat().st_size)})).json()
+
+    def _body_of(self, model_dir: Path, base: int, scratch: Path) -> Path:
+        from safetensors.torch import save_file
+
+        from coldfusion.repository.uploads import read_upload
+
+        names = set(self._get(f"/v1/versions/{base}/tensors").json()["tensors"])
+        out = scratch / "body.safetensors"
+        save_file({k: v.contiguous() for k, v in read_upload(model_dir, names).items()}, out)
+        return out
+
+
+def _chunks(f):
+    while chunk := f.read(CHUNK):
+        yield chunk

@@ -1,0 +1,268 @@
+"""The always-on repository through real HTTP on 127.0.0.1: `coldfusion serve` in its own
+process, contributors through the CLI (`token`, `pull`, `push`) and raw requests; every
+refusal; SIGKILL mid-upload and mid-fusion, then restart."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import AutoModel, BertForSequenceClassification
+from typer.testing import CliRunner
+
+from coldfusion.cli import app
+from coldfusion.models.encoder import body_tensors
+from coldfusion.repository import Repository
+
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    result = runner.invoke(app, [str(a) for a in args], env=env)
+    result.text = " ".join(result.output.split())  # rich wraps long lines
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """`coldfusion serve` in a child process on 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, repo: Path, settings: dict, env: dict | None = None):
+        self.repo, self.port = repo, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = repo.parent / f"service-{self.port}.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        self.log = open(repo.parent / f"service-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coldfusion", "serve", str(repo), "--port", str(self.port), "--config", str(config)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(self.url + "/v1/versions", timeout=2).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the service did not start: {self.output()}") from None
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_model_dir):
+    repository = Repository(tmp_path / "repo")
+    repository.add_version(body_tensors(AutoModel.from_pretrained(tiny_model_dir)), model_source=str(tiny_model_dir))
+    return repository
+
+
+def moved(repo: Repository, by: float, version: int = 1) -> dict:
+    return {k: v + by if v.is_floating_point() else v for k, v in repo.load_version(version).items()}
+
+
+def issue(repo: Repository, name: str) -> str:
+    result = invoke("token", "issue", repo.root, name)
+    assert result.exit_code == 0, result.output
+    return result.text.split(":", 1)[1].strip()
+
+
+def wait_for_version(url: str, n: int, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        versions = httpx.get(url + "/v1/versions").json()
+        if len(versions) >= n:
+            return versions[n - 1]
+        time.sleep(0.2)
+    raise AssertionError(f"no version {n} after {timeout} s")
+
+
+FAST = {"fusion": {"when_waiting": 2, "poll_seconds": 0.2, "after_seconds": 3600}}
+
+
+def test_two_contributors_pull_push_and_the_service_fuses_when_two_wait(repo, tmp_path, tiny_model_dir):
+    alice, bob = issue(repo, "alice"), issue(repo, "bob")
+    with Service(repo.root, FAST) as service:
+        pulled = invoke("pull", service.url, "latest", tmp_path / "v1")
+        assert pulled.exit_code == 0, pulled.output
+        model = AutoModel.from_pretrained(tmp_path / "v1")  # what a contributor finetunes
+        assert torch.equal(body_tensors(model)["encoder.layer.0.output.dense.bias"],
+                           repo.load_version(1)["encoder.layer.0.output.dense.bias"])
+        save_file(moved(repo, 0.01), tmp_path / "alice.safetensors")
+        classifier = BertForSequenceClassification.from_pretrained(tmp_path / "v1", num_labels=2)
+        with torch.no_grad():
+            for p in classifier.bert.parameters():
+                p.add_(0.03)
+        classifier.save_pretrained(tmp_path / "bob")  # a model directory: reduced to its body before it is sent
+
+        first = invoke("push", service.url, tmp_path / "alice.safetensors", "--base", 1, "--task", "sentiment",
+                       "--examples", 100, "--token", alice)
+        assert first.exit_code == 0, first.output
+        assert "stored contribution 1" in first.text and "against version 1: waiting" in first.text
+        time.sleep(0.6)  # one waits: not yet fused (k = 2)
+        assert len(httpx.get(service.url + "/v1/versions").json()) == 1
+        second = invoke("push", service.url, tmp_path / "bob", "--base", 1, "--task", "topic", "--examples", 100,
+                        env={"COLDFUSION_TOKEN": bob})
+        assert second.exit_code == 0, second.output
+
+        v2 = wait_for_version(service.url, 2)
+        assert v2["parent"] == 1 and v2["contributions"] == [1, 2] and v2["method"] == "average"
+        key = "encoder.layer.0.output.dense.bias"
+        assert torch.allclose(repo.load_version(2)[key], repo.load_version(1)[key] + 0.02, atol=1e-6)
+        again = invoke("pull", service.url, "2", tmp_path / "v2")
+        assert again.exit_code == 0, again.output
+        assert torch.allclose(body_tensors(AutoModel.from_pretrained(tmp_path / "v2"))[key],
+                              repo.load_version(2)[key])
+        history = httpx.get(service.url + "/v1/contributors/alice/history",
+                            headers={"Authorization": f"Bearer {alice}"}).json()
+        assert [(c["id"], c["status"], c["fused_into"]) for c in history["contributions"]] == [(1, "fused", 2)]
+    assert invoke("verify", repo.root).exit_code == 0
+
+
+def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_path):
+    alice, bob = issue(repo, "alice"), issue(repo, "bob")
+    body = moved(repo, 0.01)
+    save_file(body, tmp_path / "ok.safetensors")
+    size = (tmp_path / "ok.safetensors").stat().st_size
+    limit = size * 3 / (1024 * 1024)  # one body fits; four do not
+    settings = {"max_upload_mb": limit, "read_timeout_seconds": 1.0, "fusion": {"enabled": False}}
+    with Service(repo.root, settings) as service:
+        url = service.url + "/v1/contributors/alice/contributions?base=1&task=t&examples=10"
+        ok = (tmp_path / "ok.safetensors").read_bytes()
+
+        def post(content, token=alice, headers=None):
+            return httpx.post(url, content=content, headers={**({"Authorization": f"Bearer {token}"} if token else {}),
+                                                             **(headers or {})}, timeout=30)
+
+        assert post(ok, token=None).status_code == 401
+        assert post(ok, token="cf_not-a-token").status_code == 401
+        wrong = post(ok, token=bob)
+        assert wrong.status_code == 403 and "belongs to bob, not to alice" in wrong.json()["detail"]
+        assert post(ok * 4).status_code == 413  # declared length over the limit: refused before reading
+
+        def streamed():  # no declared length: refused as it streams past the limit
+            for _ in range(8):
+                yield ok
+        try:
+            assert post(streamed()).status_code == 413
+        except httpx.TransportError:
+            pass  # the server may close the connection while the client still sends; the log below shows it
+        garbage = post(b"\x00" * 100)
+        assert garbage.status_code == 422 and "not a readable safetensors file" in garbage.json()["detail"]
+        save_file({"x": torch.zeros(3)}, tmp_path / "other.safetensors")
+        other = post((tmp_path / "other.safetensors").read_bytes())
+        assert other.status_code == 422 and "not the base's architecture" in other.json()["detail"]
+        poisoned = dict(body)
+        poisoned["embeddings.word_embeddings.weight"] = poisoned["embeddings.word_embeddings.weight"].clone()
+        poisoned["embeddings.word_embeddings.weight"][0, 0] = float("nan")
+        save_file(poisoned, tmp_path / "nan.safetensors")
+        nan = post((tmp_path / "nan.safetensors").read_bytes())
+        assert nan.status_code == 422 and "non-finite" in nan.json()["detail"]
+        bad_task = httpx.post(url.replace("task=t", "task=../../x"), content=ok,
+                              headers={"Authorization": f"Bearer {alice}"})
+        assert bad_task.status_code == 422 and "cannot name a file" in bad_task.json()["detail"]
+        assert httpx.post(url.replace("base=1", "base=9"), content=ok,
+                          headers={"Authorization": f"Bearer {alice}"}).status_code == 422
+
+        with socket.create_connection(("127.0.0.1", service.port)) as stall:  # says 1000 bytes, sends 10
+            stall.sendall(f"POST /v1/contributors/alice/contributions?base=1&task=t&examples=10 HTTP/1.1\r\n"
+                          f"Host: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 1000\r\n\r\n".encode()
+                          + b"0123456789")
+            stall.settimeout(20)
+            assert b" 408 " in stall.recv(4096).split(b"\r\n")[0] + b" "
+
+        assert Repository(repo.root).contributions() == []  # nothing refused was stored
+        stored = post(ok)
+        assert stored.status_code == 201 and stored.json()["id"] == 1
+        duplicate = post(ok)
+        assert duplicate.status_code == 422 and "duplicate" in duplicate.json()["detail"]
+        history = httpx.get(service.url + "/v1/contributors/alice/history",
+                            headers={"Authorization": f"Bearer {alice}"}).json()
+        statuses = [r["status"] for r in history["refused_uploads"]]
+        assert statuses.count(413) >= 1 and statuses.count(422) == 6 and 408 in statuses
+        assert httpx.get(service.url + "/v1/contributors/alice/history",
+                         headers={"Authorization": f"Bearer {bob}"}).status_code == 403
+        assert invoke("token", "revoke", repo.root, "alice").exit_code == 0
+        assert post(ok).status_code == 401
+        assert httpx.get(service.url + "/v1/versions/1/files/..%2Findex.sqlite").status_code == 404
+        missing = invoke("pull", service.url, "7", tmp_path / "nowhere")
+        assert missing.exit_code == 2 and "refused (404)" in missing.text and not (tmp_path / "nowhere").exists()
+    listing = invoke("token", "list", repo.root)
+    assert "alice: 0 live of 1 issued" in listing.text and "cf_" not in listing.output  # never the tokens
+
+
+def test_sigkill_mid_upload_and_mid_fusion_loses_nothing_acknowledged(repo, tmp_path):
+    alice, bob = issue(repo, "alice"), issue(repo, "bob")
+    for name, by in (("a", 0.01), ("b", 0.03)):
+        save_file(moved(repo, by), tmp_path / f"{name}.safetensors")
+    service = Service(repo.root, FAST, env={"COLDFUSION_KILL_AT": "fusion.tensor"})
+    try:
+        half = (tmp_path / "a.safetensors").read_bytes()
+        with socket.create_connection(("127.0.0.1", service.port)) as cut:  # an upload cut off by the kill
+            cut.sendall(f"POST /v1/contributors/bob/contributions?base=1&task=t&examples=10 HTTP/1.1\r\n"
+                        f"Host: x\r\nAuthorization: Bearer {bob}\r\nContent-Length: {len(half)}\r\n\r\n".encode()
+                        + half[: len(half) // 2])
+            for who, token in (("a", alice), ("b", bob)):
+                reply = invoke("push", service.url, tmp_path / f"{who}.safetensors", "--base", 1, "--task", "t",
+                               "--examples", 10, "--token", token)
+                assert reply.exit_code == 0, reply.output  # acknowledged
+            service.proc.wait(timeout=60)  # the fusion of the two kills the service half-way
+        assert service.proc.returncode == -signal.SIGKILL
+    finally:
+        service.stop()
+    assert [c.id for c in Repository(repo.root).contributions() if c.waiting] == [1, 2]
+    assert len(Repository(repo.root).versions()) == 1
+    with Service(repo.root, FAST) as restarted:  # fuses what was acknowledged
+        v2 = wait_for_version(restarted.url, 2)
+        assert v2["contributions"] == [1, 2]
+    assert not list((repo.root / "service").glob(".incoming-*"))  # the cut-off upload left nothing
+    verify = invoke("verify", repo.root)
+    assert verify.exit_code == 0 and "ok:" in verify.text, verify.output
+
+
+def test_serve_refuses_what_is_not_a_repository_or_a_bad_config(tmp_path, repo):
+    missing = invoke("serve", tmp_path / "nothing")
+    assert missing.exit_code == 2 and "no repository" in missing.text
+    (tmp_path / "bad.yaml").write_text(json.dumps({"fusion": {"when_waiting": 0}}))
+    bad = invoke("serve", repo.root, "--config", tmp_path / "bad.yaml")
+    assert bad.exit_code == 2 and "fusion.when_waiting" in bad.text
+    (tmp_path / "op.yaml").write_text(json.dumps({"fusion": {"method": "nonsense"}}))
+    op = invoke("serve", repo.root, "--config", tmp_path / "op.yaml")
+    assert op.exit_code == 2 and "nonsense" in op.text
+    bad_name = invoke("token", "issue", repo.root, "../alice")
+    assert bad_name.exit_code == 2 and "cannot name a file" in bad_name.text
