@@ -154,6 +154,43 @@ def test_two_contributors_pull_push_and_the_service_fuses_when_two_wait(repo, tm
     assert invoke("verify", repo.root).exit_code == 0
 
 
+def test_two_asynchronous_contributor_loops_improve_the_base_together(repo, tmp_path, toy_task_files):
+    """`coldfusion contribute-loop` in two processes: each pulls the newest base, finetunes on
+    its own task, pushes, waits for a newer base; the service fuses every two."""
+    tokens = {name: issue(repo, name) for name in ("sentiment", "topic")}
+    with Service(repo.root, FAST) as service:
+        loops = []
+        for name, token in tokens.items():
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(yaml.safe_dump({
+                "task": {"name": name, "path": str(toy_task_files[name])}, "rounds": 2, "examples_per_round": 120,
+                "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "poll_seconds": 0.2, "threads": 1,
+                "precision": "fp32", "max_length": 16}))
+            log = open(tmp_path / f"{name}.log", "w")
+            loops.append((subprocess.Popen(
+                [sys.executable, "-m", "coldfusion", "contribute-loop", service.url, str(config),
+                 "--workdir", str(tmp_path / f"work-{name}")],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLDFUSION_TOKEN": token}), log))
+        try:
+            for proc, log in loops:
+                assert proc.wait(timeout=300) == 0, Path(log.name).read_text()
+        finally:
+            for proc, log in loops:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        v3 = wait_for_version(service.url, 3)
+        assert v3["parent"] == 2 and len(v3["contributions"]) == 2
+    contributions = Repository(repo.root).contributions()
+    assert sorted((c.contributor, c.base_version, c.fused_into) for c in contributions) == [
+        ("sentiment", 1, 2), ("sentiment", 2, 3), ("topic", 1, 2), ("topic", 2, 3)]
+    assert all(c.num_examples == 120 for c in contributions)
+    for name in tokens:
+        out = (tmp_path / f"{name}.log").read_text()
+        assert "round 2: trained on version 2" in " ".join(out.split()) and "2 contributions sent" in out
+
+
 def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_path):
     alice, bob = issue(repo, "alice"), issue(repo, "bob")
     body = moved(repo, 0.01)

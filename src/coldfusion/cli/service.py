@@ -112,3 +112,30 @@ def push(
         fail(exc)
     done("stored", f"contribution {reply['id']} ({reply['sha256'][:12]}) against version {reply['base_version']}: "
                    f"{reply['status']}")
+
+
+@app.command("contribute-loop")
+def contribute_loop_command(
+    url: str = typer.Argument(..., help="the service, e.g. http://127.0.0.1:8000"),
+    config: Path = typer.Argument(..., help="the private task and how to train on it (YAML; see the README)"),
+    token_: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    workdir: Path = typer.Option(Path(".coldfusion-contributor"), help="where the model's files are kept"),
+) -> None:
+    """Contribute asynchronously: pull the newest base, finetune on the private task, push;
+    repeat (for `rounds`, or until stopped)."""
+    from coldfusion.cli.app import interrupted
+    from coldfusion.service.client import ServiceClient
+    from coldfusion.service.contribute_loop import contribute_loop, load_contribute_loop_config
+
+    def report(r: dict) -> None:
+        say(f"round {r['round']}: trained on version {r['base']} ({r['steps']} steps, validation accuracy "
+            f"{r['validation_accuracy']}), sent contribution {r['contribution']}")
+
+    try:
+        settings = load_contribute_loop_config(config)
+        with interrupted(f"coldfusion contribute-loop {url} {config}"), ServiceClient(url, token_) as client:
+            client.me()  # a missing or refused token fails before any training
+            pushed = contribute_loop(client, settings, workdir, on_round=report)
+    except ColdFusionError as exc:
+        fail(exc)
+    done("done:", f"{pushed} contributions sent")
