@@ -60,8 +60,8 @@ def test_norm_outliers_known_answers():
     assert list(capped) == [2] and "exceeds max_delta_norm 2" in capped[2]
 
 
-def contribute(repo, base, tensors, name):
-    return repo.add_contribution(tensors, base_version=base.id, contributor=name, task=name, num_examples=10)
+def contribute(repo, base, tensors, name, examples=10):
+    return repo.add_contribution(tensors, base_version=base.id, contributor=name, task=name, num_examples=examples)
 
 
 def test_faulty_contributions_are_refused_recorded_and_the_rest_fused(tmp_path):
@@ -143,3 +143,46 @@ def test_stale_contribution_is_refused_by_policy(tmp_path):
     assert v3.fusion["contributions"] == [fresh.id]
     assert v3.fusion["rejected"] == {str(stale.id): "stale: trained from version 1, not the current base 2 "
                                                     "(validation.stale = reject)"}
+
+
+def test_staleness_bound_refuses_bases_too_far_behind_or_off_the_lineage(tmp_path):
+    repo = Repository(tmp_path)
+    v1 = repo.add_version(body(0.0), model_source="m")
+    v2 = repo.add_version(body(10.0), model_source="m", parent=v1.id)
+    side = repo.add_version(body(5.0), model_source="m", parent=v1.id)  # a sibling of v2: not an ancestor of v3
+    v3 = repo.add_version(body(20.0), model_source="m", parent=v2.id)
+    two_behind, one_behind = contribute(repo, v1, body(1.0), "a"), contribute(repo, v2, body(11.0), "b")
+    off, fresh = contribute(repo, side, body(6.0), "c"), contribute(repo, v3, body(21.0), "d")
+    v4 = repo.fuse(v3.id, [two_behind.id, one_behind.id, off.id, fresh.id],
+                   validation=ValidationSettings(max_staleness=1, outlier_factor=None))
+    assert v4.fusion["contributions"] == [one_behind.id, fresh.id]
+    assert v4.fusion["rejected"] == {
+        str(two_behind.id): "stale: trained from version 1, 2 versions behind the current base 4 "
+                            "(validation.max_staleness = 1)",
+        str(off.id): "stale: trained from version 3, not an ancestor of the current base 4 "
+                     "(validation.max_staleness = 1)"}
+    assert v4.fusion["staleness"] == {str(one_behind.id): 1, str(fresh.id): 0}
+
+
+def test_staleness_weight_is_the_fedasync_polynomial_on_top_of_the_operators_weights(tmp_path):
+    repo = Repository(tmp_path)
+    v1 = repo.add_version(body(0.0), model_source="m")
+    v2 = repo.add_version(body(10.0), model_source="m", parent=v1.id)
+    v3 = repo.add_version(body(20.0), model_source="m", parent=v2.id)
+    old = contribute(repo, v1, body(0.6), "old")  # +0.6 from v1: 2 versions behind, weight (1 + 2)^-1 = 1/3
+    new = contribute(repo, v3, body(20.3), "new")  # +0.3 from v3: weight 1
+    v4 = repo.fuse(v3.id, [old.id, new.id], validation=ValidationSettings(staleness_exponent=1.0))
+    expected = 20.0 + (0.6 / 3 + 0.3) / (1 / 3 + 1)  # 20.375
+    assert torch.allclose(repo.load_version(v4.id)["layer.weight"], torch.full((3, 2), expected))
+    assert v4.fusion["weights"] == {str(old.id): pytest.approx(1 / 3, abs=1e-6), str(new.id): 1.0}
+    # weighted fusion: the example counts times the staleness weight
+    again = [contribute(repo, v1, body(0.6), "old2", examples=300), contribute(repo, v3, body(20.3), "new2",
+                                                                             examples=100)]
+    v5 = repo.fuse(v3.id, [c.id for c in again], method="weighted",
+                   validation=ValidationSettings(staleness_exponent=1.0))
+    assert v5.fusion["weights"] == {str(again[0].id): pytest.approx(100.0), str(again[1].id): pytest.approx(100.0)}
+    assert torch.allclose(repo.load_version(v5.id)["layer.weight"], torch.full((3, 2), 20.0 + (0.6 + 0.3) / 2))
+    plain = [contribute(repo, v1, body(0.6), "old3"), contribute(repo, v3, body(20.3), "new3")]
+    v6 = repo.fuse(v3.id, [c.id for c in plain])  # exponent 0: stale contributions weigh as much as fresh ones
+    assert "weights" not in v6.fusion
+    assert torch.allclose(repo.load_version(v6.id)["layer.weight"], torch.full((3, 2), 20.0 + (0.6 + 0.3) / 2))

@@ -107,6 +107,9 @@ def fuse(
                                                            "others' median (0: off)"),
     max_delta_norm: float | None = typer.Option(None, help="refuse a delta norm above this"),
     stale: str = typer.Option("rebase", help="a contribution from an older base: rebase or reject"),
+    max_staleness: int | None = typer.Option(None, help="refuse a contribution whose base is more than this many "
+                                                        "versions behind"),
+    staleness_exponent: float = typer.Option(0.0, help="weigh a contribution s versions behind by (1 + s)^-a"),
     outer_lr: float = typer.Option(1.0, help="outer optimizer: step size on base - fused (1 with momentum 0: "
                                              "plain fusion; DiLoCo: 0.7)"),
     outer_momentum: float = typer.Option(0.0, help="outer optimizer: momentum (DiLoCo: 0.9); its buffer continues "
@@ -139,7 +142,8 @@ def fuse(
         get_operator(method).check_params(params)
         try:
             settings = ValidationSettings(min_accepted=min_accepted, outlier_factor=outlier_factor or None,
-                                          max_delta_norm=max_delta_norm, stale=stale)
+                                          max_delta_norm=max_delta_norm, stale=stale, max_staleness=max_staleness,
+                                          staleness_exponent=staleness_exponent)
             outer = OuterSettings(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
         except ValidationError as exc:
             raise ColdFusionError(format_validation_error(exc, "options")) from None

@@ -67,8 +67,9 @@ def fuse_contributions(
     if settled:
         raise ColdFusionError("the lineage is not rewritten: " + "; ".join(settled))
     # Encoded contributions are decoded here, into files deleted after the fusion.
+    behind = _staleness(repo, base, contribs)
     with tempfile.TemporaryDirectory(dir=repo.root, prefix=DECODED_PREFIX) as scratch:
-        rejected, norms, dense = _validate(repo, base, contribs, validation, Path(scratch))
+        rejected, norms, dense = _validate(repo, base, contribs, validation, Path(scratch), behind)
         accepted = [c for c in contribs if c.id not in rejected]
         if len(accepted) < validation.min_accepted:
             with repo._db() as db:
@@ -81,6 +82,10 @@ def fuse_contributions(
         rebased = {c.id: {"from_version": c.base_version, "sha256": _rebase(repo, c, dense[c.id], current)}
                    for c in stale}
         weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
+        if validation.staleness_exponent > 0 and any(behind[c.id] != 0 for c in accepted):
+            depth = len(repo.lineage(base.id))
+            weights = [w * _staleness_weight(behind[c.id], validation.staleness_exponent, depth)
+                       for w, c in zip(weights or [1.0] * len(accepted), accepted, strict=True)]
         stats = None
         if op.needs_stats:
             lacking = [c.id for c in accepted if op.needs_stats not in c.stats]
@@ -103,7 +108,10 @@ def fuse_contributions(
               **({"missing": missing} if missing else {}),
               **({"declined": declined} if declined else {}),
               **({"rejected": {str(k): v for k, v in rejected.items()}} if rejected else {}),
-              **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {}), **outer_record}
+              **({"rebased": {str(k): v for k, v in rebased.items()}} if rebased else {}),
+              **({"staleness": {str(c.id): behind[c.id] for c in accepted}} if rebased else {}),
+              **({"weights": {str(c.id): round(w, 6) for c, w in zip(accepted, weights, strict=True)}}
+                 if weights else {}), **outer_record}
     try:
         with repo._db() as db:
             if buffer is not None:
@@ -119,8 +127,20 @@ def fuse_contributions(
                               "first)") from None
     return version
 
+def _staleness(repo: Repository, base: Version, contribs: list[Contribution]) -> dict[int, int | None]:
+    """How many versions each contribution's base is behind `base` along its lineage (0: it is
+    `base`; None: its base is not an ancestor of `base`)."""
+    ancestors = {v.id: i for i, v in enumerate(repo.lineage(base.id))}
+    return {c.id: ancestors.get(c.base_version) for c in contribs}
+
+
+def _staleness_weight(behind: int | None, exponent: float, depth: int) -> float:
+    """(1 + s)^-a; a base outside the lineage counts as the oldest there is (`depth` behind)."""
+    return (1 + (depth if behind is None else behind)) ** -exponent
+
+
 def _validate(repo: Repository, base: Version, contribs: list[Contribution], settings: ValidationSettings,
-              scratch: Path) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
+              scratch: Path, behind: dict[int, int | None]) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
     """(contribution id -> why it is refused, -> its delta norm, -> the file of its body:
     the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
     rejected, norms, dense = {}, {}, {}
@@ -135,6 +155,12 @@ def _validate(repo: Repository, base: Version, contribs: list[Contribution], set
             rejected[c.id] = (f"duplicate: the same payload as contribution {twin.id} from {twin.contributor}")
             continue
         first_of.setdefault(c.sha256, c)
+        if settings.max_staleness is not None and (behind[c.id] is None or behind[c.id] > settings.max_staleness):
+            where = (f"{behind[c.id]} versions behind" if behind[c.id] is not None
+                     else "not an ancestor of")
+            rejected[c.id] = (f"stale: trained from version {c.base_version}, {where} the current base {base.id} "
+                              f"(validation.max_staleness = {settings.max_staleness})")
+            continue
         if c.base_version != base.id and settings.stale == "reject":
             rejected[c.id] = (f"stale: trained from version {c.base_version}, not the current base "
                               f"{base.id} (validation.stale = reject)")

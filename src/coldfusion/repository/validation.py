@@ -40,6 +40,12 @@ class ValidationSettings(ConfigSection):
     stale: Literal["rebase", "reject"] = Field(
         "rebase", description="a contribution trained from an older base: fuse its delta on the current base "
                               "(rebase), or reject it")
+    max_staleness: int | None = Field(
+        None, ge=0, description="reject a contribution trained from a base more than this many versions behind "
+                                "the current one (or from a base not in its lineage); null: no bound")
+    staleness_exponent: float = Field(
+        0.0, ge=0, description="weigh a contribution s versions behind by (1 + s)^-a (FedAsync's polynomial "
+                               "staleness function) on top of the operator's weights; 0: off")
 
 
 @dataclass(frozen=True)
