@@ -191,6 +191,42 @@ def test_two_asynchronous_contributor_loops_improve_the_base_together(repo, tmp_
         assert "round 2: trained on version 2" in " ".join(out.split()) and "2 contributions sent" in out
 
 
+def test_a_fused_base_that_scores_worse_on_the_operators_suite_is_held_back(repo, tmp_path, toy_task_files):
+    alice = issue(repo, "alice")
+    suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
+             "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
+             "max_length": 16, "threads": 1, "precision": "fp32"}
+    settings = {"fusion": {"when_waiting": 1, "poll_seconds": 0.2}, "suite": suite}
+    headers = {"Authorization": f"Bearer {alice}"}
+    with Service(repo.root, settings) as service:
+        url = service.url + "/v1/contributors/alice/contributions?task=t&examples=10&base="
+        zeros = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in repo.load_version(1).items()}
+        save_file(zeros, tmp_path / "zeros.safetensors")  # every text the same vector: a harmful update
+        assert httpx.post(url + "1", content=(tmp_path / "zeros.safetensors").read_bytes(),
+                          headers=headers).status_code == 201
+        harmful = wait_for_version(service.url, 2)
+        deadline = time.time() + 120
+        while not harmful["held_back"] and time.time() < deadline:
+            time.sleep(0.3)
+            harmful = httpx.get(service.url + "/v1/versions/2").json()
+        assert harmful["held_back"] and "below version 1" in harmful["abandoned"]
+        assert httpx.get(service.url + "/v1/versions/latest").json()["id"] == 1  # not published
+        save_file(moved(repo, 1e-4), tmp_path / "small.safetensors")
+        assert httpx.post(url + "latest", content=(tmp_path / "small.safetensors").read_bytes(),
+                          headers=headers).status_code == 201
+        good = wait_for_version(service.url, 3)
+        deadline = time.time() + 120
+        while httpx.get(service.url + "/v1/versions/latest").json()["id"] != 3 and time.time() < deadline:
+            time.sleep(0.3)
+        good = httpx.get(service.url + "/v1/versions/3").json()
+        assert good["parent"] == 1 and not good["held_back"]  # fused onto the published base, and published
+        assert httpx.get(service.url + "/v1/versions/latest").json()["id"] == 3
+    verdicts = {v: [m["values"] for m in Repository(repo.root).metrics(v) if m["task"] == "publication"]
+                for v in (2, 3)}
+    assert verdicts[2][0]["published"] is False and verdicts[2][0]["score"] < verdicts[2][0]["parent_score"] - 5
+    assert verdicts[3][0]["published"] is True
+
+
 def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_path):
     alice, bob = issue(repo, "alice"), issue(repo, "bob")
     body = moved(repo, 0.01)

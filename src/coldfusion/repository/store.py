@@ -359,6 +359,14 @@ class Repository:
             db.executemany("UPDATE contributions SET abandoned = ? WHERE id = ?", [(why, c) for c in contributions])
         return [f"version {v}" for v in versions] + [f"contribution {c}" for c in contributions]
 
+    def hold_back(self, version: int, reason: str) -> None:
+        """Keep a version on record but out of use (the publication's backtracking of a harmful
+        update): like an abandoned version, it is never `latest` and nothing is fused onto it."""
+        with self._db() as db:
+            self._version_row(db, version)
+            db.execute("UPDATE versions SET abandoned = ? WHERE id = ? AND abandoned IS NULL",
+                       (f"held back: {reason}", version))
+
     # -- metrics -------------------------------------------------------------------
     def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None) -> None:
         with self._db() as db:

@@ -37,6 +37,7 @@ from coldfusion.repository import Repository
 from coldfusion.repository.validation import inspect_contribution
 from coldfusion.service.fuser import Fuser
 from coldfusion.service.settings import ServiceSettings
+from coldfusion.service.suite import published_latest
 from coldfusion.service.tokens import ServiceStore
 
 INCOMING = ".incoming-"  # scratch files of uploads in progress (ROOT/service/)
@@ -51,7 +52,7 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     for stale in scratch.glob(INCOMING + "*"):  # uploads cut off by a crash were never acknowledged
         stale.unlink(missing_ok=True)
     exports = ExportCache(root)
-    fuser = Fuser(root, settings.fusion) if settings.fusion.enabled else None
+    fuser = Fuser(root, settings.fusion, settings.suite) if settings.fusion.enabled else None
     if fuser is not None:
         from coldfusion.fusion import get_operator
 
@@ -89,7 +90,9 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
 
     def version_of(repo: Repository, ref: str):
         try:
-            return repo.resolve(int(ref) if ref.isdigit() else ref)
+            if ref == "latest":  # with an operator's suite: the newest version it published
+                return published_latest(repo, settings.suite is not None)
+            return repo.version(int(ref) if ref.isdigit() else ref)
         except ColdFusionError as exc:
             raise HTTPException(404, str(exc)) from None
 
@@ -181,7 +184,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     def store_contribution(path: Path, base: str, who: str, task: str, examples: int):
         check_name(task, "task")
         repo = repository()
-        version = repo.resolve(int(base) if base.isdigit() else base)
+        version = (published_latest(repo, settings.suite is not None) if base == "latest"
+                   else repo.version(int(base) if base.isdigit() else base))
         with SafetensorsReader([path]) as body, SafetensorsReader([repo.path_of(version.sha256)]) as reference:
             problem = inspect_contribution(body, reference).problem
             if problem:
@@ -215,7 +219,7 @@ def describe(v) -> dict:
     return {"id": v.id, "sha256": v.sha256, "parent": v.parent, "created": v.created, "run": v.run,
             "method": fusion.get("method"), "contributions": fusion.get("contributions", []),
             "rejected": fusion.get("rejected", {}), "rebased": sorted(fusion.get("rebased", {})),
-            "abandoned": v.abandoned}
+            "abandoned": v.abandoned, "held_back": (v.abandoned or "").startswith("held back")}
 
 
 class ExportCache:

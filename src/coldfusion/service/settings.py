@@ -7,6 +7,8 @@ from pydantic import Field
 from coldfusion.infra.config_files import ConfigSection, load_config_file
 from coldfusion.repository.outer import OuterSettings
 from coldfusion.repository.validation import ValidationSettings
+from coldfusion.tasks.spec import TaskSpec
+from coldfusion.training.settings import EncoderSettings, ProbeProtocol
 
 
 class FusionPolicy(ConfigSection):
@@ -24,11 +26,23 @@ class FusionPolicy(ConfigSection):
     poll_seconds: float = Field(1.0, gt=0, description="how often the service looks at what waits")
 
 
+class SuiteSettings(EncoderSettings):
+    """The operator's evaluation suite (service/suite.py): a fused base scoring worse than the
+    one it was fused onto by more than `margin` is held back, not published."""
+
+    tasks: list[TaskSpec] = Field(..., min_length=1, description="public tasks the operator scores every base on")
+    margin: float = Field(0.5, ge=0, description="hold back a base more than this many accuracy points below the "
+                                                 "one it was fused onto (mean over the tasks)")
+    evaluation: ProbeProtocol = Field(default_factory=ProbeProtocol)
+
+
 class ServiceSettings(ConfigSection):
     max_upload_mb: float = Field(512.0, gt=0, description="larger uploads are refused (413) as they stream in")
     read_timeout_seconds: float = Field(
         30.0, gt=0, description="an upload that sends nothing for this long is dropped (408)")
     fusion: FusionPolicy = Field(default_factory=FusionPolicy)
+    suite: SuiteSettings | None = Field(None, description="the operator's evaluation suite (null: publish every "
+                                                          "fused base)")
 
     @property
     def max_upload_bytes(self) -> int:
