@@ -1,0 +1,249 @@
+"""`coldfusion serve` under load, on loopback: many contributors uploading at once.
+
+A repository with a tiny BERT (hidden 32, 2 layers: the payloads are small, so the
+service's own work is what is measured) is served by `coldfusion serve` in its own
+process; `--contributors` threads, each with its own token, each `--uploads` /
+`--contributors` times: read the newest version, download its body, perturb it, upload
+it (the upload's latency is timed). The service fuses as contributions arrive
+(`--when-waiting`). Afterwards the repository is read directly: every acknowledged
+contribution must be there (`lost`), no contribution may appear in two fusions
+(`fused_twice`), and `verify` must be clean.
+
+The peer, in the same run with the same payloads and threads: a minimal FastAPI/uvicorn
+endpoint that streams each upload to a file and answers, with no authentication, checks
+or index (what any upload costs on this machine at best). Its p50 and p99 sit beside ours.
+
+    python benchmarks/service_load.py [--contributors 50] [--uploads 500] [--when-waiting 10]
+
+Prints JSON lines (and appends them to results/service_load.jsonl); the last is
+{"metric": "service_load", "contributors", "uploads", "acknowledged", "lost", "fused_twice",
+"p50_upload_s", "p99_upload_s", ...}.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "service_load.jsonl"
+
+SINK = '''
+import sys, uuid
+from pathlib import Path
+from fastapi import FastAPI, Request
+import uvicorn
+app, where = FastAPI(), Path(sys.argv[2])
+@app.post("/upload", status_code=201)
+async def upload(request: Request):
+    path = where / uuid.uuid4().hex
+    with open(path, "wb") as f:
+        async for chunk in request.stream():
+            f.write(chunk)
+    return {"id": path.name}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+
+
+def emit(row: dict) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(OUT, "a") as f:
+        f.write(line + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode})") from None
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tiny_repository(root: Path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from coldfusion.models.encoder import body_tensors
+    from coldfusion.repository import Repository
+
+    model_dir = root / "tiny-bert"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+    model_dir.mkdir(parents=True)
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(model_dir)
+    repo = Repository(root / "repo")
+    repo.add_version(body_tensors(BertModel.from_pretrained(model_dir)), model_source=str(model_dir))
+    return repo
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def load(n_contributors: int, n_uploads: int, upload) -> tuple[list[float], list, int]:
+    """Run `upload(contributor, k, client)` n_uploads times over n_contributors threads;
+    (latencies of the acknowledged uploads, their replies, failures)."""
+    latencies, replies, failures, lock = [], [], [0], threading.Lock()
+    per = [n_uploads // n_contributors + (1 if i < n_uploads % n_contributors else 0) for i in range(n_contributors)]
+
+    def contributor(i: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            for k in range(per[i]):
+                try:
+                    seconds, reply = upload(i, k, client)
+                except httpx.HTTPError:
+                    with lock:
+                        failures[0] += 1
+                    continue
+                with lock:
+                    latencies.append(seconds)
+                    replies.append(reply)
+
+    with ThreadPoolExecutor(n_contributors) as pool:
+        list(pool.map(contributor, range(n_contributors)))
+    return latencies, replies, failures[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contributors", type=int, default=50)
+    p.add_argument("--uploads", type=int, default=500)
+    p.add_argument("--when-waiting", type=int, default=10, help="the service fuses every this many contributions")
+    p.add_argument("--out", type=Path, default=None, help="JSON lines are appended here too (default: "
+                                                        "results/service_load.jsonl)")
+    args = p.parse_args()
+    global OUT
+    OUT = args.out or OUT
+    from coldfusion.repository import Repository
+    from coldfusion.service.tokens import ServiceStore
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        repo = tiny_repository(root)
+        store = ServiceStore(repo.root)
+        tokens = [store.issue(f"c{i:03d}") for i in range(args.contributors)]
+        payload_bytes = len(save_safetensors(repo.load_version(1)))
+        config = root / "service.yaml"
+        config.write_text(yaml.safe_dump({"fusion": {"when_waiting": args.when_waiting, "after_seconds": 2,
+                                                     "poll_seconds": 0.2}}))
+
+        # the peer: a bare upload sink, same payloads and threads
+        port = free_port()
+        sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(root)], env=env)
+        try:
+            sink_url = f"http://127.0.0.1:{port}"
+            wait_until_up(sink_url + "/docs", sink)
+            body = save_safetensors(repo.load_version(1))
+
+            def sink_upload(i, k, client):
+                started = time.perf_counter()
+                r = client.post(sink_url + "/upload", content=body)
+                r.raise_for_status()
+                return time.perf_counter() - started, r.json()
+
+            started = time.perf_counter()
+            sink_lat, _, sink_failed = load(args.contributors, args.uploads, sink_upload)
+            emit({"part": "peer", "server": "bare FastAPI upload sink", "uploads": len(sink_lat),
+                  "failed": sink_failed, "seconds": round(time.perf_counter() - started, 2),
+                  "p50_upload_s": round(percentile(sink_lat, 0.5), 4),
+                  "p99_upload_s": round(percentile(sink_lat, 0.99), 4)})
+        finally:
+            stop(sink)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(root / "serve.log", "w")
+        serve = subprocess.Popen([sys.executable, "-m", "coldfusion", "serve", str(repo.root), "--port", str(port),
+                                  "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until_up(url + "/v1/versions", serve)
+
+            def upload(i, k, client):
+                headers = {"Authorization": f"Bearer {tokens[i]}"}
+                latest = client.get(url + "/v1/versions/latest").json()
+                base = load_safetensors(client.get(url + f"/v1/versions/{latest['id']}/body").content)
+                g = torch.Generator().manual_seed(i * 100_003 + k)
+                sent = save_safetensors({n: t + 1e-3 * torch.randn(t.shape, generator=g) if t.is_floating_point()
+                                         else t for n, t in base.items()})
+                started = time.perf_counter()
+                r = client.post(url + f"/v1/contributors/c{i:03d}/contributions", content=sent, headers=headers,
+                                params={"base": latest["id"], "task": "t", "examples": 10})
+                seconds = time.perf_counter() - started
+                r.raise_for_status()
+                return seconds, r.json()
+
+            started = time.perf_counter()
+            latencies, replies, failed = load(args.contributors, args.uploads, upload)
+            wall = time.perf_counter() - started
+            deadline = time.time() + 120  # the service fuses what still waits
+            while Repository(repo.root).uploads_waiting() and time.time() < deadline:
+                time.sleep(0.5)
+        finally:
+            stop(serve)
+            log.close()
+
+        final = Repository(repo.root)
+        stored = {c.id: c for c in final.contributions()}
+        acknowledged = {r["id"] for r in replies}
+        lost = len(acknowledged - stored.keys())
+        seen: dict[int, int] = {}
+        for v in final.versions():
+            for cid in (v.fusion or {}).get("contributions", []):
+                seen[cid] = seen.get(cid, 0) + 1
+        fused_twice = sum(1 for n in seen.values() if n > 1)
+        report = final.verify()
+        versions = len(final.versions())
+        emit({"part": "ours", "uploads": len(latencies), "failed": failed, "seconds": round(wall, 2),
+              "versions": versions, "fused": len(seen), "still_waiting": len(final.uploads_waiting()),
+              "refused": sum(1 for c in stored.values() if c.rejected), "verify_ok": report.ok,
+              "payload_bytes": payload_bytes,
+              "p50_vs_peer": round(percentile(latencies, 0.5) / percentile(sink_lat, 0.5), 2),
+              "p99_vs_peer": round(percentile(latencies, 0.99) / percentile(sink_lat, 0.99), 2)})
+        emit({"metric": "service_load", "contributors": args.contributors, "uploads": args.uploads,
+              "acknowledged": len(acknowledged), "lost": lost, "fused_twice": fused_twice,
+              "p50_upload_s": round(percentile(latencies, 0.5), 4),
+              "p99_upload_s": round(percentile(latencies, 0.99), 4),
+              "mean_upload_s": round(statistics.fmean(latencies), 4)})
+
+
+if __name__ == "__main__":
+    main()
