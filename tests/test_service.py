@@ -339,3 +339,52 @@ def test_serve_refuses_what_is_not_a_repository_or_a_bad_config(tmp_path, repo):
     assert op.exit_code == 2 and "nonsense" in op.text
     bad_name = invoke("token", "issue", repo.root, "../alice")
     assert bad_name.exit_code == 2 and "cannot name a file" in bad_name.text
+
+
+def test_the_web_page_shows_lineage_leaderboard_and_contributors_and_updates_live(repo, tmp_path, toy_task_files):
+    """The page in headless Chromium (the system's; Playwright's own download is not used)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no system Chromium: apt-get install chromium (make test does where it can)")
+    alice, bob = issue(repo, "alice"), issue(repo, "bob")
+    suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
+             "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
+             "max_length": 16, "threads": 1, "precision": "fp32"}
+    with Service(repo.root, {"fusion": {"when_waiting": 1, "poll_seconds": 0.2}, "suite": suite}) as service:
+        def push(token, who, tensors, base):
+            save_file(tensors, tmp_path / "up.safetensors")
+            return httpx.post(service.url + f"/v1/contributors/{who}/contributions",
+                              params={"base": base, "task": "private-task-name", "examples": 10},
+                              content=(tmp_path / "up.safetensors").read_bytes(),
+                              headers={"Authorization": f"Bearer {token}"})
+
+        assert push(alice, "alice", moved(repo, 1e-4), 1).status_code == 201
+        assert push(bob, "bob", {"x": torch.zeros(2)}, 1).status_code == 422  # refused before storing
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 800})
+                page.goto(service.url + "/")
+                page.wait_for_selector('#lineage g[data-version="2"][data-status="published"]', timeout=60_000)
+                assert page.locator("#lineage g.node").count() == 2
+                assert page.locator('#leaderboard tbody tr[data-version="2"] td').nth(2).inner_text() != "–"
+                page.wait_for_selector('#contributors tr[data-contributor="bob"]')
+                bob_row = page.locator('#contributors tr[data-contributor="bob"]')
+                assert bob_row.locator("td").nth(3).inner_text() == "1"  # one refusal
+                bob_row.locator("summary").click()
+                assert "not the base's architecture" in bob_row.inner_text()
+                assert "private-task-name" not in page.content()  # task names stay with their contributors
+                # a harmful update arrives while the page is open: held back, drawn without a reload
+                zeros = {k: torch.zeros_like(v) if v.is_floating_point() else v
+                         for k, v in repo.load_version(2).items()}
+                assert push(alice, "alice", zeros, 2).status_code == 201
+                page.wait_for_selector('#lineage g[data-version="3"][data-status="held_back"]', timeout=60_000)
+                assert "held back" in page.locator('#leaderboard tbody tr[data-version="3"]').inner_text()
+                shot = Path(os.environ.get("COLDFUSION_SCREENSHOT_DIR", tmp_path)) / "service_page.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 10_000
+            finally:
+                browser.close()

@@ -6,6 +6,9 @@
     GET  /v1/versions/{ref}/tensors             the body's tensor names, dtypes and shapes
     GET  /v1/versions/{ref}/files               a Hugging Face directory of it: name -> sha256
     GET  /v1/versions/{ref}/files/{name}        one file of that directory
+    GET  /                                      the web page: lineage graph, leaderboard, contributors
+    GET  /v1/leaderboard                        versions, status, scores on the operator's suite
+    GET  /v1/contributors                       each contributor's contributions and refusals
     GET  /v1/me                                 who the token belongs to           (token)
     POST /v1/contributors/{name}/contributions  upload a body: ?base=&task=&examples= (token of {name})
     GET  /v1/contributors/{name}/history        its contributions and refusals     (token of {name})
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.names import check_name
@@ -36,11 +39,13 @@ from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
 from coldfusion.repository.validation import inspect_contribution
 from coldfusion.service.fuser import Fuser
+from coldfusion.service.leaderboard import contributors, leaderboard
 from coldfusion.service.settings import ServiceSettings
 from coldfusion.service.suite import published_latest
 from coldfusion.service.tokens import ServiceStore
 
 INCOMING = ".incoming-"  # scratch files of uploads in progress (ROOT/service/)
+PAGE = Path(__file__).parent / "static" / "index.html"  # the lineage, leaderboard and contributors, live
 
 
 def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
@@ -135,6 +140,18 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             raise HTTPException(404, f"version {v.id} has no file {name!r}; its files: {sorted(files)}")
         return FileResponse(exports.path(v.id) / name, media_type="application/octet-stream",
                             headers={"X-Checksum-Sha256": files[name]})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text()
+
+    @app.get("/v1/leaderboard")
+    def get_leaderboard() -> dict:
+        return leaderboard(repository(), settings.suite is not None)
+
+    @app.get("/v1/contributors")
+    def get_contributors() -> list[dict]:
+        return contributors(repository(), store)
 
     @app.get("/v1/me")
     def me(who: str = Depends(contributor)) -> dict:
