@@ -88,4 +88,7 @@ class Fuser:
 
     def _run(self) -> None:
         while not self._stop.wait(self.policy.poll_seconds):
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a fault in one fusion must not stop every later one; it is logged whole
+                log.exception("fusion failed; retrying at the next poll")
