@@ -388,3 +388,18 @@ def test_the_web_page_shows_lineage_leaderboard_and_contributors_and_updates_liv
                 assert shot.stat().st_size > 10_000
             finally:
                 browser.close()
+
+
+def test_the_export_cache_keeps_only_the_newest_exports_on_disk(repo):
+    from coldfusion.service.app import ExportCache
+
+    for by in (0.01, 0.02):
+        repo.add_version(moved(repo, by), model_source=repo.version(1).model_source, parent=1)
+    cache = ExportCache(repo.root, keep=2)
+    listings = {v: cache.files(repo, v) for v in (1, 2, 3)}
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["2", "3"]  # each export is a whole model
+    def model_files(listing):  # the provenance record and card carry the time of export
+        return {k: v for k, v in listing.items() if k not in ("coldfusion_provenance.json", "README.md")}
+
+    assert model_files(cache.files(repo, 1)) == model_files(listings[1])  # written again when asked for
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["1", "3"]

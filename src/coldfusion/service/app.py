@@ -23,6 +23,7 @@ passes; the reply carries its id. The repository's own rules then apply when it 
 
 import asyncio
 import json
+import shutil
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -240,11 +241,12 @@ def describe(v) -> dict:
 
 
 class ExportCache:
-    """Each version as a Hugging Face directory (coldfusion export), written once, kept under
-    ROOT/service/exports/<id>/, with the checksum of every file."""
+    """Each version as a Hugging Face directory (coldfusion export), written when first asked
+    for, under ROOT/service/exports/<id>/, with the checksum of every file. Only the `keep`
+    most recently written stay (each is a whole model); an older one is written again if asked."""
 
-    def __init__(self, root: Path):
-        self.dir = root / "service" / "exports"
+    def __init__(self, root: Path, keep: int = 4):
+        self.dir, self.keep = root / "service" / "exports", keep
         self.lock = threading.Lock()
         self._files: dict[int, dict[str, str]] = {}
 
@@ -262,7 +264,15 @@ class ExportCache:
                         export_version(repo, version, out, overwrite=True)
                     except ColdFusionError as exc:
                         raise HTTPException(409, f"version {version} cannot be exported: {exc}") from None
+                    self._evict(keeping=out)
                 listed = json.loads((out / PROVENANCE_FILE).read_text())["files"]
                 self._files[version] = {**listed, PROVENANCE_FILE: sha256_file(out / PROVENANCE_FILE),
                                         "README.md": sha256_file(out / "README.md")}
             return self._files[version]
+
+    def _evict(self, keeping: Path) -> None:
+        exported = sorted((d for d in self.dir.iterdir() if d.is_dir() and d.name.isdigit() and d != keeping),
+                          key=lambda d: d.stat().st_mtime, reverse=True)
+        for old in exported[self.keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
+            self._files.pop(int(old.name), None)
