@@ -403,3 +403,36 @@ def test_the_export_cache_keeps_only_the_newest_exports_on_disk(repo):
 
     assert model_files(cache.files(repo, 1)) == model_files(listings[1])  # written again when asked for
     assert sorted(p.name for p in cache.dir.iterdir()) == ["1", "3"]
+
+
+def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored_as_sent(repo, tmp_path):
+    from coldfusion.encodings import EncodingSettings, encode_contribution
+
+    alice = issue(repo, "alice")
+    save_file(moved(repo, 0.01), tmp_path / "body.safetensors")
+    with Service(repo.root, {"fusion": {"when_waiting": 2, "poll_seconds": 0.2}}) as service:
+        for encoding in ("delta", "sparse"):
+            sent = invoke("push", service.url, tmp_path / "body.safetensors", "--base", 1, "--task", "t",
+                          "--examples", 10, "--token", alice, "--encoding", encoding, "--density", 0.5)
+            assert sent.exit_code == 0, sent.output
+        v2 = wait_for_version(service.url, 2)
+        assert v2["contributions"] == [1, 2]
+        stored = Repository(repo.root).contributions()
+        assert [c.encoding["kind"] for c in stored] == ["delta", "sparse"]
+        assert stored[0].num_bytes < (tmp_path / "body.safetensors").stat().st_size * 0.6  # fp16 delta
+        key = "encoder.layer.0.output.dense.bias"  # delta: +0.01; sparse keeps half the entries of +0.01
+        fused = Repository(repo.root).load_version(2)[key] - repo.load_version(1)[key]
+        assert bool(((fused - 0.01).abs() < 1e-4).logical_or((fused - 0.005).abs() < 1e-4).all())
+
+        url = service.url + "/v1/contributors/alice/contributions"
+        headers = {"Authorization": f"Bearer {alice}"}
+        bad = encode_contribution(moved(repo, 0.02), repo.load_version(1), EncodingSettings(kind="delta"))
+        bad.pop(sorted(bad)[0])  # a delta that leaves a tensor out
+        save_file(bad, tmp_path / "bad.safetensors")
+        refused = httpx.post(url, params={"base": 1, "task": "t", "examples": 10, "encoding": '{"kind": "delta"}'},
+                             content=(tmp_path / "bad.safetensors").read_bytes(), headers=headers)
+        assert refused.status_code == 422 and "delta encoding cannot be decoded" in refused.json()["detail"]
+        nonsense = httpx.post(url, params={"base": 1, "task": "t", "examples": 10, "encoding": '{"kind": "zip"}'},
+                              content=(tmp_path / "body.safetensors").read_bytes(), headers=headers)
+        assert nonsense.status_code == 422 and "encoding" in nonsense.json()["detail"]
+        assert len(Repository(repo.root).contributions()) == 2  # nothing refused was stored

@@ -101,13 +101,25 @@ def push(
     task: str = typer.Option(..., help="the task it was finetuned on"),
     examples: int = typer.Option(..., min=1, help="training examples it saw"),
     token_: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    encoding: str = typer.Option("full", help="what is sent: full (the body), delta (body - base, --dtype) or "
+                                              "sparse (the largest --density share of delta entries)"),
+    dtype: str = typer.Option("float16", help="delta and sparse: dtype of the values sent"),
+    density: float = typer.Option(0.02, help="sparse: share of all delta entries sent"),
 ) -> None:
     """Send a contribution to the service; it answers with its id once it is stored."""
+    from pydantic import ValidationError
+
+    from coldfusion.encodings import EncodingSettings
+    from coldfusion.infra.config_files import format_validation_error
     from coldfusion.service.client import ServiceClient
 
     try:
+        try:
+            settings = EncodingSettings(kind=encoding, dtype=dtype, density=density)
+        except ValidationError as exc:
+            raise ColdFusionError(format_validation_error(exc, "options")) from None
         with ServiceClient(url, token_) as client:
-            reply = client.push(body, base, task, examples)
+            reply = client.push(body, base, task, examples, settings)
     except ColdFusionError as exc:
         fail(exc)
     done("stored", f"contribution {reply['id']} ({reply['sha256'][:12]}) against version {reply['base_version']}: "

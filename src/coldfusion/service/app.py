@@ -35,6 +35,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.names import check_name
+from coldfusion.io.checkpoint import save_tensors
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
@@ -161,6 +162,9 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     @app.post("/v1/contributors/{name}/contributions", status_code=201)
     async def push(name: str, request: Request, base: str = Query(..., description="version it was trained from"),
                    task: str = Query(..., max_length=100), examples: int = Query(..., ge=1, le=10**12),
+                   encoding: str = Query("{\"kind\": \"full\"}", max_length=2000,
+                                         description="how the payload encodes the body (JSON of the encoding "
+                                                     "settings: full, delta, sparse or lora)"),
                    who: str = Depends(contributor)) -> dict:
         same_contributor(name, who)
         length = request.headers.get("content-length")
@@ -170,7 +174,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
         try:
             await receive(request, path, who)
-            contribution = await run_in_threadpool(store_contribution, path, base, who, task, examples)
+            contribution = await run_in_threadpool(store_contribution, path, base, who, task, examples,
+                                                   parse_encoding(encoding))
         except ColdFusionError as exc:
             raise refused(who, 422, str(exc)) from None
         finally:
@@ -199,18 +204,46 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                     raise refused(who, 413, f"the upload passed the limit of {settings.max_upload_bytes} bytes")
                 f.write(chunk)
 
-    def store_contribution(path: Path, base: str, who: str, task: str, examples: int):
+    def store_contribution(path: Path, base: str, who: str, task: str, examples: int, encoding: dict):
         check_name(task, "task")
         repo = repository()
         version = (published_latest(repo, settings.suite is not None) if base == "latest"
                    else repo.version(int(base) if base.isdigit() else base))
-        with SafetensorsReader([path]) as body, SafetensorsReader([repo.path_of(version.sha256)]) as reference:
-            problem = inspect_contribution(body, reference).problem
-            if problem:
-                raise ColdFusionError(f"refused against version {version.id}: {problem}")
-            tensors = {k: body.get_tensor(k) for k in sorted(body.keys())}
+        with SafetensorsReader([path]) as payload:
+            tensors = {k: payload.get_tensor(k) for k in sorted(payload.keys())}
+        body = path
+        if encoding["kind"] != "full":  # checked as the body it stands for, stored as it was sent
+            from coldfusion.encodings import decode_contribution
+
+            body = path.with_name(path.name + ".decoded")
+            try:
+                save_tensors(body, decode_contribution(tensors, encoding, repo.load(version.sha256)))
+            except ColdFusionError as exc:
+                raise ColdFusionError(f"refused against version {version.id}: its {encoding['kind']} encoding "
+                                      f"cannot be decoded: {exc}") from None
+        try:
+            with SafetensorsReader([body]) as b, SafetensorsReader([repo.path_of(version.sha256)]) as reference:
+                problem = inspect_contribution(b, reference).problem
+        finally:
+            if body != path:
+                body.unlink(missing_ok=True)
+        if problem:
+            raise ColdFusionError(f"refused against version {version.id}: {problem}")
         return repo.add_contribution(tensors, base_version=version.id, contributor=who, task=task,
-                                     num_examples=examples)
+                                     num_examples=examples, encoding=encoding)
+
+    def parse_encoding(text: str) -> dict:
+        """The encoding's record (what decoding needs), from the settings' JSON."""
+        from pydantic import ValidationError
+
+        from coldfusion.encodings import EncodingSettings
+        from coldfusion.infra.config_files import format_validation_error
+
+        try:
+            return EncodingSettings.model_validate(json.loads(text)).record()
+        except (ValueError, TypeError) as exc:
+            detail = format_validation_error(exc, "encoding") if isinstance(exc, ValidationError) else str(exc)
+            raise ColdFusionError(f"the encoding is not valid JSON settings: {detail}") from None
 
     @app.get("/v1/contributors/{name}/history")
     def history(name: str, who: str = Depends(contributor)) -> dict:

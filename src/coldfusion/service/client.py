@@ -7,14 +7,19 @@ body crosses the network.
 """
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import staged_directory
+
+if TYPE_CHECKING:
+    from coldfusion.encodings import EncodingSettings
 
 TOKEN_ENV = "COLDFUSION_TOKEN"
 CHUNK = 1 << 20
@@ -105,10 +110,16 @@ class ServiceClient:
                                   "try again")
         tmp.replace(into)
 
-    def push(self, body: Path, base: str, task: str, examples: int) -> dict:
+    def push(self, body: Path, base: str, task: str, examples: int, encoding: "EncodingSettings | None" = None) -> dict:
         """Upload a body (a .safetensors file, or a model directory reduced to its body)
-        trained from version `base`; the service's reply (id, status)."""
-        body = Path(body)
+        trained from version `base`, encoded as `encoding` says (full: as it is; delta or
+        sparse: against the base, downloaded for that); the service's reply (id, status)."""
+        from coldfusion.encodings import EncodingSettings
+
+        body, encoding = Path(body), encoding or EncodingSettings()
+        if encoding.kind == "lora" or (encoding.kind == "sparse" and encoding.score == "fisher"):
+            raise ColdFusionError(f"a {encoding.kind} contribution comes from training (LoRA adapters, a FISH "
+                                  "mask), not from a finetuned body: push full, delta or sparse by magnitude")
         who = self.me()
         base_id = self.version(base)["id"]
         with tempfile.TemporaryDirectory() as scratch:
@@ -119,12 +130,27 @@ class ServiceClient:
             elif body.suffix != ".safetensors":
                 raise ColdFusionError(f"{body}: push a .safetensors body or a model directory (pickles are not "
                                       "sent over the network)")
-            with open(body, "rb") as f:
-                return self._checked(lambda: self.http.post(
-                    f"/v1/contributors/{who}/contributions", content=_chunks(f),
-                    params={"base": base_id, "task": task, "examples": examples},
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Length": str(body.stat().st_size)})).json()
+            if encoding.kind != "full":
+                body = self._encode(body, base_id, encoding, Path(scratch))
+            return self.upload(body, who, base_id, task, examples, encoding.record())
+
+    def upload(self, payload: Path, who: str, base: int, task: str, examples: int, encoding: dict) -> dict:
+        """Send a payload file as it is (`encoding`: the record of how it encodes the body)."""
+        with open(payload, "rb") as f:
+            return self._checked(lambda: self.http.post(
+                f"/v1/contributors/{who}/contributions", content=_chunks(f),
+                params={"base": base, "task": task, "examples": examples, "encoding": json.dumps(_settings(encoding))},
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(payload.stat().st_size)})).json()
+
+    def _encode(self, body: Path, base: int, encoding, scratch: Path) -> Path:
+        from coldfusion.encodings import encode_contribution
+        from coldfusion.io.checkpoint import load_tensors, save_tensors
+
+        self.pull_body(str(base), scratch / "base.safetensors")
+        out = scratch / "payload.safetensors"
+        save_tensors(out, encode_contribution(load_tensors(body), load_tensors(scratch / "base.safetensors"), encoding))
+        return out
 
     def _body_of(self, model_dir: Path, base: int, scratch: Path) -> Path:
         from safetensors.torch import save_file
@@ -135,6 +161,14 @@ class ServiceClient:
         out = scratch / "body.safetensors"
         save_file({k: v.contiguous() for k, v in read_upload(model_dir, names).items()}, out)
         return out
+
+
+def _settings(record: dict) -> dict:
+    """The encoding settings (as EncodingSettings spells them) that a lineage record stands for."""
+    if record["kind"] != "lora":
+        return record
+    return {"kind": "lora", "dtype": record["dtype"],
+            "lora": {"r": record["r"], "alpha": record["alpha"], "target_modules": record["target_modules"]}}
 
 
 def _chunks(f):

@@ -3,8 +3,8 @@
 Each round it pulls the newest base, finetunes it on its private task (fresh examples
 each round, its head kept across rounds), pushes the body, and waits for a newer base
 than the one it trained from (or goes on at once, `wait_for_new_base: false`). Its data,
-labels, head and settings never leave this process; only the body and the example
-count are sent.
+labels, head and settings never leave this process; only the body (or its delta, as
+`contribution` says) and the example count are sent.
 """
 
 import logging
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from coldfusion.encodings import EncodingSettings, encode_contribution
 from coldfusion.infra.config_files import load_config_file
 from coldfusion.infra.runtime import derive_seed, use_compute
 from coldfusion.io.checkpoint import load_tensors, save_tensors
@@ -38,7 +39,16 @@ class ContributeLoopConfig(EncoderSettings):
     rounds: int | None = Field(None, ge=1, description="rounds to contribute; null: until stopped")
     wait_for_new_base: bool = Field(True, description="after a push, wait for a base newer than the one trained on")
     poll_seconds: float = Field(10.0, gt=0, description="how often to ask for a newer base")
+    contribution: EncodingSettings = Field(
+        default_factory=EncodingSettings, description="what is sent: full, delta or sparse (by magnitude)")
     seed: int = 0
+
+    @field_validator("contribution")
+    @classmethod
+    def _encodable(cls, value: EncodingSettings) -> EncodingSettings:
+        if value.kind == "lora" or (value.kind == "sparse" and value.score == "fisher"):
+            raise ValueError("contribute-loop sends full, delta or sparse (score: magnitude) contributions")
+        return value
 
 
 def load_contribute_loop_config(path: Path) -> ContributeLoopConfig:
@@ -59,6 +69,7 @@ def contribute_loop(client: ServiceClient, config: ContributeLoopConfig, workdir
     order = np.random.RandomState(derive_seed(config.seed, "data", task.name)).permutation(len(train))
     n = min(config.examples_per_round or len(order), len(order))
     head, last_base, pushed, round_ = None, None, 0, 0
+    who = client.me()
     while (config.rounds is None or pushed < config.rounds) and not stop():
         latest = client.version("latest")
         if config.wait_for_new_base and last_base is not None and latest["id"] <= last_base:
@@ -78,8 +89,10 @@ def contribute_loop(client: ServiceClient, config: ContributeLoopConfig, workdir
             result = finetune(model, train.take(rows), validation, config.finetune,
                               seed=derive_seed(config.seed, "finetune", task.name, round_))
             head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
-            save_tensors(Path(scratch) / "body.safetensors", body_tensors(model.body))
-            reply = client.push(Path(scratch) / "body.safetensors", str(latest["id"]), task.name, len(rows))
+            payload = encode_contribution(body_tensors(model.body), base, config.contribution)
+            save_tensors(Path(scratch) / "payload.safetensors", payload)
+            reply = client.upload(Path(scratch) / "payload.safetensors", who, latest["id"], task.name, len(rows),
+                                  config.contribution.record())
         last_base, pushed, round_ = latest["id"], pushed + 1, round_ + 1
         record = {"round": round_, "base": latest["id"], "contribution": reply["id"], **result.summary()}
         log.info("round %d: trained on version %d, sent contribution %d", round_, latest["id"], reply["id"])
