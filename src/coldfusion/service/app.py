@@ -74,7 +74,6 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             fuser.stop()
 
     app = FastAPI(title="coldfusion repository", lifespan=lifespan)
-    app.state.fuser = fuser
 
     def repository() -> Repository:  # one per request: SQLite connections stay in their thread
         return Repository(root, create=False)
