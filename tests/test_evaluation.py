@@ -125,6 +125,15 @@ def test_report_compares_bodies_with_paired_intervals(tiny_model_dir, toy_task_f
     assert "gain over pretrained [95% CI]" in summary and "tasks better than pretrained" in summary
     for task in toy_task_files:
         assert f"| {task} |" in summary
+    # a later run into the same directory with only another body: the report and config.yaml
+    # still cover the earlier bodies' rows, and gains stay measured against the first reference
+    later = eval_config(tiny_model_dir, toy_task_files, tmp_path, protocols=["linear_probe"],
+                        bodies=[{"name": "noisy_again", "repository": str(tmp_path / "repo"), "version": "v1"}])
+    run_evaluation(later, run_dir=run_dir)
+    summary = (run_dir / "summary.md").read_text()
+    assert "| task | pretrained | noisy | noisy_again |" in summary and "gain over pretrained" in summary
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert [b["name"] for b in saved["bodies"]] == ["pretrained", "noisy", "noisy_again"]
 
 
 def test_eval_config_errors_are_clear(tmp_path):

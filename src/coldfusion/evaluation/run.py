@@ -57,6 +57,26 @@ def _check_same_settings(saved: Path, config: EvalConfig) -> None:
                               "evaluate into a new directory (a new `name`), or restore those settings")
 
 
+def _extended(saved: Path, config: EvalConfig) -> EvalConfig:
+    """The directory's settings after this run: the bodies, tasks, seeds and protocols of earlier
+    runs are kept beside this run's, so config.yaml and the report cover every row in
+    results.jsonl, not only the last run's."""
+    if not saved.exists():
+        return config
+    old = EvalConfig.model_validate(yaml.safe_load(saved.read_text()))
+
+    def union(before, after, key=lambda x: x):
+        merged = {key(x): x for x in before}
+        merged.update({key(x): x for x in after})  # a re-specified entry keeps its place
+        return list(merged.values())
+
+    return config.model_copy(update={
+        "bodies": union(old.bodies, config.bodies, lambda b: b.name),
+        "tasks": union(old.tasks, config.tasks, lambda t: t.name),
+        "seeds": union(old.seeds, config.seeds), "protocols": union(old.protocols, config.protocols),
+        "reference": config.reference or old.reference_body})
+
+
 def seeds_of(protocol: str, config: EvalConfig) -> list[int]:
     """A linear probe is deterministic (frozen features, L-BFGS from zeros): one seed says it all."""
     return config.seeds[:1] if protocol == "linear_probe" else config.seeds
@@ -69,9 +89,10 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
     bodies = {b.name: resolve_body(b, loaded) for b in config.bodies}
     run_dir = Path(run_dir or config.output_dir / config.name)
     _check_same_settings(run_dir / "config.yaml", config)
+    extended = _extended(run_dir / "config.yaml", config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml",
-                       yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+                       yaml.safe_dump(extended.model_dump(mode="json"), sort_keys=False).encode())
     log = ResultsLog(run_dir / "results.jsonl")
     done = {(r["body"], r["task"], r["protocol"], r["seed"]) for r in log.rows()}
     todo = [(t, b, p, s) for t in config.tasks for b in bodies for p in config.protocols for s in seeds_of(p, config)
@@ -106,5 +127,5 @@ def run_evaluation(config: EvalConfig, run_dir: Path | None = None, progress=Non
                         "precision": precision_name(compute.dtype), **score.details,
                         "test_correct": "".join("1" if c else "0" for c in score.correct)}])
                     progress.advance()
-    write_eval_report(run_dir, config)
+    write_eval_report(run_dir, extended)
     return run_dir
