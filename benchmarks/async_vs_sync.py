@@ -25,6 +25,7 @@ results file is not run again (delete its lines to rerun it).
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,6 +210,7 @@ def main() -> None:
                   "versions": len(versions), "fused": sum(v["contributions"] for v in versions),
                   "refused": sum(v["rejected"] for v in versions), "rebased": sum(v["rebased"] for v in versions),
                   "pretrained": rows[0]["score"], **by})
+            shutil.rmtree(Path(scratch) / arm)  # an arm writes tens of GB of bodies: free them before the next
     plot([json.loads(line) for line in OUT.read_text().splitlines()])
 
 

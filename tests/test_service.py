@@ -436,3 +436,18 @@ def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored
                               content=(tmp_path / "body.safetensors").read_bytes(), headers=headers)
         assert nonsense.status_code == 422 and "encoding" in nonsense.json()["detail"]
         assert len(Repository(repo.root).contributions()) == 2  # nothing refused was stored
+
+
+def test_a_download_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(repo, tmp_path):
+    from coldfusion.infra.errors import ColdFusionError
+    from coldfusion.service.client import ServiceClient
+
+    with Service(repo.root, FAST) as service:
+        client = ServiceClient(service.url)
+        nowhere = tmp_path / "no-such-dir" / "body.safetensors"
+        with pytest.raises(ColdFusionError, match="could not write the download"):
+            client.pull_body("1", nowhere)
+        assert not (tmp_path / "no-such-dir").exists()
+        client.pull_body("1", tmp_path / "body.safetensors")  # the same call into a real directory works
+        assert (tmp_path / "body.safetensors").stat().st_size > 0
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]

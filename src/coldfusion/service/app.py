@@ -23,6 +23,7 @@ passes; the reply carries its id. The repository's own rules then apply when it 
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 import uuid
@@ -45,6 +46,8 @@ from coldfusion.service.leaderboard import contributors, leaderboard
 from coldfusion.service.settings import ServiceSettings
 from coldfusion.service.suite import published_latest
 from coldfusion.service.tokens import ServiceStore
+
+log = logging.getLogger("coldfusion.service")
 
 INCOMING = ".incoming-"  # scratch files of uploads in progress (ROOT/service/)
 PAGE = Path(__file__).parent / "static" / "index.html"  # the lineage, leaderboard and contributors, live
@@ -177,6 +180,10 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                                    parse_encoding(encoding))
         except ColdFusionError as exc:
             raise refused(who, 422, str(exc)) from None
+        except OSError as exc:  # the service's own disk (full, unwritable): nothing stored, the sender may retry
+            log.error("could not store an upload from %s: %s", who, exc)
+            raise HTTPException(507, f"the service could not store the upload ({exc.strerror}); "
+                                     "nothing was stored, try again later") from None
         finally:
             path.unlink(missing_ok=True)
         return {"id": contribution.id, "sha256": contribution.sha256, "base_version": contribution.base_version,

@@ -104,6 +104,10 @@ class ServiceClient:
         except httpx.HTTPError as exc:
             tmp.unlink(missing_ok=True)
             raise ColdFusionError(f"{self.url}{path}: the download broke off ({exc})") from None
+        except OSError as exc:  # a full disk, a read-only directory: say so, keep nothing half written
+            tmp.unlink(missing_ok=True)
+            raise ColdFusionError(f"{into}: could not write the download ({exc.strerror}); free some space or "
+                                  "pull into another directory") from None
         if digest.hexdigest() != sha256:
             tmp.unlink(missing_ok=True)
             raise ColdFusionError(f"{self.url}{path}: the download does not match its checksum {sha256[:12]}; "
