@@ -169,12 +169,12 @@ def plot(rows: list[dict]) -> None:
                 curve.append((t, best))
             ax.step([t for t, _ in curve], [s for _, s in curve], where="post", label=arm, marker="o", ms=3)
     ax.set_xlabel("wall time (minutes)")
-    ax.set_ylabel("best version so far: mean linear-probe accuracy (%)")
+    ax.set_ylabel("best so far: mean probe accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    fig.savefig(PLOT, dpi=120, bbox_inches="tight")
 
 
 def main() -> None:
