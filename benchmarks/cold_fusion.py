@@ -14,7 +14,8 @@ From configs/benchmark.yaml:
    them (not a candidate).
 3. Test, once, at the end: pretrained / chosen ColD Fusion / multitask, a linear probe on
    the seen tasks, few-shot (100 per task, and 100 per class) on the unseen tasks, and a
-   linear probe of every version of the chosen run on its unseen tasks (the plot).
+   linear probe of every `plot_every`-th version of the chosen run on the seen and unseen
+   tasks (the plot).
 4. report.md (the publication's Table 1: a row per task, averages, paired gains with 95%
    bootstrap intervals over seeds and test examples, share of tasks above the base),
    summary.json, plots/iterations.png.
@@ -157,9 +158,8 @@ class Plan:
                                                    for p in config["protocols"] for s in seeds)]
 
     def probe_rows(self, fold: Fold, variant: str) -> list[dict]:
-        """A run's probe rows (the contributors' scores of each base: the plot's seen series) and
-        fusion rows (its timings), kept beside the evaluations: the run directory itself is too
-        large to commit."""
+        """A run's probe rows (the contributors' scores of its first and last base) and fusion rows
+        (its timings), kept beside the evaluations: the run directory itself is too large to commit."""
         kept = self.out / "probes" / f"{fold.name}-{variant}.jsonl"
         run = self.run_dir(fold, variant) / "results.jsonl"
         if run.exists():
@@ -322,11 +322,10 @@ def steps(plan: Plan) -> list[Step]:
     chosen = tuple(validation)  # the variant is chosen on these
     for fold in plan.folds:
         tests = test_configs(plan, fold)
-        # the chosen run again where a test evaluation or the plot still needs it (it resumes; a
-        # fresh clone has the scores but not the bases, and a rerun gives the same bases)
+        # the chosen run again where a test evaluation still needs it (it resumes; a fresh clone
+        # has the scores but not the bases)
         queue.append(Step(f"{fold.name}-chosen", lambda f=fold, t=tests: run_args(f, chosen_variant(plan))
-                          if needed(list(t.values())) or not plan.probe_rows(f, chosen_variant(plan)) else None,
-                          chosen))
+                          if needed(list(t.values())) else None, chosen))
         mt_write = write(configs / f"{fold.name}-multitask.yaml", plan.multitask_run(fold))
         mt_uses = [lambda c=c: c for _, c in validation_steps(plan, fold, "multitask")] + [
             lambda t=tests[k]: {**t(), "bodies": [b for b in t()["bodies"] if b["name"] == "multitask"]}
@@ -358,17 +357,21 @@ def test_configs(plan: Plan, fold: Fold) -> dict[str, Callable[[], dict]]:
 
 
 def iterations_config(plan: Plan, fold: Fold) -> dict:
-    """Linear probe of every version of the chosen run on the fold's unseen tasks (the plot)."""
+    """Linear probe of every `plot_every`-th version of the chosen run (and its last) on the fold's
+    seen and unseen tasks: the plot, every point scored alike on test."""
     variant = chosen_variant(plan)
     name = f"test-{fold.name}-iterations-{variant}"
+    last = plan.coldfusion_run(fold, variant)["loop"]["iterations"]
+    plotted = [i for i in range(last + 1) if i % plan.bench["coldfusion"].get("plot_every", 1) == 0 or i == last]
+    tasks = fold.unseen + fold.seen
     repo_dir = plan.run_dir(fold, variant) / "repository"
     if not Repository.exists_at(repo_dir):  # the names say what is missing; the chosen run is trained before
-        names = [f"iteration {i}" for i in range(plan.coldfusion_run(fold, variant)["loop"]["iterations"] + 1)]
-        return plan.evaluation(name, fold.unseen, "linear_probe", [{"name": n} for n in names], "test")
-    versions = [v for v in Repository(repo_dir).versions() if v.run == variant and not v.abandoned]
+        return plan.evaluation(name, tasks, "linear_probe", [{"name": f"iteration {i}"} for i in plotted], "test")
+    versions = [v for v in Repository(repo_dir).versions()
+                if v.run == variant and not v.abandoned and v.iteration in plotted]
     bodies = [{"name": f"iteration {v.iteration}", "repository": str(repo_dir), "version": str(v.id)}
               for v in versions]
-    return plan.evaluation(name, fold.unseen, "linear_probe", bodies, "test")
+    return plan.evaluation(name, tasks, "linear_probe", bodies, "test")
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -447,12 +450,23 @@ def report(plan: Plan, minutes: float) -> dict:
         f"{minutes:.0f} minutes on this machine (2 CPU cores, two single-threaded jobs).\n\n"
         f"## Targets\n\n{targets(summary)}\n\n"
         f"## The variant, chosen on validation splits only\n\n{variant_table(plan, scores, variant)}\n"
-        "Each run also records its contributors' linear probe of every base on their own test splits (the plot's "
-        "seen series, as a contributor would report it); the choice reads only the validation scores above.\n\n"
+        "The choice reads only the validation scores above. " + search_note(plan) + "\n\n"
         "## Results (test splits, read once)\n\n" + "\n".join(sections)
         + (f"\n## Per iteration\n\n![accuracy per iteration]({plot.relative_to(out)})\n" if plot else ""))
     (out / "report.md").write_text(text)
     return summary
+
+
+def search_note(plan: Plan) -> str:
+    """Where the variants came from: the earlier, wider search beside this benchmark, if committed."""
+    search = plan.out.parent / f"{plan.out.name}_search" / "summary.json"
+    if not search.exists():
+        return ""
+    s = json.loads(search.read_text())
+    tried = [v for v in s["validation_scores"] if v not in ("pretrained", "multitask")]
+    return (f"These variants come from an earlier search on the same folds and budget ({len(tried)} variants: "
+            f"{', '.join(tried)}; {s['wall_minutes']:.0f} minutes; chosen there: {s['variant']}; "
+            f"`{search.parent.name}/report.md`).")
 
 
 def variant_table(plan: Plan, scores: dict, variant: str | None) -> str:
@@ -495,16 +509,13 @@ def plot_iterations(plan: Plan, variant: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seen: dict[int, list[float]] = {}
+    series: dict[str, dict[int, list[float]]] = {"seen tasks": {}, "unseen tasks": {}}
     for fold in plan.folds:
-        for r in plan.probe_rows(fold, variant):
-            if r["kind"] == "probe":
-                seen.setdefault(r["iteration"], []).append(r["accuracy"])
-    unseen: dict[int, list[float]] = {}
-    for r in (r for f in plan.folds for r in plan.rows(f"test-{f.name}-iterations-{variant}")):
-        unseen.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
+        for r in plan.rows(f"test-{fold.name}-iterations-{variant}"):
+            group = series["unseen tasks" if r["task"] in fold.unseen else "seen tasks"]
+            group.setdefault(int(r["body"].split()[-1]), []).append(r["accuracy"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, data in (("seen tasks (contributors' probe)", seen), ("unseen tasks", unseen)):
+    for label, data in series.items():
         xs = sorted(data)
         ax.plot(xs, [100 * sum(data[x]) / len(data[x]) for x in xs], marker="o", label=label)
     ax.set_xlabel(f"ColD Fusion iteration ({variant}; 0 = pretrained)")

@@ -1,7 +1,8 @@
 """Multitask baselines against ColD Fusion, on the ColD Fusion benchmark's folds and budget:
 CA-MTL, plain multitask with its best sampler, and ColD Fusion's chosen variant.
 
-From configs/benchmark.yaml (folds, budget, evaluation) and its `multitask_comparison`:
+From configs/benchmark_search.yaml (folds, budget, evaluation) and its `multitask_comparison`,
+against the ColD Fusion runs of results/cold_fusion_search (its committed results):
 
 1. Per fold, `coldfusion multitask` on the fold's seen tasks with the same number of
    training examples as ColD Fusion: once per sampler (plain shared body) and once as
@@ -194,7 +195,8 @@ def retrain_note(c: Comparison) -> str:
             "finetune rows and training minutes come from that retrain, its seen probe and unseen few-shot rows "
             "from the ColD Fusion benchmark's original run. The retrain's in-loop probes (same configuration) "
             "differ from the original run's by 0.8 points on average (at most 5.2, per task and iteration; git "
-            "history of results/cold_fusion/probes/): training is not bit-reproducible between the two runs.\n\n")
+            "history of results/cold_fusion_search/probes/): training is not bit-reproducible between the two "
+            "runs.\n\n")
 
 
 def costs(c: Comparison, variant: str, best: str) -> dict[str, tuple[int | None, float]]:
@@ -216,9 +218,9 @@ def costs(c: Comparison, variant: str, best: str) -> dict[str, tuple[int | None,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, default=HERE.parent / "configs" / "benchmark.yaml")
+    p.add_argument("--config", type=Path, default=HERE.parent / "configs" / "benchmark_search.yaml")
     p.add_argument("--out", type=Path, default=HERE / "results" / "multitask")
-    p.add_argument("--cold-fusion", type=Path, default=HERE / "results" / "cold_fusion",
+    p.add_argument("--cold-fusion", type=Path, default=HERE / "results" / "cold_fusion_search",
                    help="the ColD Fusion benchmark's results (its chosen variant and evaluations)")
     p.add_argument("--quick", action="store_true", help="a few dozen examples: checks the pipeline, not the claim")
     p.add_argument("--report-only", action="store_true")
