@@ -2,6 +2,8 @@
 
 import os
 import random
+import shutil
+import signal
 import tempfile
 
 import pytest
@@ -68,3 +70,25 @@ def toy_task_files(tmp_path_factory):
     pd.DataFrame(make_sentiment_rows(400, seed=1)).to_csv(root / "sentiment.csv", index=False)
     pd.DataFrame(make_topic_rows(450, seed=2)).to_csv(root / "topic.csv", index=False)
     return {"sentiment": root / "sentiment.csv", "topic": root / "topic.csv"}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the session (tests/servers.py)."""
+    from servers import _stop, start_postgres
+
+    server, proc, home = start_postgres()
+    yield server
+    _stop(proc, signal.SIGINT)  # fast shutdown
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (SeaweedFS) on 127.0.0.1 for the session (tests/servers.py)."""
+    from servers import _stop, start_s3
+
+    server, proc, home = start_s3()
+    yield server
+    _stop(proc)
+    shutil.rmtree(home, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Commands on a repository: versions, export, adopt-model, contribute, fuse, verify."""
+"""Commands on a repository: storage, versions, export, adopt-model, contribute, fuse, verify."""
 
 from pathlib import Path
 
@@ -9,6 +9,40 @@ from rich.text import Text
 
 from coldfusion.cli.app import app, console, done, fail, open_repository, say
 from coldfusion.infra.errors import ColdFusionError
+
+
+@app.command()
+def storage(
+    repository: Path = typer.Argument(..., help="repository directory (this replica's own: config and cache)"),
+    index: str = typer.Option(..., help="postgresql://USER@HOST:PORT/DATABASE (password: PGPASSWORD or ~/.pgpass)"),
+    objects: str = typer.Option(..., help="s3://BUCKET/PREFIX (keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
+    s3_endpoint: str | None = typer.Option(None, help="an S3-compatible server's URL (default: AWS)"),
+    s3_region: str = typer.Option("us-east-1", help="the bucket's region"),
+) -> None:
+    """Keep a repository in shared storage: its index in PostgreSQL, its bodies in an S3 bucket.
+    Run it once per service replica, each with its own directory: they share one repository."""
+    from pydantic import ValidationError
+
+    from coldfusion.repository import Repository
+    from coldfusion.repository.storage.settings import StorageSettings, write_settings
+
+    if Repository.exists_at(repository) and (repository / Repository.INDEX).exists():
+        fail(ColdFusionError(f"{repository} holds a local repository (index.sqlite); shared storage starts empty: "
+                             "give a new directory"))
+    try:
+        settings = StorageSettings(index=index, objects=objects, s3_endpoint=s3_endpoint, s3_region=s3_region)
+    except ValidationError as exc:
+        fail(ColdFusionError("; ".join(e["msg"] for e in exc.errors())))
+    try:
+        from coldfusion.repository.storage.objects import S3Objects
+
+        S3Objects(repository / "objects", settings.bucket, settings.prefix, s3_endpoint, s3_region).ensure_bucket()
+        write_settings(repository, settings)
+        repo = Repository(repository)  # creates the index's tables if they are not there yet
+    except ColdFusionError as exc:
+        (repository / "storage.json").unlink(missing_ok=True)
+        fail(exc)
+    done("shared storage:", f"index {index}, objects {objects}; {len(repo.versions())} versions so far")
 
 
 @app.command()

@@ -5,7 +5,6 @@ momentum buffer) in one index transaction."""
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from coldfusion.io.checkpoint import Tensors, load_tensors, save_tensors
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository.outer import OuterSettings, outer_step
+from coldfusion.repository.storage.index import IndexConflict
 from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def fuse_contributions(
     repo: Repository, base_version: int, contribution_ids: Sequence[int], *, method: str = "average",
     params: dict | None = None, run: str | None = None, iteration: int | None = None,
     run_id: str | None = None, missing: dict[str, str] | None = None, declined: dict[str, str] | None = None,
-    validation: ValidationSettings | None = None, outer: OuterSettings | None = None,
+    validation: ValidationSettings | None = None, outer: OuterSettings | None = None, onto_newest: bool = False,
 ) -> Version:
     """Validate the contributions, fuse those that pass into a new version whose parent is
     `base_version`. A contribution is fused at most once, never once refused or
@@ -49,6 +49,8 @@ def fuse_contributions(
     `validation.min_accepted` left, nothing is fused and the error lists every reason.
     `outer` steps from the base towards the fused body with momentum (repository/outer.py); its
     buffer continues the one stored with `base_version`, if that version has one.
+    `onto_newest`: fuse only while `base_version` is the newest version in use (the service,
+    whose replicas may fuse at the same time: the lineage stays one line).
     """
     params, validation = params or {}, validation or ValidationSettings()
     op = get_operator(method)
@@ -114,17 +116,22 @@ def fuse_contributions(
                  if weights else {}), **outer_record}
     try:
         with repo._db() as db:
+            newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL").fetchone()[0]
+            if onto_newest and newest != base.id:
+                raise IndexConflict(f"version {base.id} is no longer the newest (version {newest} was fused since)")
             if buffer is not None:
                 fusion["outer"]["momentum_buffer"] = repo._store(db, buffer)
             sha = repo._store(db, fused)
             version = repo._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
                                            base.model)
-            db.executemany("UPDATE contributions SET fused_into = ? WHERE id = ?",
-                           [(version.id, c.id) for c in accepted])
+            for c in accepted:  # only while still waiting: another replica may have fused it since it was read
+                taken = db.execute("UPDATE contributions SET fused_into = ? WHERE id = ? AND fused_into IS NULL "
+                                   "AND rejected IS NULL AND abandoned IS NULL", (version.id, c.id)).rowcount
+                if taken != 1:
+                    raise IndexConflict(f"contribution {c.id} is no longer waiting")
             repo._mark_rejected(db, rejected)
-    except sqlite3.IntegrityError as exc:  # another fusion settled them since they were read
-        raise ColdFusionError(f"nothing was fused: {exc} (another fusion took some of these contributions "
-                              "first)") from None
+    except IndexConflict as exc:  # another fusion (another replica) got there first
+        raise ColdFusionError(f"nothing was fused: {exc}; another fusion got there first") from None
     return version
 
 def _staleness(repo: Repository, base: Version, contribs: list[Contribution]) -> dict[int, int | None]:

@@ -40,9 +40,10 @@ def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
     is writing to this repository: its next object may not be indexed yet)."""
     problems = []
     with repo._db() as db:
-        problems += [f"index: {r[0]}" for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
-        problems += [f"index: {table} row {rowid} names a missing {parent} row"
-                     for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
+        if repo.index.dialect == "sqlite":  # PostgreSQL checks its own pages and enforces every reference
+            problems += [f"index: {r[0]}" for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+            problems += [f"index: {table} row {rowid} names a missing {parent} row"
+                         for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
         known = {r["sha256"]: r["num_bytes"] for r in db.execute("SELECT sha256, num_bytes FROM checkpoints")}
         named = {r[0] for r in db.execute("SELECT sha256 FROM versions UNION SELECT sha256 FROM contributions"
                                           " UNION SELECT sha256 FROM computed WHERE sha256 IS NOT NULL")}
@@ -59,25 +60,30 @@ def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
     problems += [f"model file {sha[:12]}... is used but was never stored"
                  for sha in sorted(used_files - stored_files)]
     problems += [f"checkpoint {sha[:12]}... is used but was never stored" for sha in sorted(named - set(known))]
-    stored = [(f"files/{sha}", repo.file_path(sha), sha) for sha in sorted(stored_files)]
-    stored += [(repo.path_of(sha).name, repo.path_of(sha), sha) for sha in sorted(known)]
-    for name, path, sha in stored:
-        if not path.exists():
+    objects, files = repo.object_store.names(), repo.file_store.names()
+    stored = [(repo.file_store, sha, f"files/{sha}") for sha in sorted(stored_files)]
+    stored += [(repo.object_store, f"{sha}.safetensors", f"{sha}.safetensors") for sha in sorted(known)]
+    for store, key, name in stored:
+        if key not in (files if store is repo.file_store else objects):
             problems.append(f"{name}: missing")
-        elif sha256_file(path) != sha:
+            continue
+        path = store.fetch(key)  # shared storage: a copy that does not match its name is not kept
+        if not path.exists() or sha256_file(path) != key.split(".")[0]:
             problems.append(f"{name}: does not match its checksum (corrupt)")
-    temporary = sorted([p for p in [*repo.objects.iterdir(), *repo.files.iterdir()] if p.name.startswith(".")]
+    temporary = sorted(repo.object_store.temporaries() + repo.file_store.temporaries()
                        + list(repo.root.glob(DECODED_PREFIX + "*")))
-    unreferenced = sorted([p for p in repo.objects.glob("*.safetensors") if p.stem not in known]
-                          + [p for p in repo.files.iterdir() if not p.name.startswith(".")
-                             and p.name not in stored_files])
+    unreferenced = sorted([(repo.object_store, n) for n in objects if n.split(".")[0] not in known]
+                          + [(repo.file_store, n) for n in files if n not in stored_files], key=lambda x: x[1])
     if clean:
-        for path in temporary + unreferenced:
+        for path in temporary:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-    return IntegrityReport(len(known), problems, temporary, unreferenced, cleaned=clean,
+        for store, name in unreferenced:
+            store.remove(name)
+    return IntegrityReport(len(known), problems, temporary, [store.local(n) for store, n in unreferenced],
+                           cleaned=clean,
                            without_model_files=without_model)
 
 def _lineage_problems(db) -> list[str]:
@@ -114,8 +120,12 @@ def _lineage_problems(db) -> list[str]:
             if fused_version["parent"] != c["base_version"] and str(c["id"]) not in rebased:
                 problems.append(f"lineage: contribution {c['id']} was trained from version {c['base_version']} "
                                 f"but fused onto version {fused_version['parent']} without being rebased")
-    for r in db.execute("SELECT sha256, contributor, base_version, GROUP_CONCAT(id) AS ids FROM contributions "
-                        "WHERE abandoned IS NULL GROUP BY sha256, contributor, base_version HAVING COUNT(*) > 1"):
-        problems.append(f"lineage: contributions {r['ids']} are the same payload from {r['contributor']} "
-                        f"against version {r['base_version']} (a duplicate)")
+    payloads: dict[tuple, list[int]] = {}
+    for r in db.execute("SELECT id, sha256, contributor, base_version FROM contributions WHERE abandoned IS NULL "
+                        "ORDER BY id"):
+        payloads.setdefault((r["sha256"], r["contributor"], r["base_version"]), []).append(r["id"])
+    for (_, contributor, base), ids in payloads.items():
+        if len(ids) > 1:
+            problems.append(f"lineage: contributions {','.join(map(str, ids))} are the same payload from "
+                            f"{contributor} against version {base} (a duplicate)")
     return problems

@@ -1,8 +1,12 @@
-"""The repository: content-addressed safetensors bodies plus an SQLite lineage index.
+"""The repository: content-addressed safetensors bodies plus a lineage index.
 
 Layout:  ROOT/objects/<sha256>.safetensors   every body ever stored, named by content
          ROOT/files/<sha256>                 the pretrained model's config and tokenizer files
          ROOT/index.sqlite                   versions, contributions, metrics (WAL mode)
+
+or, where ROOT/storage.json names shared storage (storage/settings.py), the index in
+PostgreSQL and the objects and files in an S3 bucket, ROOT/objects and ROOT/files caching
+them: several service replicas, each with its own ROOT, then share one repository.
 
 A repository stands alone: with its model's files beside the bodies, it exports and
 evaluates after any move, with or without the model directory it was made from.
@@ -13,25 +17,28 @@ index change is one transaction, so a crash leaves at worst an unreferenced file
 Why one module of this size: `Repository` is the only code that reads or writes index rows
 and objects (versions, contributions, model files, metrics, cached computations), so the
 transaction and atomic-write rules live in one place. What works on top of those rows is
-beside it: `fusion_pipeline.py`, `integrity.py`, `schema.py`.
+beside it: `fusion_pipeline.py`, `integrity.py`, `schema.py`, `storage/`.
 """
 
 import json
 import shutil
 import sqlite3
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.faults import failpoint
-from coldfusion.io.checkpoint import Tensors, atomic_write_bytes, load_tensors, serialize, sha256_bytes
+from coldfusion.io.checkpoint import Tensors, load_tensors, serialize, sha256_bytes
 from coldfusion.io.model_files import MODEL_FILES, sha256_file
 from coldfusion.repository.fusion_pipeline import fuse_contributions
 from coldfusion.repository.integrity import IntegrityReport, verify
-from coldfusion.repository.schema import open_index
+from coldfusion.repository.schema import create_index
+from coldfusion.repository.storage.index import PostgresIndex, SqliteIndex
+from coldfusion.repository.storage.objects import LocalObjects, S3Objects
+from coldfusion.repository.storage.settings import FILE as STORAGE_FILE
+from coldfusion.repository.storage.settings import read_settings
 
 
 def _now() -> str:
@@ -101,53 +108,47 @@ class Repository:
 
     @classmethod
     def exists_at(cls, root: Path) -> bool:
-        """Whether `root` holds a repository (its index): the one test every caller uses."""
-        return (Path(root) / cls.INDEX).exists()
+        """Whether `root` holds a repository (its index, or the settings of its shared storage):
+        the one test every caller uses."""
+        return (Path(root) / cls.INDEX).exists() or (Path(root) / STORAGE_FILE).exists()
 
     def __init__(self, root: Path, create: bool = True):
         """Open the repository at `root`, creating it unless `create` is False."""
         self.root = Path(root)
         if not create and not self.exists_at(self.root):
-            raise ColdFusionError(f"no repository at {self.root} (it has no index.sqlite)")
-        self.objects, self.files = self.root / "objects", self.root / "files"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.files.mkdir(exist_ok=True)
-        db = sqlite3.connect(self.root / self.INDEX, timeout=60)
+            raise ColdFusionError(f"no repository at {self.root} (it has no index.sqlite or storage.json)")
+        self.storage = read_settings(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.storage.objects:
+            bucket, prefix = self.storage.bucket, self.storage.prefix
+            self.object_store, self.file_store = (
+                S3Objects(self.root / name, bucket, f"{prefix}{name}/", self.storage.s3_endpoint,
+                          self.storage.s3_region) for name in ("objects", "files"))
+        else:
+            self.object_store, self.file_store = (LocalObjects(self.root / name) for name in ("objects", "files"))
+        self.objects, self.files = self.object_store.directory, self.file_store.directory  # local (or cache)
+        self.index = PostgresIndex(self.storage.index) if self.storage.index else SqliteIndex(self.root / self.INDEX)
         try:
-            open_index(db)
+            create_index(self.index)
         except sqlite3.DatabaseError as exc:
             raise ColdFusionError(f"{self.root / self.INDEX} cannot be opened as a repository index ({exc}); "
                                   "it is damaged or not an index: restore it from a backup") from None
-        finally:
-            db.close()
 
-    @contextmanager
     def _db(self):
-        """One connection per operation, one transaction per `with` (commit or roll back)."""
-        db = sqlite3.connect(self.root / self.INDEX, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            db.close()
+        """One transaction per `with` (commit or roll back); writers one at a time."""
+        return self.index.transaction()
 
     # -- checkpoints ---------------------------------------------------------------
     def path_of(self, sha256: str) -> Path:
-        return self.objects / f"{sha256}.safetensors"
+        """The local file of a stored body (fetched from shared storage first if need be; a path
+        that does not exist: the body is missing or corrupt)."""
+        return self.object_store.fetch(f"{sha256}.safetensors")
 
     def _store(self, db, tensors: Tensors) -> str:
         data = serialize(tensors)
         sha = sha256_bytes(data)
-        if not self.path_of(sha).exists():
-            atomic_write_bytes(self.path_of(sha), data)
-        db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?)", (sha, len(data), _now()))
+        self.object_store.put(f"{sha}.safetensors", data)
+        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (sha, len(data), _now()))
         failpoint("repository.unindexed")  # the transaction is open: the row is not yet committed
         return sha
 
@@ -182,13 +183,13 @@ class Repository:
 
     def _insert_version(self, db, sha, model_source, parent, fusion, run, iteration, run_id=None,
                         model=None) -> Version:
-        cur = db.execute(
+        new_id = db.execute(
             "INSERT INTO versions (sha256, parent, model_source, fusion, run, iteration, created, run_id, model)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (sha, parent, model_source, None if fusion is None else json.dumps(fusion), run, iteration, _now(),
              run_id, model),
-        )
-        return self._version_row(db, cur.lastrowid)
+        ).fetchone()[0]
+        return self._version_row(db, new_id)
 
     def _version_row(self, db, version_id: int) -> Version:
         row = db.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
@@ -228,7 +229,7 @@ class Repository:
 
     # -- model files ---------------------------------------------------------------
     def file_path(self, sha256: str) -> Path:
-        return self.files / sha256
+        return self.file_store.fetch(sha256)
 
     def _store_model(self, db, model_dir: Path, name: str) -> int:
         """Store the config and tokenizer files of `model_dir` (content-addressed); return
@@ -240,12 +241,12 @@ class Repository:
         for file_name, path in sorted(found.items()):
             data = path.read_bytes()
             sha = sha256_bytes(data)
-            if not self.file_path(sha).exists():
-                atomic_write_bytes(self.file_path(sha), data)
-            db.execute("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", (sha, len(data), _now()))
+            self.file_store.put(sha, data)
+            db.execute("INSERT INTO files VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (sha, len(data), _now()))
             files[file_name] = sha
         key = json.dumps(files, sort_keys=True)
-        db.execute("INSERT OR IGNORE INTO models (name, files, created) VALUES (?, ?, ?)", (name, key, _now()))
+        db.execute("INSERT INTO models (name, files, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                   (name, key, _now()))
         return db.execute("SELECT id FROM models WHERE files = ?", (key,)).fetchone()[0]
 
     def adopt_model(self, model_dir: Path, name: str | None = None) -> list[int]:
@@ -294,13 +295,13 @@ class Repository:
                 raise ColdFusionError(f"duplicate: {contributor} already sent this exact payload against version "
                                       f"{base_version} (contribution {earlier['id']}); it is not stored twice")
             stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
-            cur = db.execute(
+            new_id = db.execute(
                 "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
-                " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
                  json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"}), run_id),
-            )
-            return self._contribution_row(db, cur.lastrowid)
+            ).fetchone()[0]
+            return self._contribution_row(db, new_id)
 
     def _contribution_row(self, db, cid: int) -> Contribution:
         row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()
@@ -308,7 +309,7 @@ class Repository:
             raise ColdFusionError(f"no contribution {cid} in repository {self.root}")
         stats = json.loads(row["stats"])
         files = [row["sha256"], *stats.values()]
-        num_bytes = db.execute(f"SELECT COALESCE(SUM(num_bytes), 0) FROM checkpoints WHERE sha256 IN "
+        num_bytes = db.execute(f"SELECT CAST(COALESCE(SUM(num_bytes), 0) AS BIGINT) FROM checkpoints WHERE sha256 IN "
                                f"({','.join('?' * len(files))})", files).fetchone()[0]
         return Contribution(**{**dict(row), "metrics": json.loads(row["metrics"]), "stats": stats,
                                "encoding": json.loads(row["encoding"]), "num_bytes": num_bytes})
@@ -338,7 +339,8 @@ class Repository:
 
     @staticmethod
     def _mark_rejected(db, rejected: dict[int, str]) -> None:
-        db.executemany("UPDATE contributions SET rejected = ? WHERE id = ?", [(why, c) for c, why in rejected.items()])
+        db.executemany("UPDATE contributions SET rejected = ? WHERE id = ? AND fused_into IS NULL",
+                       [(why, c) for c, why in rejected.items()])
 
     def abandon_unfinished(self, run_id: str, completed_iterations: int | None) -> list[str]:
         """Mark what run `run_id` stored past its last finished iteration as abandoned: the
@@ -370,12 +372,14 @@ class Repository:
     # -- metrics -------------------------------------------------------------------
     def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None) -> None:
         with self._db() as db:
-            db.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO metrics (version, task, protocol, values_json, run, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
                        (version, task, protocol, json.dumps(values), run, _now()))
 
     def metrics(self, version: int) -> list[dict]:
         with self._db() as db:
-            rows = db.execute("SELECT * FROM metrics WHERE version = ? ORDER BY rowid", (version,)).fetchall()
+            rows = db.execute("SELECT version, task, protocol, values_json, run, created FROM metrics "
+                              "WHERE version = ? ORDER BY rowid", (version,)).fetchall()
         return [{**dict(r), "values": json.loads(r["values_json"])} for r in rows]
 
     # -- cached computations -------------------------------------------------------
@@ -384,7 +388,7 @@ class Repository:
         on), with the tensors it produced, if any; a key already kept is left as it was."""
         with self._db() as db:
             sha = None if tensors is None else self._store(db, tensors)
-            db.execute("INSERT OR IGNORE INTO computed VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO computed VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                        (key, kind, sha, json.dumps(value), _now()))
             row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
         return Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))

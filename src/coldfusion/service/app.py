@@ -58,7 +58,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     root = Path(root)
     Repository(root, create=False)  # fails now, with its reason, if there is no repository
     store = ServiceStore(root)
-    scratch = root / "service"
+    scratch = root / "service"  # this replica's own: uploads in progress, exports
+    scratch.mkdir(exist_ok=True)
     for stale in scratch.glob(INCOMING + "*"):  # uploads cut off by a crash were never acknowledged
         stale.unlink(missing_ok=True)
     exports = ExportCache(root)

@@ -3,8 +3,9 @@
 Contributions arrive whenever their contributors finish, each against the base it was
 trained from; a fusion takes every waiting one onto the newest version (the repository
 rebases the stale ones, or refuses them, as `validation.stale` says). One fusion at a
-time per process; across replicas the repository's index refuses to fuse a contribution
-twice (the second fusion fails and retries with what is left).
+time per process; across replicas (shared storage) the index refuses to fuse a contribution
+twice or onto a base that is no longer the newest: the second fusion fails, nothing of it
+is kept, and the next poll fuses what is left onto the new base.
 """
 
 import logging
@@ -36,7 +37,7 @@ def fuse_if_due(repo: Repository, policy: FusionPolicy, now: datetime | None = N
     if not due(policy, len(waiting), (now - oldest).total_seconds()):
         return None
     return repo.fuse((onto or repo.latest()).id, [c.id for c in waiting], method=policy.method, params=policy.params,
-                     validation=policy.validation, outer=policy.outer)
+                     validation=policy.validation, outer=policy.outer, onto_newest=True)
 
 
 class Fuser:

@@ -1,0 +1,166 @@
+"""Content-addressed files: every name is its content's SHA-256 (plus a suffix), so a file,
+once written, never changes, and writing it twice is harmless.
+
+`LocalObjects` keeps them in a directory. `S3Objects` keeps them in an S3 bucket (any
+S3-compatible server) and uses the same directory as a cache: a file is read where it
+lies locally, and fetched (checked against its name) the first time it is needed.
+Writes go to the bucket before any index row names them, as local writes go to disk.
+"""
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import atomic_write_bytes
+
+log = logging.getLogger("coldfusion.repository")
+
+
+def _checksum_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+class LocalObjects:
+    """Files named by content in `directory`."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.directory)
+
+    def local(self, name: str) -> Path:
+        return self.directory / name
+
+    def fetch(self, name: str) -> Path:
+        """The local path of `name` (it may not exist: callers say what is missing)."""
+        return self.local(name)
+
+    def put(self, name: str, data: bytes) -> None:
+        if not self.local(name).exists():
+            atomic_write_bytes(self.local(name), data)
+
+    def names(self) -> set[str]:
+        """What is stored (temporary files of interrupted writes excluded)."""
+        return {p.name for p in self.directory.iterdir() if not p.name.startswith(".")}
+
+    def temporaries(self) -> list[Path]:
+        """What interrupted writes left behind."""
+        return [p for p in self.directory.iterdir() if p.name.startswith(".")]
+
+    def stored(self, name: str) -> bool:
+        return self.local(name).exists()
+
+    def remove(self, name: str) -> None:
+        self.local(name).unlink(missing_ok=True)
+
+
+class S3Objects(LocalObjects):
+    """Files named by content under `prefix` in an S3 bucket; `directory` caches them."""
+
+    def __init__(self, directory: Path, bucket: str, prefix: str, endpoint: str | None, region: str):
+        super().__init__(directory)
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                                   config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                                                 connect_timeout=30, read_timeout=120))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _errors(self, doing: str):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        def wrap(exc: Exception) -> ColdFusionError:
+            return ColdFusionError(f"object store {self}: {doing} failed: {exc} (is the server reachable, "
+                                   "and are AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY set?)")
+        return (BotoCoreError, ClientError), wrap
+
+    def _missing(self, exc) -> bool:
+        from botocore.exceptions import ClientError
+
+        return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey")
+
+    def stored(self, name: str) -> bool:
+        errors, wrap = self._errors(f"looking up {name}")
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + name)
+            return True
+        except errors as exc:
+            if self._missing(exc):
+                return False
+            raise wrap(exc) from None
+
+    def fetch(self, name: str) -> Path:
+        """The cached copy of `name`, fetched first if need be. An object that is not in the
+        bucket, or does not match its name, is not cached: the returned path does not exist."""
+        path = self.local(name)
+        if path.exists():
+            return path
+        errors, wrap = self._errors(f"reading {name}")
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.client.download_fileobj(self.bucket, self.prefix + name, f)
+            digest = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != _checksum_of(name):
+                log.warning("%s/%s does not match its checksum; not cached", self, name)
+                return path
+            os.replace(tmp, path)
+        except errors as exc:
+            if not self._missing(exc):
+                raise wrap(exc) from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def put(self, name: str, data: bytes) -> None:
+        super().put(name, data)  # the cache: what this replica writes, it reads next
+        if self.stored(name):
+            return
+        errors, wrap = self._errors(f"writing {name}")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+        except errors as exc:
+            raise wrap(exc) from None
+
+    def names(self) -> set[str]:
+        errors, wrap = self._errors("listing")
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            return {o["Key"][len(self.prefix):] for page in pages for o in page.get("Contents", [])
+                    if "/" not in o["Key"][len(self.prefix):]}
+        except errors as exc:
+            raise wrap(exc) from None
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        errors, wrap = self._errors(f"deleting {name}")
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+        except errors as exc:
+            raise wrap(exc) from None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        errors, wrap = self._errors(f"creating bucket {self.bucket}")
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except errors as exc:
+            if not self._missing(exc) and "NoSuchBucket" not in str(exc):
+                raise wrap(exc) from None
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except errors as exc2:
+                if "BucketAlreadyOwnedByYou" not in str(exc2):
+                    raise wrap(exc2) from None
