@@ -114,14 +114,15 @@ def fuse_contributions(
               **({"staleness": {str(c.id): behind[c.id] for c in accepted}} if rebased else {}),
               **({"weights": {str(c.id): round(w, 6) for c, w in zip(accepted, weights, strict=True)}}
                  if weights else {}), **outer_record}
+    stored, stored_buffer = repo._put(fused), None if buffer is None else repo._put(buffer)
     try:
         with repo._db() as db:
             newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL").fetchone()[0]
             if onto_newest and newest != base.id:
                 raise IndexConflict(f"version {base.id} is no longer the newest (version {newest} was fused since)")
-            if buffer is not None:
-                fusion["outer"]["momentum_buffer"] = repo._store(db, buffer)
-            sha = repo._store(db, fused)
+            if stored_buffer is not None:
+                fusion["outer"]["momentum_buffer"] = repo._index(db, stored_buffer)
+            sha = repo._index(db, stored)
             version = repo._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
                                            base.model)
             for c in accepted:  # only while still waiting: another replica may have fused it since it was read
@@ -211,5 +212,6 @@ def _rebase(repo: Repository, contribution: Contribution, body_path: Path, curre
     body, own_base = load_tensors(body_path), repo.load_version(contribution.base_version)
     moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
              for k, v in body.items()}
+    stored = repo._put(moved)
     with repo._db() as db:
-        return repo._store(db, moved)
+        return repo._index(db, stored)

@@ -144,13 +144,20 @@ class Repository:
         that does not exist: the body is missing or corrupt)."""
         return self.object_store.fetch(f"{sha256}.safetensors")
 
-    def _store(self, db, tensors: Tensors) -> str:
+    def _put(self, tensors: Tensors) -> tuple[str, int]:
+        """Write a body to the object store; (its checksum, its size). Called before the index
+        transaction that names it, so no writer waits while a body is written or uploaded."""
         data = serialize(tensors)
         sha = sha256_bytes(data)
         self.object_store.put(f"{sha}.safetensors", data)
-        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (sha, len(data), _now()))
+        return sha, len(data)
+
+    @staticmethod
+    def _index(db, stored: tuple[str, int]) -> str:
+        """Index a body `_put` wrote, inside the caller's transaction; its checksum."""
+        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (*stored, _now()))
         failpoint("repository.unindexed")  # the transaction is open: the row is not yet committed
-        return sha
+        return stored[0]
 
     def checkpoint_bytes(self, sha256: str) -> int:
         """Size of a stored file, as indexed."""
@@ -174,8 +181,9 @@ class Repository:
         tokenizer files are stored with it (default: `model_source`, when it is a directory;
         a child version inherits its parent's); `model_name`: their portable name."""
         files = model_files or (Path(model_source) if Path(model_source).is_dir() else None)
+        stored = self._put(tensors)
         with self._db() as db:
-            sha = self._store(db, tensors)
+            sha = self._index(db, stored)
             model = self._store_model(db, Path(files), model_name or Path(files).name) if files else None
             if model is None and parent is not None:
                 model = self._version_row(db, parent).model
@@ -286,15 +294,16 @@ class Repository:
         which is decoded against `base_version` when it is fused; and its statistics, if any.
         The same payload from the same contributor against the same base is refused: one
         party cannot weigh itself twice by sending its file twice."""
+        stored, stats_stored = self._put(tensors), {kind: self._put(t) for kind, t in (stats or {}).items()}
         with self._db() as db:
             self._version_row(db, base_version)
-            sha = self._store(db, tensors)
+            sha = self._index(db, stored)
             earlier = db.execute("SELECT id FROM contributions WHERE sha256 = ? AND contributor = ? AND "
                                  "base_version = ? AND abandoned IS NULL", (sha, contributor, base_version)).fetchone()
             if earlier is not None:
                 raise ColdFusionError(f"duplicate: {contributor} already sent this exact payload against version "
                                       f"{base_version} (contribution {earlier['id']}); it is not stored twice")
-            stat_shas = {kind: self._store(db, values) for kind, values in (stats or {}).items()}
+            stat_shas = {kind: self._index(db, written) for kind, written in stats_stored.items()}
             new_id = db.execute(
                 "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
                 " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -386,8 +395,9 @@ class Repository:
     def remember(self, key: str, kind: str, value: dict, tensors: Tensors | None = None) -> Computed:
         """Keep the result of a computation under `key` (a digest of everything it depended
         on), with the tensors it produced, if any; a key already kept is left as it was."""
+        stored = None if tensors is None else self._put(tensors)
         with self._db() as db:
-            sha = None if tensors is None else self._store(db, tensors)
+            sha = None if stored is None else self._index(db, stored)
             db.execute("INSERT INTO computed VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                        (key, kind, sha, json.dumps(value), _now()))
             row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
