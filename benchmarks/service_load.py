@@ -14,6 +14,11 @@ endpoint that streams each upload to a file and answers, with no authentication,
 or index (what any upload costs on this machine at best). Its p50 and p99 sit beside ours.
 
     python benchmarks/service_load.py [--contributors 50] [--uploads 500] [--when-waiting 10]
+                                      [--replicas 2]   # shared storage: PostgreSQL + S3 (SeaweedFS)
+
+With `--replicas N` the repository lives in a PostgreSQL server and an S3 server started
+for the run (as tests/test_shared_storage.py starts them), `N` replicas of `coldfusion serve`
+share it, and contributor i talks to replica i mod N.
 
 Prints JSON lines (and appends them to results/service_load.jsonl); the last is
 {"metric": "service_load", "contributors", "uploads", "acknowledged", "lost", "fused_twice",
@@ -23,6 +28,8 @@ Prints JSON lines (and appends them to results/service_load.jsonl); the last is
 import argparse
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +38,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,6 +46,9 @@ import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from coldfusion.repository.storage.objects import S3Objects
+from coldfusion.repository.storage.settings import StorageSettings, write_settings
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "service_load.jsonl"
@@ -94,7 +105,33 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def tiny_repository(root: Path):
+@contextmanager
+def shared_storage(replicas: int):
+    """A PostgreSQL and an S3 server for the run (None without replicas), stopped by PID after."""
+    if not replicas:
+        yield None
+        return
+    sys.path.insert(0, str(HERE.parent / "tests"))  # the servers the shared-storage tests start
+    from servers import S3_KEYS, _stop, start_postgres, start_s3
+
+    postgres, pg_proc, pg_home = start_postgres()
+    try:
+        s3, s3_proc, s3_home = start_s3()
+        try:
+            os.environ.update(S3_KEYS)
+            S3Objects(s3_home / "cache", "coldfusion", "", s3.endpoint, "us-east-1").ensure_bucket()
+            settings = StorageSettings(index=postgres.new_database("load"), objects="s3://coldfusion/load",
+                                       s3_endpoint=s3.endpoint)
+            yield {"settings": settings, "env": S3_KEYS}
+        finally:
+            _stop(s3_proc)
+            shutil.rmtree(s3_home, ignore_errors=True)
+    finally:
+        _stop(pg_proc, signal.SIGINT)
+        shutil.rmtree(pg_home, ignore_errors=True)
+
+
+def tiny_repository(root: Path, repo_root: Path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from coldfusion.models.encoder import body_tensors
@@ -108,7 +145,7 @@ def tiny_repository(root: Path):
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(model_dir)
-    repo = Repository(root / "repo")
+    repo = Repository(repo_root)
     repo.add_version(body_tensors(BertModel.from_pretrained(model_dir)), model_source=str(model_dir))
     return repo
 
@@ -147,6 +184,8 @@ def main() -> None:
     p.add_argument("--contributors", type=int, default=50)
     p.add_argument("--uploads", type=int, default=500)
     p.add_argument("--when-waiting", type=int, default=10, help="the service fuses every this many contributions")
+    p.add_argument("--replicas", type=int, default=0, help="0: one service over a local repository; N: N "
+                                                            "replicas over PostgreSQL + S3")
     p.add_argument("--out", type=Path, default=None, help="JSON lines are appended here too (default: "
                                                         "results/service_load.jsonl)")
     args = p.parse_args()
@@ -156,9 +195,18 @@ def main() -> None:
     from coldfusion.service.tokens import ServiceStore
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, shared_storage(args.replicas) as storage:
         root = Path(scratch)
-        repo = tiny_repository(root)
+        if storage:
+            os.environ.update(storage["env"])
+            env.update(storage["env"])
+            roots = [root / f"replica-{r}" for r in range(args.replicas)]
+            for replica in roots:
+                write_settings(replica, storage["settings"])
+            repo = tiny_repository(root, roots[0])
+        else:
+            repo = tiny_repository(root, root / "repo")
+            roots = [repo.root]
         store = ServiceStore(repo.root)
         tokens = [store.issue(f"c{i:03d}") for i in range(args.contributors)]
         payload_bytes = len(save_safetensors(repo.load_version(1)))
@@ -189,15 +237,18 @@ def main() -> None:
         finally:
             stop(sink)
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        ports = [free_port() for _ in roots]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
         log = open(root / "serve.log", "w")
-        serve = subprocess.Popen([sys.executable, "-m", "coldfusion", "serve", str(repo.root), "--port", str(port),
-                                  "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        serves = [subprocess.Popen([sys.executable, "-m", "coldfusion", "serve", str(replica), "--port", str(port),
+                                    "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                  for replica, port in zip(roots, ports, strict=True)]
         try:
-            wait_until_up(url + "/v1/versions", serve)
+            for url, serve in zip(urls, serves, strict=True):
+                wait_until_up(url + "/v1/versions", serve)
 
             def upload(i, k, client):
+                url = urls[i % len(urls)]
                 headers = {"Authorization": f"Bearer {tokens[i]}"}
                 latest = client.get(url + "/v1/versions/latest").json()
                 base = load_safetensors(client.get(url + f"/v1/versions/{latest['id']}/body").content)
@@ -218,7 +269,8 @@ def main() -> None:
             while Repository(repo.root).uploads_waiting() and time.time() < deadline:
                 time.sleep(0.5)
         finally:
-            stop(serve)
+            for serve in serves:
+                stop(serve)
             log.close()
 
         final = Repository(repo.root)
@@ -238,7 +290,9 @@ def main() -> None:
               "payload_bytes": payload_bytes,
               "p50_vs_peer": round(percentile(latencies, 0.5) / percentile(sink_lat, 0.5), 2),
               "p99_vs_peer": round(percentile(latencies, 0.99) / percentile(sink_lat, 0.99), 2)})
-        emit({"metric": "service_load", "contributors": args.contributors, "uploads": args.uploads,
+        emit({"metric": "service_load", "replicas": args.replicas or 1,
+              "storage": "postgresql+s3" if storage else "local",
+              "contributors": args.contributors, "uploads": args.uploads,
               "acknowledged": len(acknowledged), "lost": lost, "fused_twice": fused_twice,
               "p50_upload_s": round(percentile(latencies, 0.5), 4),
               "p99_upload_s": round(percentile(latencies, 0.99), 4),
