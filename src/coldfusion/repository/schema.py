@@ -127,11 +127,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_payload_per_contributor_and_base
 """
 
 
+_created: set[str] = set()  # PostgreSQL indexes whose tables this process has made sure of
+
+
 def create_index(index) -> None:
     """Create (or bring up to date) the tables of `index`, a storage.index connection."""
     if index.dialect == "postgresql":
-        with index.transaction() as db:  # replicas starting together take turns
-            db.execute(POSTGRES_SCHEMA)
+        if index.url not in _created:  # once per process: a repository is opened for every request
+            with index.transaction() as db:  # replicas starting together take turns
+                db.execute(POSTGRES_SCHEMA)
+            _created.add(index.url)
         return
     db = sqlite3.connect(index.path, timeout=60)
     try:

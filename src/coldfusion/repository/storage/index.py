@@ -8,7 +8,9 @@ use `?` placeholders; rows are read by column name or position; a statement that
 uniqueness or lineage rule raises `IndexConflict`.
 """
 
+import atexit
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +91,34 @@ class _Postgres:
         return cursor
 
 
+_pools: dict[str, object] = {}  # one connection pool per database and process
+_pools_lock = threading.Lock()
+
+
+def _unreachable(url: str, why: str) -> ColdFusionError:
+    return ColdFusionError(f"cannot reach the repository's index at {url}: {why} (is the server running, and the "
+                           "password in PGPASSWORD or ~/.pgpass?)")
+
+
+def _pool(url: str):
+    """This process's pool of connections to `url`, opened on first use (a server that cannot
+    be reached is an error at once, not after the pool's timeout)."""
+    with _pools_lock:
+        if url not in _pools:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+
+            try:
+                psycopg.connect(url, connect_timeout=30).close()
+            except psycopg.OperationalError as exc:
+                raise _unreachable(url, str(exc).strip()) from None
+            pool = ConnectionPool(url, min_size=1, max_size=8, open=True, timeout=60, name="coldfusion-index",
+                                  kwargs={"row_factory": _row_factory, "connect_timeout": 30})
+            atexit.register(pool.close)
+            _pools[url] = pool
+        return _pools[url]
+
+
 class PostgresIndex:
     dialect = "postgresql"
 
@@ -101,17 +131,13 @@ class PostgresIndex:
     @contextmanager
     def transaction(self) -> Iterator[_Postgres]:
         import psycopg
+        from psycopg_pool import PoolTimeout
 
         try:
-            connection = psycopg.connect(self.url, row_factory=_row_factory, connect_timeout=30)
-        except psycopg.OperationalError as exc:
-            raise ColdFusionError(f"cannot reach the repository's index at {self.url}: {str(exc).strip()} "
-                                  "(is the server running, and the password in PGPASSWORD or ~/.pgpass?)") from None
-        try:
-            with connection.transaction():
+            with _pool(self.url).connection() as connection, connection.transaction():
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
                 yield _Postgres(connection)
         except psycopg.IntegrityError as exc:
             raise IndexConflict(str(exc).strip()) from None
-        finally:
-            connection.close()
+        except PoolTimeout as exc:
+            raise _unreachable(self.url, str(exc).strip()) from None
