@@ -180,3 +180,19 @@ def test_verify_reports_each_lineage_violation_forced_into_the_index(tmp_path, c
     db.close()
     report = repo.verify()
     assert not report.ok and any(message in p for p in report.problems), report.problems
+
+
+def test_a_fusion_that_must_go_onto_the_newest_version_keeps_nothing_when_it_is_not(tmp_path):
+    """What keeps two service replicas from forking the lineage: the second fusion onto a base
+    that is no longer the newest fails whole, and its contribution still waits."""
+    repo = Repository(tmp_path)
+    base = repo.add_version(body(0.0), model_source="m")
+    first = repo.add_contribution(body(1.0), base_version=base.id, contributor="a", task="t", num_examples=1)
+    late = repo.add_contribution(body(3.0), base_version=base.id, contributor="b", task="t", num_examples=1)
+    repo.fuse(base.id, [first.id], onto_newest=True)
+    with pytest.raises(ColdFusionError, match="version 1 is no longer the newest"):
+        repo.fuse(base.id, [late.id], onto_newest=True)
+    assert [v.id for v in repo.versions()] == [1, 2] and repo.contributions()[1].waiting
+    third = repo.fuse(2, [late.id], onto_newest=True)  # the next poll: onto the new base, rebased
+    assert third.parent == 2 and torch.allclose(repo.load_version(3)["layer.bias"], torch.full((3,), 4.0))
+    assert repo.verify().ok
