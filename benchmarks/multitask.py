@@ -213,6 +213,11 @@ def costs(c: Comparison, variant: str, best: str) -> dict[str, tuple[int | None,
 
         params = sum(t.numel() for t in Encoder.load(c.bench["model"]).pretrained.values())
         out["coldfusion"] = (params, sum(r["iteration_seconds"] for r in fusion))
+    kept = c.out / "summary.json"  # a fresh clone has no run directories: the costs measured when they ran
+    earlier = json.loads(kept.read_text()) if kept.exists() else {}
+    for model, was in earlier.items():
+        if model not in out and isinstance(was, dict) and was.get("wall_minutes") is not None:
+            out[model] = (was.get("trainable_params"), was["wall_minutes"] * 60)
     return out
 
 
