@@ -7,6 +7,7 @@ lies locally, and fetched (checked against its name) the first time it is needed
 Writes go to the bucket before any index row names them, as local writes go to disk.
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -59,18 +60,25 @@ class LocalObjects:
         self.local(name).unlink(missing_ok=True)
 
 
+@functools.cache
+def _client(endpoint: str | None, region: str):
+    """One S3 client per server and process (clients are thread-safe, and slow to make: a
+    repository is opened for every request). Keys come from boto3's usual sources."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=30,
+                                      read_timeout=120))
+
+
 class S3Objects(LocalObjects):
     """Files named by content under `prefix` in an S3 bucket; `directory` caches them."""
 
     def __init__(self, directory: Path, bucket: str, prefix: str, endpoint: str | None, region: str):
         super().__init__(directory)
-        import boto3
-        from botocore.config import Config
-
         self.bucket, self.prefix = bucket, prefix
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
-                                   config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                                 connect_timeout=30, read_timeout=120))
+        self.client = _client(endpoint, region)
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
