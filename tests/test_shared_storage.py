@@ -104,6 +104,26 @@ def test_bad_storage_settings_are_clear_errors_and_leave_nothing(shared, tmp_pat
     assert not (root / "storage.json").exists()
     assert not isinstance(unreachable.exception, Exception) or isinstance(unreachable.exception, SystemExit)
 
+    attach(root, shared)  # a working replica whose operator then mistypes the server: its settings stay
+    kept = (root / "storage.json").read_text()
+    again = invoke("storage", root, "--index", f"postgresql://coldfusion@127.0.0.1:{postgres.port + 1}/x",
+                   "--objects", shared["objects"], "--s3-endpoint", shared["s3_endpoint"])
+    assert again.exit_code != 0 and (root / "storage.json").read_text() == kept
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "is not valid storage settings"),
+    ('{"index": "mysql://x/y"}', "is not a postgresql:// URL"),
+    ('{"objects": "s3://b/p", "bucket_policy": "public"}', "Extra inputs are not permitted"),
+])
+def test_a_damaged_storage_json_is_a_clear_error(tmp_path, content, reason):
+    root = tmp_path / "replica"
+    root.mkdir()
+    (root / "storage.json").write_text(content)
+    result = invoke("verify", root)
+    assert result.exit_code != 0 and reason in result.text and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
 
 def test_two_replicas_over_postgresql_and_s3_fuse_every_contribution_exactly_once(shared, tmp_path, tiny_model_dir):
     repo_a = attach(tmp_path / "replica-a", shared)

@@ -33,14 +33,16 @@ def storage(
         settings = StorageSettings(index=index, objects=objects, s3_endpoint=s3_endpoint, s3_region=s3_region)
     except ValidationError as exc:
         fail(ColdFusionError("; ".join(e["msg"] for e in exc.errors())))
-    try:
+    try:  # both reachable (bucket and tables made) before anything is written: a failure leaves all as it was
+        from coldfusion.repository.schema import create_index
+        from coldfusion.repository.storage.index import PostgresIndex
         from coldfusion.repository.storage.objects import S3Objects
 
         S3Objects(repository / "objects", settings.bucket, settings.prefix, s3_endpoint, s3_region).ensure_bucket()
+        create_index(PostgresIndex(settings.index))
         write_settings(repository, settings)
-        repo = Repository(repository)  # creates the index's tables if they are not there yet
+        repo = Repository(repository)
     except ColdFusionError as exc:
-        (repository / "storage.json").unlink(missing_ok=True)
         fail(exc)
     done("shared storage:", f"index {index}, objects {objects}; {len(repo.versions())} versions so far")
 

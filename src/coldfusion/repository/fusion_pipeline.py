@@ -117,9 +117,11 @@ def fuse_contributions(
     stored, stored_buffer = repo._put(fused), None if buffer is None else repo._put(buffer)
     try:
         with repo._db() as db:
-            newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL").fetchone()[0]
-            if onto_newest and newest != base.id:
-                raise IndexConflict(f"version {base.id} is no longer the newest (version {newest} was fused since)")
+            if onto_newest:
+                newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL").fetchone()[0]
+                if newest != base.id:
+                    raise IndexConflict(f"version {base.id} is no longer the newest (version {newest} was fused "
+                                        "since)")
             if stored_buffer is not None:
                 fusion["outer"]["momentum_buffer"] = repo._index(db, stored_buffer)
             sha = repo._index(db, stored)

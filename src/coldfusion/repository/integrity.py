@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from coldfusion.io.model_files import sha256_file
 from coldfusion.repository.fusion_pipeline import DECODED_PREFIX
+from coldfusion.repository.storage.objects import checksum_of
 
 if TYPE_CHECKING:
     from coldfusion.repository import Repository
@@ -68,11 +69,11 @@ def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
             problems.append(f"{name}: missing")
             continue
         path = store.fetch(key)  # shared storage: a copy that does not match its name is not kept
-        if not path.exists() or sha256_file(path) != key.split(".")[0]:
+        if not path.exists() or sha256_file(path) != checksum_of(key):
             problems.append(f"{name}: does not match its checksum (corrupt)")
     temporary = sorted(repo.object_store.temporaries() + repo.file_store.temporaries()
                        + list(repo.root.glob(DECODED_PREFIX + "*")))
-    unreferenced = sorted([(repo.object_store, n) for n in objects if n.split(".")[0] not in known]
+    unreferenced = sorted([(repo.object_store, n) for n in objects if checksum_of(n) not in known]
                           + [(repo.file_store, n) for n in files if n not in stored_files], key=lambda x: x[1])
     if clean:
         for path in temporary:

@@ -8,7 +8,6 @@ Writes go to the bucket before any index row names them, as local writes go to d
 """
 
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -16,11 +15,13 @@ from pathlib import Path
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import atomic_write_bytes
+from coldfusion.io.model_files import sha256_file
 
 log = logging.getLogger("coldfusion.repository")
 
 
-def _checksum_of(name: str) -> str:
+def checksum_of(name: str) -> str:
+    """The SHA-256 a stored file's name says its content has."""
     return name.split(".", 1)[0]
 
 
@@ -117,11 +118,7 @@ class S3Objects(LocalObjects):
         try:
             with os.fdopen(fd, "wb") as f:
                 self.client.download_fileobj(self.bucket, self.prefix + name, f)
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != _checksum_of(name):
+            if sha256_file(Path(tmp)) != checksum_of(name):
                 log.warning("%s/%s does not match its checksum; not cached", self, name)
                 return path
             os.replace(tmp, path)
