@@ -84,6 +84,29 @@ def test_strategy_fuses_the_replies_with_our_operators_and_reports_failures(monk
     assert strategy.aggregate_train(4, replies) == (None, None)
 
 
+def test_strategy_takes_the_outer_optimizers_step_and_carries_its_momentum_across_rounds(monkeypatch):
+    """With outer lr 0.5, momentum 0.5 (SGD without dampening): round 1 from 0 to a body of
+    2 steps to 1 (buffer -2); round 2 from 1 to a body of 3 steps to 2.5 (buffer -3). Plain
+    fusion would give 2 and 3."""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    strategy = ColdFusionStrategy("average", outer=OuterSettings(lr=0.5, momentum=0.5))
+    strategy.targets = [11]
+    consortium = consortium_record(ConsortiumSettings.of_run(parse_config({"tasks": ["x"]}), "run1"))
+    base = {"w": torch.zeros(3), "ids": torch.arange(3)}
+    for server_round, (body_value, expected) in enumerate([(2.0, 1.0), (3.0, 2.5)], start=1):
+        [sent] = strategy.configure_train(server_round, to_record(base), consortium, None)
+        body = {"w": torch.full((3,), body_value), "ids": torch.arange(3)}
+        reply = Message(contribution_content(ContributionResult("c0", "c0", body, 10)), reply_to=sent)
+        arrays, _ = strategy.aggregate_train(server_round, [reply])
+        base = from_record(arrays)
+        assert torch.allclose(base["w"], torch.full((3,), expected))
+        assert torch.equal(base["ids"], torch.arange(3))  # integer tensors are the fused ones
+
+
 @pytest.fixture(scope="module")
 def three_tasks(toy_task_files, tmp_path_factory):
     """The two toy tasks plus a third contributor (sentiment in other words)."""

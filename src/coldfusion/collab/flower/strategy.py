@@ -3,8 +3,10 @@
 Sampling, messages and error handling are FedAvg's. Aggregation fuses the contributors'
 bodies with any of our operators (`method`, `params`; the task-vector ones relative to
 the base that was sent, the statistics ones with the Fisher / Gram records the
-ClientApps attach), after the same validation as the repository's (`validation`). Only
-bodies are fused: heads never leave the nodes. The loop's FlowerEngine uses its pieces
+ClientApps attach), after the same validation as the repository's (`validation`), then
+the outer optimizer's step (`outer`; its momentum buffer lives in the strategy, one per
+run, as the repository keeps one beside each version). Only bodies are fused: heads never
+leave the nodes. The loop's FlowerEngine uses its pieces
 and lets the repository fuse (so that contributions are stored with their lineage);
 `strategy.start(...)` works too, for users of plain Flower.
 """
@@ -23,18 +25,21 @@ from coldfusion.collab.contributor import ContributionResult
 from coldfusion.collab.flower.messages import from_record, read_contribution, read_declined, to_record
 from coldfusion.fusion import get_operator
 from coldfusion.repository import Repository
+from coldfusion.repository.outer import OuterSettings, outer_step
 from coldfusion.repository.validation import ValidationSettings
 
 
 class ColdFusionStrategy(FedAvg):
     def __init__(self, method: str = "average", params: dict | None = None, min_contributors: int = 1,
-                 validation: ValidationSettings | None = None, **fedavg):
+                 validation: ValidationSettings | None = None, outer: OuterSettings | None = None, **fedavg):
         # Contributors score each base on their own task; the loop's FlowerEngine sends those
         # evaluate messages itself (to every contributor, not a sample).
         super().__init__(min_train_nodes=min_contributors, min_available_nodes=min_contributors,
                          fraction_evaluate=0.0, **fedavg)
         self.operator, self.params = get_operator(method), get_operator(method).check_params(params or {})
         self.validation = validation
+        self.outer = outer or OuterSettings()
+        self._momentum = None  # the outer optimizer's buffer: None until its first step
         self.min_contributors = min_contributors
         self.targets: list[int] | None = None  # nodes to train this round (default: FedAvg's sample)
         self._base: ArrayRecord | None = None
@@ -72,7 +77,9 @@ class ColdFusionStrategy(FedAvg):
                 server_round, len(results), self.min_contributors)
             return None, None
         ordered = [results[n] for n in sorted(results)]
-        fused, refused = self.fuse(ordered, from_record(self._base))
+        base = from_record(self._base)
+        fused, refused = self.fuse(ordered, base)
+        fused, self._momentum = outer_step(base, fused, self._momentum, self.outer)
         for name, why in refused.items():
             log(WARNING, "round %d: refused the contribution of %s: %s", server_round, name, why)
         log(INFO, "round %d: fused %d bodies with '%s'", server_round, len(ordered) - len(refused), self.operator.name)
