@@ -47,8 +47,8 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from coldfusion.repository.storage.objects import S3Objects
-from coldfusion.repository.storage.settings import StorageSettings, write_settings
+from coldfusion.io.storage.objects import S3Objects
+from coldfusion.io.storage.settings import StorageSettings, write_settings
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "service_load.jsonl"

@@ -23,8 +23,8 @@ def storage(
     Run it once per service replica, each with its own directory: they share one repository."""
     from pydantic import ValidationError
 
+    from coldfusion.io.storage.settings import StorageSettings, write_settings
     from coldfusion.repository import Repository
-    from coldfusion.repository.storage.settings import StorageSettings, write_settings
 
     if Repository.exists_at(repository) and (repository / Repository.INDEX).exists():
         fail(ColdFusionError(f"{repository} holds a local repository (index.sqlite); shared storage starts empty: "
@@ -34,9 +34,9 @@ def storage(
     except ValidationError as exc:
         fail(ColdFusionError("; ".join(e["msg"] for e in exc.errors())))
     try:  # both reachable (bucket and tables made) before anything is written: a failure leaves all as it was
+        from coldfusion.io.storage.index import PostgresIndex
+        from coldfusion.io.storage.objects import S3Objects
         from coldfusion.repository.schema import create_index
-        from coldfusion.repository.storage.index import PostgresIndex
-        from coldfusion.repository.storage.objects import S3Objects
 
         S3Objects(repository / "objects", settings.bucket, settings.prefix, s3_endpoint, s3_region).ensure_bucket()
         create_index(PostgresIndex(settings.index))

@@ -1,6 +1,7 @@
 """The repository: versions of the base and the contributions that made them.
 
-- `store`: content-addressed bodies plus the SQLite lineage index (`Repository`);
+- `store`: content-addressed bodies plus the lineage index (`Repository`), kept where
+  `io/storage` says (SQLite + a directory, or PostgreSQL + S3);
 - `schema`: the index's tables and the lineage rules it enforces;
 - `fusion_pipeline`: validate, decode, rebase and fuse waiting contributions;
 - `validation`: the checks a contribution must pass before it is fused;

@@ -16,9 +16,9 @@ from coldfusion.fusion import fuse_files, get_operator
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import Tensors, load_tensors, save_tensors
 from coldfusion.io.model_files import sha256_file
+from coldfusion.io.storage.index import IndexConflict
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository.outer import OuterSettings, outer_step
-from coldfusion.repository.storage.index import IndexConflict
 from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
 
 if TYPE_CHECKING:

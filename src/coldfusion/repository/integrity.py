@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coldfusion.io.model_files import sha256_file
+from coldfusion.io.storage.objects import checksum_of
 from coldfusion.repository.fusion_pipeline import DECODED_PREFIX
-from coldfusion.repository.storage.objects import checksum_of
 
 if TYPE_CHECKING:
     from coldfusion.repository import Repository

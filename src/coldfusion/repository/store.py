@@ -32,13 +32,13 @@ from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.faults import failpoint
 from coldfusion.io.checkpoint import Tensors, load_tensors, serialize, sha256_bytes
 from coldfusion.io.model_files import MODEL_FILES, sha256_file
+from coldfusion.io.storage.index import PostgresIndex, SqliteIndex
+from coldfusion.io.storage.objects import LocalObjects, S3Objects
+from coldfusion.io.storage.settings import FILE as STORAGE_FILE
+from coldfusion.io.storage.settings import read_settings
 from coldfusion.repository.fusion_pipeline import fuse_contributions
 from coldfusion.repository.integrity import IntegrityReport, verify
 from coldfusion.repository.schema import create_index
-from coldfusion.repository.storage.index import PostgresIndex, SqliteIndex
-from coldfusion.repository.storage.objects import LocalObjects, S3Objects
-from coldfusion.repository.storage.settings import FILE as STORAGE_FILE
-from coldfusion.repository.storage.settings import read_settings
 
 
 def _now() -> str:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coldfusion.infra.names import check_name
-from coldfusion.repository.storage.index import PostgresIndex, SqliteIndex
-from coldfusion.repository.storage.settings import read_settings
+from coldfusion.io.storage.index import PostgresIndex, SqliteIndex
+from coldfusion.io.storage.settings import read_settings
 
 PREFIX = "cf_"  # recognisable in logs and secret scanners
 TABLES = """
