@@ -15,6 +15,7 @@ from servers import S3_KEYS
 from test_service import Service, invoke, issue, wait_for_version
 from transformers import AutoModel
 
+from coldfusion.io.checkpoint import sha256_bytes
 from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
 
@@ -80,8 +81,19 @@ def test_a_repository_in_postgresql_and_s3_is_the_same_repository_from_any_direc
     assert torch.allclose(body_tensors(AutoModel.from_pretrained(tmp_path / "out"))[KEY], base[KEY] + 0.02, atol=1e-6)
     assert invoke("verify", tmp_path / "replica-a").exit_code == 0
 
-    # damage in the bucket is found from any replica (a copy that does not match its name is not cached)
+    # an object no index row names (a replica's upload before its transaction) is kept while young
     client = boto3.client("s3", endpoint_url=shared["s3_endpoint"], region_name="us-east-1")
+    stray = f"{sha256_bytes(b'not indexed yet')}.safetensors"
+    client.put_object(Bucket="coldfusion", Key=f"{shared['objects'].removeprefix('s3://coldfusion/')}/objects/{stray}",
+                      Body=b"not indexed yet")
+    kept = invoke("verify", tmp_path / "replica-b", "--clean")
+    assert kept.exit_code == 0 and "except 1 younger than 60 minutes" in kept.text
+    assert f"objects/{stray}" in bucket_keys(shared)
+    cleaned = invoke("verify", tmp_path / "replica-b", "--clean", "--min-age", "0")
+    assert cleaned.exit_code == 0 and "deleted: 0 temporary files, 1 unindexed objects" in cleaned.text
+    assert f"objects/{stray}" not in bucket_keys(shared)
+
+    # damage in the bucket is found from any replica (a copy that does not match its name is not cached)
     key = f"{shared['objects'].removeprefix('s3://coldfusion/')}/objects/{c1.sha256}.safetensors"
     client.put_object(Bucket="coldfusion", Key=key, Body=save(shifted(base, 0.5)))
     third = attach(tmp_path / "replica-c", shared)

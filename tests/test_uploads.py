@@ -1,11 +1,15 @@
 """Contributions from outside a run, through the CLI: contribute, fuse (validated), verify."""
 
+import os
+import time
+
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModel, BertForSequenceClassification
 from typer.testing import CliRunner
 
 from coldfusion.cli import app
+from coldfusion.io.checkpoint import sha256_bytes
 from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
 
@@ -68,10 +72,19 @@ def test_contribute_fuse_and_verify_through_the_cli(tmp_path, tiny_model_dir):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
+    unindexed = sha256_bytes(b"a body whose index row never came") + ".safetensors"
+    (repo.objects / unindexed).write_bytes(b"a body whose index row never came")
     damaged = invoke("verify", repo.root, "--clean")
-    assert damaged.exit_code == 1
-    assert "does not match its checksum (corrupt)" in damaged.text and "deleted: 1 temporary files" in damaged.text
-    assert not (repo.objects / ".stray.tmp").exists()
+    assert damaged.exit_code == 1 and "does not match its checksum (corrupt)" in damaged.text
+    # younger than an hour: a running service may be about to index them
+    assert "1 temporary files, 1 unindexed objects" in damaged.text
+    assert "except 2 younger than 60 minutes" in damaged.text
+    assert (repo.objects / ".stray.tmp").exists() and (repo.objects / unindexed).exists()
+    for name in (".stray.tmp", unindexed):
+        os.utime(repo.objects / name, (time.time() - 7200, time.time() - 7200))
+    cleaned = invoke("verify", repo.root, "--clean")
+    assert "deleted: 1 temporary files, 1 unindexed objects" in cleaned.text and "except" not in cleaned.text
+    assert not (repo.objects / ".stray.tmp").exists() and not (repo.objects / unindexed).exists()
 
 
 def test_fuse_rejects_bad_options_clearly(tmp_path):

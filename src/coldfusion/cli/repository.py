@@ -210,18 +210,24 @@ def fuse(
 @app.command()
 def verify(
     repository: Path = typer.Argument(..., help="repository directory"),
-    clean: bool = typer.Option(False, "--clean", help="delete what interrupted writes left behind "
-                                                      "(only while nothing else writes to the repository)"),
+    clean: bool = typer.Option(False, "--clean", help="delete what interrupted writes left behind, once it is "
+                                                      "--min-age old"),
+    min_age: float = typer.Option(60.0, "--min-age", min=0.0, metavar="MINUTES",
+                                  help="with --clean, keep what is younger: a running service or replica may "
+                                       "not have indexed its newest objects yet (0: only while nothing else "
+                                       "writes)"),
 ) -> None:
     """Check a repository: its index, and every stored file against its checksum."""
-    report = open_repository(repository).verify(clean=clean)
+    report = open_repository(repository).verify(clean=clean, min_age_seconds=min_age * 60)
     for problem in report.problems:
         Console(stderr=True).print(Text.assemble(("damaged:", "bold red"), f" {problem}"), highlight=False)
     left = len(report.temporary) + len(report.unreferenced)
     verb = "deleted" if report.cleaned else "found (harmless; --clean deletes them)"
     if left:
         say(f"{verb}: {len(report.temporary)} temporary files, {len(report.unreferenced)} unindexed objects "
-                      "left by interrupted writes")
+                      "left by interrupted writes"
+            + (f", except {report.recent} younger than {min_age:g} minutes (kept: a writer may still index them)"
+               if report.recent else ""))
     if report.without_model_files:
         say(f"note: {len(report.without_model_files)} versions name their model only by a path, so they cannot be "
              f"exported or evaluated once it is gone; store its files with `coldfusion adopt-model {repository} "

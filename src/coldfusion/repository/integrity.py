@@ -1,17 +1,19 @@
 """`coldfusion verify`: is the repository what its index says? The index's own integrity,
 every stored file against its checksum, the lineage rules, and what interrupted writes
-left behind (harmless, removable with `clean`)."""
+left behind (harmless, removable with `clean` once they are old enough that no writer can
+still be about to index them)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coldfusion.io.model_files import sha256_file
-from coldfusion.io.storage.objects import checksum_of
+from coldfusion.io.storage.objects import checksum_of, modified
 from coldfusion.repository.fusion_pipeline import DECODED_PREFIX
 
 if TYPE_CHECKING:
@@ -26,7 +28,8 @@ class IntegrityReport:
     problems: list[str]  # damage: the repository cannot be trusted until it is repaired
     temporary: list[Path]  # left by a write that was interrupted (harmless)
     unreferenced: list[Path]  # stored, but the index transaction never committed (harmless)
-    cleaned: bool = False
+    cleaned: bool = False  # `clean` was asked: what is listed above was deleted, except `recent`
+    recent: int = 0  # found but kept by `clean`: younger than its minimum age (a writer may still index it)
     without_model_files: list[int] = field(default_factory=list)  # versions that name their model only by a path
 
     @property
@@ -34,11 +37,17 @@ class IntegrityReport:
         return not self.problems
 
 
-def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
+MIN_AGE_SECONDS = 3600.0
+
+
+def verify(repo: Repository, clean: bool = False, min_age_seconds: float = MIN_AGE_SECONDS) -> IntegrityReport:
     """Check the index (SQLite's integrity check, every reference resolves) and every
     stored file against its checksum. With `clean`, delete what interrupted writes left
-    behind: temporary files and objects no index row names (only while no other process
-    is writing to this repository: its next object may not be indexed yet)."""
+    behind: temporary files and objects no index row names, once they are `min_age_seconds`
+    old. A writer stores a body before the index transaction that names it, so a younger
+    unnamed object may be one a running service or replica is about to index (the same
+    grace `git gc` gives unreachable objects); 0 deletes everything, safe only while
+    nothing else writes to the repository."""
     problems = []
     with repo._db() as db:
         if repo.index.dialect == "sqlite":  # PostgreSQL checks its own pages and enforces every reference
@@ -75,17 +84,24 @@ def verify(repo: Repository, clean: bool = False) -> IntegrityReport:
                        + list(repo.root.glob(DECODED_PREFIX + "*")))
     unreferenced = sorted([(repo.object_store, n) for n in objects if checksum_of(n) not in known]
                           + [(repo.file_store, n) for n in files if n not in stored_files], key=lambda x: x[1])
+    recent = 0
     if clean:
+        cutoff = time.time() - min_age_seconds
         for path in temporary:
-            if path.is_dir():
+            if (modified(path) or 0.0) > cutoff:
+                recent += 1
+            elif path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
         for store, name in unreferenced:
-            store.remove(name)
+            written = (objects if store is repo.object_store else files)[name]
+            if written > cutoff:
+                recent += 1
+            else:
+                store.remove(name)
     return IntegrityReport(len(known), problems, temporary, [store.local(n) for store, n in unreferenced],
-                           cleaned=clean,
-                           without_model_files=without_model)
+                           cleaned=clean, recent=recent, without_model_files=without_model)
 
 def _lineage_problems(db) -> list[str]:
     """Every break of the lineage rules (see LINEAGE), as a sentence."""

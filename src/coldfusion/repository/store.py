@@ -37,7 +37,7 @@ from coldfusion.io.storage.objects import LocalObjects, S3Objects
 from coldfusion.io.storage.settings import FILE as STORAGE_FILE
 from coldfusion.io.storage.settings import read_settings
 from coldfusion.repository.fusion_pipeline import fuse_contributions
-from coldfusion.repository.integrity import IntegrityReport, verify
+from coldfusion.repository.integrity import MIN_AGE_SECONDS, IntegrityReport, verify
 from coldfusion.repository.schema import create_index
 
 
@@ -342,9 +342,9 @@ class Repository:
         """Validate and fuse contributions into a new version: see `fusion_pipeline.fuse_contributions`."""
         return fuse_contributions(self, base_version, contribution_ids, **options)
 
-    def verify(self, clean: bool = False) -> IntegrityReport:
+    def verify(self, clean: bool = False, min_age_seconds: float = MIN_AGE_SECONDS) -> IntegrityReport:
         """Check the index and every stored file: see `integrity.verify`."""
-        return verify(self, clean)
+        return verify(self, clean, min_age_seconds)
 
     @staticmethod
     def _mark_rejected(db, rejected: dict[int, str]) -> None:

@@ -25,6 +25,14 @@ def checksum_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+def modified(path: Path) -> float | None:
+    """When `path` was last written; None if it is gone (another process removed it)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 class LocalObjects:
     """Files named by content in `directory`."""
 
@@ -46,9 +54,11 @@ class LocalObjects:
         if not self.local(name).exists():
             atomic_write_bytes(self.local(name), data)
 
-    def names(self) -> set[str]:
-        """What is stored (temporary files of interrupted writes excluded)."""
-        return {p.name for p in self.directory.iterdir() if not p.name.startswith(".")}
+    def names(self) -> dict[str, float]:
+        """What is stored (temporary files of interrupted writes excluded), with when each
+        was last written (seconds since the epoch)."""
+        return {p.name: t for p in self.directory.iterdir() if not p.name.startswith(".")
+                if (t := modified(p)) is not None}
 
     def temporaries(self) -> list[Path]:
         """What interrupted writes left behind."""
@@ -139,12 +149,12 @@ class S3Objects(LocalObjects):
         except errors as exc:
             raise wrap(exc) from None
 
-    def names(self) -> set[str]:
+    def names(self) -> dict[str, float]:
         errors, wrap = self._errors("listing")
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
-            return {o["Key"][len(self.prefix):] for page in pages for o in page.get("Contents", [])
-                    if "/" not in o["Key"][len(self.prefix):]}
+            return {o["Key"][len(self.prefix):]: o["LastModified"].timestamp()
+                    for page in pages for o in page.get("Contents", []) if "/" not in o["Key"][len(self.prefix):]}
         except errors as exc:
             raise wrap(exc) from None
 
