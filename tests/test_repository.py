@@ -196,3 +196,16 @@ def test_a_fusion_that_must_go_onto_the_newest_version_keeps_nothing_when_it_is_
     third = repo.fuse(2, [late.id], onto_newest=True)  # the next poll: onto the new base, rebased
     assert third.parent == 2 and torch.allclose(repo.load_version(3)["layer.bias"], torch.full((3,), 4.0))
     assert repo.verify().ok
+
+
+def test_metrics_recorded_once_keep_the_first_row_per_version_task_protocol_and_run(tmp_path):
+    repo = Repository(tmp_path)
+    repo.add_version({"w": torch.zeros(2)}, model_source="m")
+    assert repo.record_metrics(1, "t", "probe", {"accuracy": 0.5}, run="suite", once=True)
+    assert not repo.record_metrics(1, "t", "probe", {"accuracy": 0.9}, run="suite", once=True)
+    assert repo.record_metrics(1, "t", "probe", {"accuracy": 0.7}, run="other", once=True)
+    assert repo.record_metrics(1, "t", "probe", {"accuracy": 0.6}, once=True)  # no run is a run of its own
+    assert not repo.record_metrics(1, "t", "probe", {"accuracy": 0.1}, once=True)
+    assert repo.record_metrics(1, "t", "probe", {"accuracy": 0.8}, run="suite")  # without once: always added
+    assert [(m["run"], m["values"]["accuracy"]) for m in repo.metrics(1)] == [
+        ("suite", 0.5), ("other", 0.7), (None, 0.6), ("suite", 0.8)]

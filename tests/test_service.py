@@ -227,6 +227,31 @@ def test_a_fused_base_that_scores_worse_on_the_operators_suite_is_held_back(repo
     assert verdicts[3][0]["published"] is True
 
 
+def test_two_replicas_judging_the_same_version_agree_and_record_one_verdict(repo, toy_task_files):
+    """Replicas poll on their own, so two may rule on one fused base at once: both read the
+    scores the first stored, reach the same verdict, and only one verdict row is kept."""
+    from coldfusion.service.settings import SuiteSettings
+    from coldfusion.service.suite import RUN, VERDICT, OperatorSuite, judged
+
+    settings = SuiteSettings.model_validate({
+        "tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
+        "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
+        "max_length": 16, "threads": 1, "precision": "fp32"})
+    zeros = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in repo.load_version(1).items()}
+    c = repo.add_contribution(zeros, base_version=1, contributor="alice", task="t", num_examples=10)
+    harmful = repo.fuse(1, [c.id])
+    first, second = OperatorSuite(settings), OperatorSuite(settings)
+    assert not judged(repo, harmful)  # what both replicas saw before either ruled
+    reason = first.judge(repo, harmful)
+    assert reason and "below version 1" in reason
+    assert second.judge(repo, repo.version(harmful.id)) == reason
+    rows = [(m["task"], m["protocol"]) for v in (1, 2) for m in repo.metrics(v) if m["run"] == RUN]
+    assert sorted(rows) == [("publication", "verdict"), ("sentiment", "linear_probe"), ("sentiment", "linear_probe")]
+    assert repo.version(harmful.id).abandoned == f"held back: {reason}"
+    [verdict] = [m["values"] for m in repo.metrics(2) if m["task"] == VERDICT]
+    assert verdict["published"] is False
+
+
 def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_path):
     alice, bob = issue(repo, "alice"), issue(repo, "bob")
     body = moved(repo, 0.01)

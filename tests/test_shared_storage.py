@@ -73,7 +73,11 @@ def test_a_repository_in_postgresql_and_s3_is_the_same_repository_from_any_direc
     assert [v.id for v in second.versions()] == [1, 2]
     assert torch.equal(second.load_version(2)[KEY], first.load_version(2)[KEY])
     first.record_metrics(2, "t", "linear_probe", {"accuracy": 0.75})
-    assert [(m["task"], m["values"]) for m in second.metrics(2)] == [("t", {"accuracy": 0.75})]
+    assert first.record_metrics(2, "t", "verdict", {"published": True}, run="suite", once=True)
+    assert not second.record_metrics(2, "t", "verdict", {"published": False}, run="suite", once=True)
+    assert second.record_metrics(2, "t", "verdict", {"published": False}, once=True)  # no run: another key
+    assert [(m["task"], m["values"]) for m in second.metrics(2)] == [
+        ("t", {"accuracy": 0.75}), ("t", {"published": True}), ("t", {"published": False})]
     sent = second.contributions()[0]
     assert type(sent.num_bytes) is int and sent.num_bytes == second.path_of(c1.sha256).stat().st_size
     exported = invoke("export", tmp_path / "replica-b", "2", tmp_path / "out")

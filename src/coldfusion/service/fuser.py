@@ -84,7 +84,6 @@ class Fuser:
             if not version.abandoned and not judged(repo, version):
                 reason = self.suite.judge(repo, version)
                 if reason:
-                    repo.hold_back(version.id, reason)
                     log.warning("version %s held back: %s", version.id, reason)
 
     def _run(self) -> None:

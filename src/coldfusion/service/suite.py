@@ -44,12 +44,17 @@ class OperatorSuite:
                         compute.device, compute.dtype)
                 result = probe.score(repo.load(version.sha256))
                 values = {k: v for k, v in result.items() if k != "test_correct"}
-                repo.record_metrics(version.id, task.name, "linear_probe", values, run=RUN)
+                if not repo.record_metrics(version.id, task.name, "linear_probe", values, run=RUN, once=True):
+                    return self.scores(repo, version)  # another replica measured it first: its scores stand
                 done[task.name] = values["accuracy"] * 100
         return {t.name: done[t.name] for t in self._tasks}
 
     def judge(self, repo: Repository, version: Version) -> str | None:
-        """Why `version` is to be held back, or None (publish it); the verdict is recorded."""
+        """Rule on `version`: hold it back (returns why) or publish it (returns None). The
+        verdict is recorded once: replicas that judge the same version at the same time read
+        the same stored scores, so they agree, and only the first records its verdict. A
+        harmful version is held back before its verdict is recorded, so a crash in between
+        cannot leave it judged but in use."""
         parent = repo.version(version.parent)
         new, old = self.scores(repo, version), self.scores(repo, parent)
         mean_new, mean_old = statistics.fmean(new.values()), statistics.fmean(old.values())
@@ -57,8 +62,10 @@ class OperatorSuite:
         if mean_new < mean_old - self.settings.margin:
             reason = (f"scores {mean_new:.2f} on the operator's suite, {mean_old - mean_new:.2f} points below "
                       f"version {parent.id} ({mean_old:.2f}); the margin is {self.settings.margin:g}")
+            repo.hold_back(version.id, reason)
         repo.record_metrics(version.id, VERDICT, "verdict", {"published": reason is None, "score": mean_new,
-                                                              "parent": parent.id, "parent_score": mean_old}, run=RUN)
+                                                              "parent": parent.id, "parent_score": mean_old},
+                            run=RUN, once=True)
         return reason
 
 
