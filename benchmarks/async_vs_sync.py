@@ -81,8 +81,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_arm(name: str, policy: dict, minutes: float, model: str, quick: bool, work: Path) -> list[dict]:
-    """Serve, start the contributors, stop after `minutes`; every version with its fusion time."""
+def run_arm(name: str, policy: dict, minutes: float, model: str, quick: bool,
+            work: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Serve, start the contributors, stop after `minutes`: every version with its fusion time,
+    and per contributor what it sent, what was fused and what was refused."""
     from coldfusion.models.encoder import Encoder
     from coldfusion.repository import Repository
     from coldfusion.service.tokens import ServiceStore
@@ -137,7 +139,15 @@ def run_arm(name: str, policy: dict, minutes: float, model: str, quick: bool, wo
                          "contributions": len((v.fusion or {}).get("contributions", [])),
                          "rejected": len((v.fusion or {}).get("rejected", {})),
                          "rebased": len((v.fusion or {}).get("rebased", {}))})
-    return versions
+    # from the index, not the versions' records: a fusion whose every contribution is refused
+    # (one stale upload past max_staleness) makes no version, but the refusal is recorded
+    sent = {}
+    for c in Repository(repo.root).contributions():
+        counts = sent.setdefault(c.contributor, {"sent": 0, "fused": 0, "refused": 0})
+        counts["sent"] += 1
+        counts["fused"] += c.fused_into is not None
+        counts["refused"] += c.rejected is not None
+    return versions, sent
 
 
 def score_versions(repo_root: Path, quick: bool) -> dict[int, dict[str, float]]:
@@ -194,7 +204,7 @@ def main() -> None:
             if arm in done_arms():
                 continue
             (Path(scratch) / arm).mkdir()
-            versions = run_arm(arm, ARMS[arm], args.minutes, args.model, args.quick, Path(scratch))
+            versions, sent = run_arm(arm, ARMS[arm], args.minutes, args.model, args.quick, Path(scratch))
             scores = score_versions(Path(scratch) / arm / "repo", args.quick)
             for v in versions:
                 per_task = scores[v["version"]]
@@ -208,8 +218,9 @@ def main() -> None:
                 by[f"best_by_{int(limit * 100)}pct"] = max(within) if within else None
             emit({"part": "summary", "arm": arm, "policy": ARMS[arm], "minutes": args.minutes,
                   "versions": len(versions), "fused": sum(v["contributions"] for v in versions),
-                  "refused": sum(v["rejected"] for v in versions), "rebased": sum(v["rebased"] for v in versions),
-                  "pretrained": rows[0]["score"], **by})
+                  "refused": sum(c["refused"] for c in sent.values()),
+                  "rebased": sum(v["rebased"] for v in versions), "contributors": sent,
+                  "pretrained": rows[0]["score"], "final": rows[-1]["score"], **by})
             shutil.rmtree(Path(scratch) / arm)  # an arm writes tens of GB of bodies: free them before the next
     plot([json.loads(line) for line in OUT.read_text().splitlines()])
 
