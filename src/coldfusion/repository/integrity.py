@@ -103,6 +103,7 @@ def verify(repo: Repository, clean: bool = False, min_age_seconds: float = MIN_A
     return IntegrityReport(len(known), problems, temporary, [store.local(n) for store, n in unreferenced],
                            cleaned=clean, recent=recent, without_model_files=without_model)
 
+
 def _lineage_problems(db) -> list[str]:
     """Every break of the lineage rules (see LINEAGE), as a sentence."""
     problems = []

@@ -6,9 +6,9 @@ the base that was sent, the statistics ones with the Fisher / Gram records the
 ClientApps attach), after the same validation as the repository's (`validation`), then
 the outer optimizer's step (`outer`; its momentum buffer lives in the strategy, one per
 run, as the repository keeps one beside each version). Only bodies are fused: heads never
-leave the nodes. The loop's FlowerEngine uses its pieces
-and lets the repository fuse (so that contributions are stored with their lineage);
-`strategy.start(...)` works too, for users of plain Flower.
+leave the nodes. The loop's FlowerEngine uses its pieces and lets the repository fuse (so
+that contributions are stored with their lineage); `strategy.start(...)` works too, for
+users of plain Flower.
 """
 
 import tempfile
