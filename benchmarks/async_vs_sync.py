@@ -132,8 +132,8 @@ def run_arm(name: str, policy: dict, minutes: float, model: str, quick: bool,
         stop(serve)
         for proc in procs:
             stop(proc)
-    versions = []
-    for v in Repository(repo.root).versions():
+    versions, final = [], Repository(repo.root)  # opened afresh: the service wrote the index
+    for v in final.versions():
         seconds = (datetime.fromisoformat(v.created) - started).total_seconds()
         versions.append({"version": v.id, "seconds": max(0.0, seconds), "parent": v.parent,
                          "contributions": len((v.fusion or {}).get("contributions", [])),
@@ -142,7 +142,7 @@ def run_arm(name: str, policy: dict, minutes: float, model: str, quick: bool,
     # from the index, not the versions' records: a fusion whose every contribution is refused
     # (one stale upload past max_staleness) makes no version, but the refusal is recorded
     sent = {}
-    for c in Repository(repo.root).contributions():
+    for c in final.contributions():
         counts = sent.setdefault(c.contributor, {"sent": 0, "fused": 0, "refused": 0})
         counts["sent"] += 1
         counts["fused"] += c.fused_into is not None

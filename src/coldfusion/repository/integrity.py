@@ -82,8 +82,9 @@ def verify(repo: Repository, clean: bool = False, min_age_seconds: float = MIN_A
             problems.append(f"{name}: does not match its checksum (corrupt)")
     temporary = sorted(repo.object_store.temporaries() + repo.file_store.temporaries()
                        + list(repo.root.glob(DECODED_PREFIX + "*")))
-    unreferenced = sorted([(repo.object_store, n) for n in objects if checksum_of(n) not in known]
-                          + [(repo.file_store, n) for n in files if n not in stored_files], key=lambda x: x[1])
+    unreferenced = sorted([(repo.object_store, n, t) for n, t in objects.items() if checksum_of(n) not in known]
+                          + [(repo.file_store, n, t) for n, t in files.items() if n not in stored_files],
+                          key=lambda x: x[1])  # (store, name, when it was written)
     recent = 0
     if clean:
         cutoff = time.time() - min_age_seconds
@@ -94,13 +95,12 @@ def verify(repo: Repository, clean: bool = False, min_age_seconds: float = MIN_A
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        for store, name in unreferenced:
-            written = (objects if store is repo.object_store else files)[name]
+        for store, name, written in unreferenced:
             if written > cutoff:
                 recent += 1
             else:
                 store.remove(name)
-    return IntegrityReport(len(known), problems, temporary, [store.local(n) for store, n in unreferenced],
+    return IntegrityReport(len(known), problems, temporary, [store.local(n) for store, n, _ in unreferenced],
                            cleaned=clean, recent=recent, without_model_files=without_model)
 
 

@@ -384,17 +384,14 @@ class Repository:
         """Add a metrics row; with `once`, only if (version, task, protocol, run) has none yet,
         decided inside the index's write transaction, so that of several processes (service
         replicas) measuring the same thing the first one's row stands. Whether it was added."""
-        row = (version, task, protocol, json.dumps(values), run, _now())
+        sql = "INSERT INTO metrics (version, task, protocol, values_json, run, created) SELECT ?, ?, ?, ?, ?, ?"
+        params = (version, task, protocol, json.dumps(values), run, _now())
+        if once:
+            sql += (" WHERE NOT EXISTS (SELECT 1 FROM metrics WHERE version = ? AND task = ? AND protocol = ?"
+                    " AND COALESCE(run, '') = COALESCE(?, ''))")
+            params += (version, task, protocol, run)
         with self._db() as db:
-            if not once:
-                db.execute("INSERT INTO metrics (version, task, protocol, values_json, run, created) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", row)
-                return True
-            added = db.execute(
-                "INSERT INTO metrics (version, task, protocol, values_json, run, created) "
-                "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM metrics WHERE version = ? AND task = ? "
-                "AND protocol = ? AND COALESCE(run, '') = COALESCE(?, ''))", (*row, version, task, protocol, run))
-            return added.rowcount == 1
+            return db.execute(sql, params).rowcount == 1
 
     def metrics(self, version: int) -> list[dict]:
         with self._db() as db:
