@@ -82,6 +82,9 @@ def test_contribute_fuse_and_verify_through_the_cli(tmp_path, tiny_model_dir):
     assert (repo.objects / ".stray.tmp").exists() and (repo.objects / unindexed).exists()
     for name in (".stray.tmp", unindexed):
         os.utime(repo.objects / name, (time.time() - 7200, time.time() - 7200))
+    negative = invoke("verify", repo.root, "--clean", "--min-age", "-1")
+    assert negative.exit_code == 2 and "Invalid value for '--min-age'" in negative.text
+    assert (repo.objects / ".stray.tmp").exists()  # refused before anything was touched
     cleaned = invoke("verify", repo.root, "--clean")
     assert "deleted: 1 temporary files, 1 unindexed objects" in cleaned.text and "except" not in cleaned.text
     assert not (repo.objects / ".stray.tmp").exists() and not (repo.objects / unindexed).exists()
