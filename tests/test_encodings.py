@@ -14,6 +14,8 @@ from coldfusion.encodings.lora import fold_lora
 from coldfusion.encodings.sparse import encode_sparse
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.repository import Repository
+from coldfusion.repository.intake import Refused
+from coldfusion.repository.validation import ValidationSettings
 
 
 def pair(seed=0):
@@ -107,7 +109,8 @@ def test_lora_contributions_are_fused_as_products_not_as_factors(tmp_path):
     encoding = {"kind": "lora", "r": 2, "alpha": 4.0, "dtype": "float32"}
     payloads = [lora_payload(1), lora_payload(2)]
     ids = [repo.add_contribution(p, base_version=v.id, contributor=f"c{i}", task=f"t{i}", num_examples=10,
-                                 encoding=encoding).id for i, p in enumerate(payloads)]
+                                 encoding=encoding, rules=ValidationSettings(base_norm_factor=None)).id
+           for i, p in enumerate(payloads)]  # (random factors: updates larger than the base, on purpose)
     fused = repo.load_version(repo.fuse(v.id, ids, method="average").id)
     products = [p["w.lora_B"] @ p["w.lora_A"] for p in payloads]
     dense = base["w"] + 2.0 * (products[0] + products[1]) / 2
@@ -119,19 +122,18 @@ def test_lora_contributions_are_fused_as_products_not_as_factors(tmp_path):
     assert repo.contributions()[0].num_bytes < repo.checkpoint_bytes(v.sha256)
 
 
-def test_an_undecodable_contribution_is_refused_and_the_rest_fused(tmp_path):
+def test_an_undecodable_contribution_is_refused_at_admission_and_the_rest_fused(tmp_path):
     base, body = pair()
     repo = Repository(tmp_path / "r")
     v = repo.add_version(base, model_source="x")
     s = EncodingSettings(kind="delta", dtype="float32")
     good = repo.add_contribution(encode_contribution(body, base, s), base_version=v.id, contributor="a", task="a",
                                  num_examples=1, encoding=s.record())
-    bad = repo.add_contribution({"w.indices": torch.tensor([999], dtype=torch.int32), "w.values": torch.ones(1)},
-                                base_version=v.id, contributor="b", task="b", num_examples=1,
-                                encoding={"kind": "sparse"})
-    version = repo.fuse(v.id, [good.id, bad.id])
+    with pytest.raises(Refused, match=r"refused \(encoding\): its sparse encoding cannot be decoded against version 1"):
+        repo.add_contribution({"w.indices": torch.tensor([999], dtype=torch.int32), "w.values": torch.ones(1)},
+                              base_version=v.id, contributor="b", task="b", num_examples=1, encoding={"kind": "sparse"})
+    version = repo.fuse(v.id, [good.id])
     assert version.fusion["contributions"] == [good.id]
-    assert "sparse encoding cannot be decoded" in version.fusion["rejected"][str(bad.id)]
     assert torch.allclose(repo.load_version(version.id)["w"], body["w"], atol=1e-6)
     report = repo.verify()
     assert report.ok and not report.temporary  # the decoded scratch files are gone

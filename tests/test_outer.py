@@ -10,6 +10,7 @@ from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.config import dump_config
 from coldfusion.repository import Repository
 from coldfusion.repository.outer import OuterSettings, outer_step
+from coldfusion.repository.validation import ValidationSettings
 
 DILOCO = OuterSettings(lr=0.7, momentum=0.9, nesterov=True)
 
@@ -68,13 +69,16 @@ def _body(value: float) -> dict:
     return {"w": torch.full((3, 2), value), "b": torch.full((2,), value)}
 
 
+LARGE = ValidationSettings(base_norm_factor=None)  # round numbers: updates of half the base's size, on purpose
+
+
 def test_the_repository_keeps_the_buffer_with_the_version_it_made(tmp_path):
     repo = Repository(tmp_path / "repo")
     v0 = repo.add_version(_body(1.0), model_source="test")
 
     def fuse_onto(version, values, outer, who="c"):
         ids = [repo.add_contribution(_body(x), base_version=version.id, contributor=f"{who}{i}", task=f"t{i}",
-                                     num_examples=10).id for i, x in enumerate(values)]
+                                     num_examples=10, rules=LARGE).id for i, x in enumerate(values)]
         return repo.fuse(version.id, ids, outer=outer)
 
     v1 = fuse_onto(v0, [0.4, 0.6], DILOCO)  # fused 0.5: base 0.335 as by hand
@@ -89,7 +93,12 @@ def test_the_repository_keeps_the_buffer_with_the_version_it_made(tmp_path):
     assert report.ok and not report.unreferenced, report.problems
     assert repo.path_of(record["momentum_buffer"]).exists()  # --clean keeps the buffers
     # plain settings store what no outer optimizer stores
-    plain, none = fuse_onto(v0, [0.2, 0.3], OuterSettings()), fuse_onto(v0, [0.2, 0.3], None, "d")
+    plain = fuse_onto(v0, [0.2, 0.3], OuterSettings())
+    other = Repository(tmp_path / "other")  # a payload is admitted once: the same inputs again need another one
+    root = other.add_version(_body(1.0), model_source="test")
+    ids = [other.add_contribution(_body(x), base_version=root.id, contributor=f"c{i}", task=f"t{i}", num_examples=10,
+                                  rules=LARGE).id for i, x in enumerate([0.2, 0.3])]
+    none = other.fuse(root.id, ids, outer=None)
     assert plain.sha256 == none.sha256 and "outer" not in plain.fusion
 
 
@@ -121,12 +130,12 @@ def test_fuse_through_the_cli_with_an_outer_optimizer(tmp_path):
 
     repo = Repository(tmp_path / "repo")
     v0 = repo.add_version(_body(1.0), model_source="test")
-    repo.add_contribution(_body(0.5), base_version=v0.id, contributor="a", task="t", num_examples=1)
+    repo.add_contribution(_body(0.5), base_version=v0.id, contributor="a", task="t", num_examples=1, rules=LARGE)
     refused = invoke("fuse", repo.root, "--nesterov")
     assert refused.exit_code == 2 and "nesterov needs a momentum above 0" in refused.text
     first = invoke("fuse", repo.root, "--outer-lr", 0.7, "--outer-momentum", 0.9, "--nesterov")
     assert first.exit_code == 0 and "outer step: lr 0.7, momentum 0.9 (Nesterov), a new buffer" in first.text
-    repo.add_contribution(_body(0.135), base_version=2, contributor="a", task="t", num_examples=1)
+    repo.add_contribution(_body(0.135), base_version=2, contributor="a", task="t", num_examples=1, rules=LARGE)
     second = invoke("fuse", repo.root, "--outer-lr", 0.7, "--outer-momentum", 0.9, "--nesterov")
     assert second.exit_code == 0 and "continuing the buffer of version 2" in second.text, second.text
     assert torch.allclose(repo.load_version(3)["w"], torch.tensor(-0.2145))

@@ -6,6 +6,7 @@ import torch
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.model_files import sha256_file
 from coldfusion.repository import Repository
+from coldfusion.repository.intake import Refused
 
 
 def body(value: float) -> dict[str, torch.Tensor]:
@@ -45,11 +46,11 @@ def test_fusion_lineage(tmp_path):
     assert torch.allclose(repo.load_version(v.id)["layer.bias"], torch.full((3,), 2.0))
     with pytest.raises(ColdFusionError, match="contribution 1 was already fused into version 2"):
         repo.fuse(base.id, [c1.id, c2.id], method="weighted")  # the lineage is never rewritten
-    c3 = repo.add_contribution(body(1.0), base_version=base.id, contributor="c", task="ta", num_examples=10,
+    c3 = repo.add_contribution(body(1.5), base_version=base.id, contributor="c", task="ta", num_examples=10,
                                metrics={"validation_accuracy": 0.9})
-    c4 = repo.add_contribution(body(3.0), base_version=base.id, contributor="d", task="tb", num_examples=30)
+    c4 = repo.add_contribution(body(2.5), base_version=base.id, contributor="d", task="tb", num_examples=30)
     w = repo.fuse(base.id, [c3.id, c4.id], method="weighted")
-    assert torch.allclose(repo.load_version(w.id)["layer.bias"], torch.full((3,), 2.5))  # (10*1 + 30*3) / 40
+    assert torch.allclose(repo.load_version(w.id)["layer.bias"], torch.full((3,), 2.25))  # (10*1.5 + 30*2.5) / 40
     assert [x.id for x in repo.lineage(v.id)] == [v.id, base.id]
     assert {c.id for c in repo.contributions(base_version=base.id)} == {c1.id, c2.id, c3.id, c4.id}
     assert repo.contributions(fused_into=w.id)[0].metrics == {"validation_accuracy": 0.9}
@@ -107,10 +108,12 @@ def lineage_repository(root) -> Repository:
     base = repo.add_version(body(0.0), model_source="m")
     a, b = (repo.add_contribution(body(x), base_version=base.id, contributor=n, task="t", num_examples=1)
             for x, n in ((1.0, "a"), (2.0, "b")))
-    bad = body(0.0)
-    bad["layer.bias"][0] = float("nan")
-    c = repo.add_contribution(bad, base_version=base.id, contributor="c", task="t", num_examples=1)
+    c = repo.add_contribution(body(0.5), base_version=base.id, contributor="c", task="t", num_examples=1)
+    stored = repo.path_of(c.sha256)
+    admitted = stored.read_bytes()
+    stored.write_bytes(admitted[:-4])  # damaged between admission and fusion: the fusion refuses it
     repo.fuse(base.id, [a.id, b.id, c.id])
+    stored.write_bytes(admitted)
     repo.add_contribution(body(4.0), base_version=base.id, contributor="d", task="t", num_examples=1)
     assert repo.verify().ok, repo.verify().problems
     return repo
@@ -124,7 +127,7 @@ def test_the_index_refuses_to_rewrite_the_lineage(tmp_path):
         repo.fuse(1, [3])
     with pytest.raises(ColdFusionError, match="listed more than once"):
         repo.fuse(1, [4, 4])
-    with pytest.raises(ColdFusionError, match="duplicate: a already sent this exact payload against version 1"):
+    with pytest.raises(Refused, match=r"refused \(duplicate\): the same payload .* as contribution 1, which it sent"):
         repo.add_contribution(body(1.0), base_version=1, contributor="a", task="t", num_examples=1)
     # the rules hold in the index itself, whatever code writes to it
     db = sqlite3.connect(repo.root / "index.sqlite")
@@ -137,10 +140,10 @@ def test_the_index_refuses_to_rewrite_the_lineage(tmp_path):
         with pytest.raises(sqlite3.IntegrityError):
             db.execute(statement)
     db.close()
-    # a copy of another party's payload weighs once
-    e = repo.add_contribution(body(4.0), base_version=1, contributor="e", task="t", num_examples=1)
-    v = repo.fuse(1, [4, e.id])
-    assert v.fusion["contributions"] == [4] and "same payload as contribution 4 from d" in v.fusion["rejected"]["5"]
+    # a copy of another party's payload is not admitted, against any base
+    with pytest.raises(Refused, match="as contribution 4, which another contributor sent against version 1"):
+        repo.add_contribution(body(4.0), base_version=2, contributor="e", task="t", num_examples=1)
+    assert [r.rule for r in repo.refusals()] == ["duplicate", "duplicate"]
     assert repo.verify().ok
 
 

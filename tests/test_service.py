@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from coldfusion.cli import app
 from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
+from coldfusion.repository.validation import ValidationSettings
 
 runner = CliRunner()
 
@@ -113,6 +114,9 @@ def wait_for_version(url: str, n: int, timeout: float = 60) -> dict:
 
 
 FAST = {"fusion": {"when_waiting": 2, "poll_seconds": 0.2, "after_seconds": 3600}}
+# The harmful update of the suite's tests (a body of zeros) is as large as the base itself, which
+# admission refuses by default; there the suite is the defence under test.
+NO_NORM_BOUND = {"base_norm_factor": None}
 
 
 def test_two_contributors_pull_push_and_the_service_fuses_when_two_wait(repo, tmp_path, tiny_model_dir):
@@ -196,7 +200,7 @@ def test_a_fused_base_that_scores_worse_on_the_operators_suite_is_held_back(repo
     suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
              "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
              "max_length": 16, "threads": 1, "precision": "fp32"}
-    settings = {"fusion": {"when_waiting": 1, "poll_seconds": 0.2}, "suite": suite}
+    settings = {"fusion": {"when_waiting": 1, "poll_seconds": 0.2, "validation": NO_NORM_BOUND}, "suite": suite}
     headers = {"Authorization": f"Bearer {alice}"}
     with Service(repo.root, settings) as service:
         url = service.url + "/v1/contributors/alice/contributions?task=t&examples=10&base="
@@ -238,7 +242,8 @@ def test_two_replicas_judging_the_same_version_agree_and_record_one_verdict(repo
         "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
         "max_length": 16, "threads": 1, "precision": "fp32"})
     zeros = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in repo.load_version(1).items()}
-    c = repo.add_contribution(zeros, base_version=1, contributor="alice", task="t", num_examples=10)
+    c = repo.add_contribution(zeros, base_version=1, contributor="alice", task="t", num_examples=10,
+                              rules=ValidationSettings(**NO_NORM_BOUND))
     harmful = repo.fuse(1, [c.id])
     first, second = OperatorSuite(settings), OperatorSuite(settings)
     assert not judged(repo, harmful)  # what both replicas saw before either ruled
@@ -281,7 +286,7 @@ def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_pa
         except httpx.TransportError:
             pass  # the server may close the connection while the client still sends; the log below shows it
         garbage = post(b"\x00" * 100)
-        assert garbage.status_code == 422 and "not a readable safetensors file" in garbage.json()["detail"]
+        assert garbage.status_code == 422 and "refused (format): not a valid safetensors" in garbage.json()["detail"]
         save_file({"x": torch.zeros(3)}, tmp_path / "other.safetensors")
         other = post((tmp_path / "other.safetensors").read_bytes())
         assert other.status_code == 422 and "not the base's architecture" in other.json()["detail"]
@@ -293,9 +298,9 @@ def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_pa
         assert nan.status_code == 422 and "non-finite" in nan.json()["detail"]
         bad_task = httpx.post(url.replace("task=t", "task=../../x"), content=ok,
                               headers={"Authorization": f"Bearer {alice}"})
-        assert bad_task.status_code == 422 and "cannot name a file" in bad_task.json()["detail"]
-        assert httpx.post(url.replace("base=1", "base=9"), content=ok,
-                          headers={"Authorization": f"Bearer {alice}"}).status_code == 422
+        assert bad_task.status_code == 422 and "refused (name)" in bad_task.json()["detail"]
+        no_base = httpx.post(url.replace("base=1", "base=9"), content=ok, headers={"Authorization": f"Bearer {alice}"})
+        assert no_base.status_code == 422 and "refused (base): no version 9" in no_base.json()["detail"]
 
         with socket.create_connection(("127.0.0.1", service.port)) as stall:  # says 1000 bytes, sends 10
             stall.sendall(f"POST /v1/contributors/alice/contributions?base=1&task=t&examples=10 HTTP/1.1\r\n"
@@ -308,11 +313,13 @@ def test_every_refusal_has_its_status_and_reason_and_stores_nothing(repo, tmp_pa
         stored = post(ok)
         assert stored.status_code == 201 and stored.json()["id"] == 1
         duplicate = post(ok)
-        assert duplicate.status_code == 422 and "duplicate" in duplicate.json()["detail"]
+        assert duplicate.status_code == 422 and "refused (duplicate)" in duplicate.json()["detail"]
         history = httpx.get(service.url + "/v1/contributors/alice/history",
                             headers={"Authorization": f"Bearer {alice}"}).json()
-        statuses = [r["status"] for r in history["refused_uploads"]]
-        assert statuses.count(413) >= 1 and statuses.count(422) == 6 and 408 in statuses
+        rules = [r["rule"] for r in history["refused_uploads"]]  # every refusal recorded once, with its rule
+        assert rules.count("size") >= 1 and "stalled" in rules
+        assert [r for r in rules if r not in ("size", "stalled")] == [
+            "format", "architecture", "finite", "name", "base", "duplicate"]
         assert httpx.get(service.url + "/v1/contributors/alice/history",
                          headers={"Authorization": f"Bearer {bob}"}).status_code == 403
         assert invoke("token", "revoke", repo.root, "alice").exit_code == 0
@@ -378,7 +385,8 @@ def test_the_web_page_shows_lineage_leaderboard_and_contributors_and_updates_liv
     suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
              "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
              "max_length": 16, "threads": 1, "precision": "fp32"}
-    with Service(repo.root, {"fusion": {"when_waiting": 1, "poll_seconds": 0.2}, "suite": suite}) as service:
+    with Service(repo.root, {"fusion": {"when_waiting": 1, "poll_seconds": 0.2, "validation": NO_NORM_BOUND},
+                             "suite": suite}) as service:
         def push(token, who, tensors, base):
             save_file(tensors, tmp_path / "up.safetensors")
             return httpx.post(service.url + f"/v1/contributors/{who}/contributions",
@@ -433,12 +441,12 @@ def test_the_export_cache_keeps_only_the_newest_exports_on_disk(repo):
 def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored_as_sent(repo, tmp_path):
     from coldfusion.encodings import EncodingSettings, encode_contribution
 
-    alice = issue(repo, "alice")
+    alice, bob = issue(repo, "alice"), issue(repo, "bob")
     save_file(moved(repo, 0.01), tmp_path / "body.safetensors")
     with Service(repo.root, {"fusion": {"when_waiting": 2, "poll_seconds": 0.2}}) as service:
-        for encoding in ("delta", "sparse"):
+        for encoding, token in (("delta", alice), ("sparse", bob)):  # (one contributor counts once per fusion)
             sent = invoke("push", service.url, tmp_path / "body.safetensors", "--base", 1, "--task", "t",
-                          "--examples", 10, "--token", alice, "--encoding", encoding, "--density", 0.5)
+                          "--examples", 10, "--token", token, "--encoding", encoding, "--density", 0.5)
             assert sent.exit_code == 0, sent.output
         v2 = wait_for_version(service.url, 2)
         assert v2["contributions"] == [1, 2]

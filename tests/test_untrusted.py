@@ -133,7 +133,8 @@ def test_the_same_upload_twice_is_refused_as_a_duplicate(tmp_path, repository):
     args = ("contribute", repository.root, upload, "--base", 1, "--contributor", "acme", "--task", "t",
             "--examples", 5)
     assert invoke(*args).exit_code == 0
-    refused(invoke(*args), "duplicate: acme already sent this exact payload against version 1 (contribution 1)")
+    refused(invoke(*args), "refused (duplicate): the same payload")
+    refused(invoke(*args[:3], "--base", "latest", *args[5:-1], 7), "as contribution 1, which it sent")
     assert len(repository.contributions()) == 1
     fused = invoke("fuse", repository.root)
     assert fused.exit_code == 0 and "version 2 = average of contributions [1]" in fused.text

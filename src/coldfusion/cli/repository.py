@@ -112,13 +112,15 @@ def adopt_model(
 def contribute(
     repository: Path = typer.Argument(..., help="repository directory"),
     upload: Path = typer.Argument(..., help="the finetuned body: a .safetensors file or a model directory"),
-    base: str = typer.Option(..., help="the version it was finetuned from (id or checksum prefix)"),
+    base: str = typer.Option(..., help="the version it was finetuned from: an id (3, v3), 'latest' or a checksum "
+                                       "prefix of 8+ hex characters"),
     contributor: str = typer.Option(..., help="who sends it"),
     task: str = typer.Option(..., help="the task it was finetuned on"),
     examples: int = typer.Option(..., min=1, help="training examples it saw (weights 'weighted' fusion)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="UNSAFE: accept a pickle (.bin/.pt)"),
 ) -> None:
-    """Add a contribution finetuned outside a run; `coldfusion fuse` validates and fuses it."""
+    """Add a contribution finetuned outside a run: admitted under the repository's rules (the
+    README's operator section) or refused with the rule it broke; `coldfusion fuse` fuses it."""
     from coldfusion.repository.uploads import store_upload
 
     repo = open_repository(repository)

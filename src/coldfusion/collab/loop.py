@@ -38,6 +38,7 @@ from coldfusion.io.checkpoint import Tensors, atomic_write_bytes
 from coldfusion.io.results import ResultsLog
 from coldfusion.models.encoder import Encoder
 from coldfusion.repository import Repository
+from coldfusion.repository.intake import Refused
 from coldfusion.tasks import load_task
 from coldfusion.training.task_probe import TaskProbe
 
@@ -188,22 +189,31 @@ def run_cold_fusion(config: RunConfig, run_dir: Path | None = None, resume: bool
 
 def _fuse_round(repo: Repository, config: RunConfig, base_version: int, iteration: int,
                 round_: RoundResult, run_id: str) -> tuple[list[dict], int]:
-    """Store the contributions, fuse them into a new version; return result rows and its id."""
-    rows, ids, results = [], [], round_.results
-    for r in results:
-        c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor, task=r.task,
-                                  num_examples=r.num_examples, metrics=r.metrics, stats=r.stats, encoding=r.encoding,
-                                  run_id=run_id)
+    """Admit the contributions, fuse those admitted into a new version; return result rows and its id."""
+    rows, ids, tasks, refused = [], [], [], {}
+    for r in round_.results:
+        try:
+            c = repo.add_contribution(r.body, base_version=base_version, contributor=r.contributor, task=r.task,
+                                      num_examples=r.num_examples, metrics=r.metrics, stats=r.stats,
+                                      encoding=r.encoding, run_id=run_id, rules=config.fusion.validation)
+        except Refused as exc:  # recorded in the index; the fusion row says why it is left out
+            refused[r.task] = exc.reason
+            continue
         ids.append(c.id)
+        tasks.append(r.task)
         rows.append({"kind": "contribution", "iteration": iteration, "base_version": base_version,
                      "contribution": c.id, "task": r.task, "num_examples": r.num_examples,
                      "encoding": r.encoding["kind"], "bytes_sent": c.num_bytes, **r.metrics})
+    if len(ids) < config.fusion.validation.min_accepted:
+        reasons = "; ".join(f"{task}: {why}" for task, why in refused.items())
+        raise ColdFusionError(f"iteration {iteration}: only {len(ids)} of {len(round_.results)} contributions were "
+                              f"admitted, fewer than min_accepted = {config.fusion.validation.min_accepted}: {reasons}")
     started = time.perf_counter()
     version = repo.fuse(base_version, ids, method=config.fusion.method, params=config.fusion.params,
                         run=config.name, run_id=run_id, iteration=iteration, missing=round_.missing,
                         declined=round_.declined, validation=config.fusion.validation, outer=config.fusion.outer)
-    task_of = {str(c): r.task for c, r in zip(ids, results, strict=True)}
-    rejected = {task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}
+    task_of = {str(c): task for c, task in zip(ids, tasks, strict=True)}
+    rejected = {**refused, **{task_of[c]: why for c, why in version.fusion.get("rejected", {}).items()}}
     fused = [task_of[str(c)] for c in version.fusion["contributions"]]
     sent = sum(row["bytes_sent"] for row in rows)
     rows.append({"kind": "fusion", "iteration": iteration, "version": version.id, "parent": base_version,

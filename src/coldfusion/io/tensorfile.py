@@ -32,17 +32,29 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
 
 
 def read_header(fd: int, file_size: int) -> tuple[int, dict]:
-    """(header length, header) of an open safetensors file, checked as the safetensors
-    library checks it: a bounded length, a JSON object, and for every tensor a known
-    dtype, a shape of non-negative ints and a byte range inside the data that fits it.
-    Anything else raises ValueError: an upload is hostile until checked."""
+    """(header length, header) of an open safetensors file (see `parse_header`)."""
+    return parse_header(lambda n, at: os.pread(fd, n, at), file_size)
+
+
+def header_of_bytes(data: bytes) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file held in memory (see `parse_header`)."""
+    view = memoryview(data)
+    return parse_header(lambda n, at: bytes(view[at:at + n]), len(data))
+
+
+def parse_header(read, file_size: int) -> tuple[int, dict]:
+    """(header length, header), checked as the safetensors library checks it: a bounded
+    length, a JSON object, for every tensor a known dtype, a shape of non-negative ints
+    and a byte range that fits it, and the ranges laid end to end over exactly the data
+    (none overlaps another, no byte is left over). Anything else raises ValueError: an
+    upload is hostile until checked. `read(n, offset)` gives n bytes at offset."""
     if file_size < 8:
         raise ValueError(f"{file_size} bytes: too short to hold a header")
-    size = int.from_bytes(os.pread(fd, 8, 0), "little")
+    size = int.from_bytes(read(8, 0), "little")
     if size > MAX_HEADER_BYTES or size > file_size - 8:
         raise ValueError(f"its header claims {size} bytes; the file has {file_size - 8} after the length")
     try:
-        header = json.loads(os.pread(fd, size, 8))
+        header = json.loads(read(size, 8))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"its header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -54,6 +66,16 @@ def read_header(fd: int, file_size: int) -> tuple[int, dict]:
                 raise ValueError("its __metadata__ is not a mapping of strings")
             continue
         _check_entry(key, info, data_bytes)
+    end = 0
+    for key, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                            key=lambda item: tuple(item[1]["data_offsets"])):
+        start, stop = info["data_offsets"]
+        if start != end:
+            raise ValueError(f"tensor '{key}' starts at byte {start} of the data, not at {end} where the one before "
+                             "it ends: byte ranges must not overlap or leave gaps")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"the tensors cover {end} of the file's {data_bytes} data bytes; the rest is unaccounted for")
     return size, header
 
 

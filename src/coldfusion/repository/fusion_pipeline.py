@@ -1,7 +1,8 @@
-"""A fusion in the repository: validate the waiting contributions, decode the encoded ones,
-rebase the stale ones onto the current base, fuse what passed, take the outer optimizer's
-step if one is set, and record all of it (refusals with their reasons, the optimizer's
-momentum buffer) in one index transaction."""
+"""A fusion in the repository: select among the waiting contributions (admission, intake.py,
+has checked each one already; here a contributor counts once and the staleness rules apply),
+decode the encoded ones, rebase the stale ones onto the current base, fuse what passed, take
+the outer optimizer's step if one is set, and record all of it (refusals with their
+reasons, the optimizer's momentum buffer) in one index transaction."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from coldfusion.io.model_files import sha256_file
 from coldfusion.io.storage.index import IndexConflict
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository.outer import OuterSettings, outer_step
-from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_outliers
+from coldfusion.repository.validation import ValidationSettings, inspect_contribution
 
 if TYPE_CHECKING:
     from coldfusion.repository.store import Contribution, Repository, Version
@@ -152,19 +153,21 @@ def _staleness_weight(behind: int | None, exponent: float, depth: int) -> float:
 def _validate(repo: Repository, base: Version, contribs: list[Contribution], settings: ValidationSettings,
               scratch: Path, behind: dict[int, int | None]) -> tuple[dict[int, str], dict[int, float], dict[int, Path]]:
     """(contribution id -> why it is refused, -> its delta norm, -> the file of its body:
-    the stored one, or for an encoded contribution its decoding, written into `scratch`)."""
+    the stored one, or for an encoded contribution its decoding, written into `scratch`).
+    Admission (intake.py) checked each body against its base; what is left depends on this
+    fusion: one contribution per contributor, the staleness rules, and stored files that
+    still match their checksums."""
     rejected, norms, dense = {}, {}, {}
     bases: dict[int, Tensors] = {}  # each base an encoded contribution needs, read (and hashed) once
-    first_of: dict[str, Contribution] = {}  # payload checksum -> the first contribution that sent it
     if sha256_file(repo.path_of(base.sha256)) != base.sha256:
         raise ColdFusionError(f"base version {base.id} ({repo.path_of(base.sha256)}) does not match its "
                               "checksum: the repository is damaged; run `coldfusion verify` on it")
+    newest = {c.contributor: c.id for c in sorted(contribs, key=lambda c: c.id)}  # a contributor counts once
     for c in contribs:
-        if c.sha256 in first_of and first_of[c.sha256].base_version == c.base_version:  # a copy weighs once
-            twin = first_of[c.sha256]
-            rejected[c.id] = (f"duplicate: the same payload as contribution {twin.id} from {twin.contributor}")
+        if newest[c.contributor] != c.id:
+            rejected[c.id] = (f"superseded: {c.contributor} counts once per fusion, with its newest contribution "
+                              f"{newest[c.contributor]}")
             continue
-        first_of.setdefault(c.sha256, c)
         if settings.max_staleness is not None and (behind[c.id] is None or behind[c.id] > settings.max_staleness):
             where = (f"{behind[c.id]} versions behind" if behind[c.id] is not None
                      else "not an ancestor of")
@@ -189,14 +192,15 @@ def _validate(repo: Repository, base: Version, contribs: list[Contribution], set
                 rejected[c.id] = f"its {c.encoding.get('kind')} encoding cannot be decoded: {exc}"
                 continue
         dense[c.id] = path
+        if c.delta_norm is not None:
+            norms[c.id] = c.delta_norm
+            continue
         with SafetensorsReader([path]) as body, SafetensorsReader([repo.path_of(own_base.sha256)]) as b:
-            found = inspect_contribution(body, b)
+            found = inspect_contribution(body, b)  # admitted before admission measured it: inspected here
         if found.problem:
             rejected[c.id] = found.problem
         else:
             norms[c.id] = found.delta_norm
-    for cid, why in norm_outliers(norms, settings).items():
-        rejected[cid] = why
     return rejected, norms, dense
 
 def _decode(repo: Repository, contribution: Contribution, own_base: Tensors, scratch: Path) -> Path:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.faults import failpoint
@@ -37,8 +38,13 @@ from coldfusion.io.storage.objects import LocalObjects, S3Objects
 from coldfusion.io.storage.settings import FILE as STORAGE_FILE
 from coldfusion.io.storage.settings import read_settings
 from coldfusion.repository.fusion_pipeline import fuse_contributions
+from coldfusion.repository.intake import Claim, Refusal, admit
 from coldfusion.repository.integrity import MIN_AGE_SECONDS, IntegrityReport, verify
+from coldfusion.repository.refs import BadReference, VersionRef, parse_ref
 from coldfusion.repository.schema import create_index
+
+if TYPE_CHECKING:
+    from coldfusion.repository.validation import ValidationSettings
 
 
 def _now() -> str:
@@ -86,6 +92,7 @@ class Contribution:
     num_bytes: int = 0  # stored (and sent): its file plus its statistics' files
     run_id: str | None = None  # the run that asked for it (None: sent from outside a run)
     abandoned: str | None = None  # why it will never be fused (its iteration was redone on resume)
+    delta_norm: float | None = None  # ||body - its base||, measured at admission (None: admitted before that)
 
     @property
     def waiting(self) -> bool:
@@ -205,15 +212,20 @@ class Repository:
             raise ColdFusionError(f"no version {version_id} in repository {self.root}")
         return Version(**{**dict(row), "fusion": json.loads(row["fusion"]) if row["fusion"] else None})
 
-    def version(self, ref: int | str) -> Version:
-        """A version by id (3, 'v3') or by a unique prefix of its checksum."""
+    def version(self, ref: "int | str | VersionRef") -> Version:
+        """A version by id (3, 'v3') or by a unique prefix of its checksum (refs.py says what a
+        reference may be; 'latest' is `resolve`'s)."""
+        parsed = parse_ref(ref)
+        if parsed.latest:
+            raise BadReference("'latest' names no fixed version here; give a version id")
         with self._db() as db:
-            text = str(ref)
-            if text.lstrip("v").isdigit():
-                return self._version_row(db, int(text.lstrip("v")))
-            rows = db.execute("SELECT id FROM versions WHERE sha256 LIKE ?", (text + "%",)).fetchall()
+            if parsed.id is not None:
+                return self._version_row(db, parsed.id)
+            rows = db.execute("SELECT id FROM versions WHERE substr(sha256, 1, ?) = ?",
+                              (len(parsed.prefix), parsed.prefix)).fetchall()
             if len(rows) != 1:
-                raise ColdFusionError(f"'{ref}' matches {len(rows)} versions in {self.root}; give a version id")
+                raise ColdFusionError(f"'{parsed.prefix}' matches {len(rows)} versions in {self.root}; "
+                                      "give a version id")
             return self._version_row(db, rows[0]["id"])
 
     def versions(self) -> list[Version]:
@@ -231,9 +243,10 @@ class Repository:
             raise ColdFusionError(f"repository {self.root} has no versions yet")
         return live[-1]
 
-    def resolve(self, ref: int | str) -> Version:
-        """`version` that also understands 'latest'."""
-        return self.latest() if str(ref) == "latest" else self.version(ref)
+    def resolve(self, ref: "int | str | VersionRef") -> Version:
+        """`version` that also understands 'latest' (the newest live version)."""
+        parsed = parse_ref(ref)
+        return self.latest() if parsed.latest else self.version(parsed)
 
     # -- model files ---------------------------------------------------------------
     def file_path(self, sha256: str) -> Path:
@@ -286,31 +299,26 @@ class Repository:
 
     # -- contributions -------------------------------------------------------------
     def add_contribution(
-        self, tensors: Tensors, *, base_version: int, contributor: str, task: str,
+        self, payload: "Tensors | Path | bytes", *, base_version: int | str, contributor: str, task: str,
         num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
-        encoding: dict | None = None, run_id: str | None = None,
+        encoding: dict | None = None, run_id: str | None = None, rules: "ValidationSettings | None" = None,
     ) -> Contribution:
-        """Store a contribution as sent: a body, or its `encoding` (see coldfusion.encodings),
-        which is decoded against `base_version` when it is fused; and its statistics, if any.
-        The same payload from the same contributor against the same base is refused: one
-        party cannot weigh itself twice by sending its file twice."""
-        stored, stats_stored = self._put(tensors), {kind: self._put(t) for kind, t in (stats or {}).items()}
+        """Admit a contribution as sent: a body, or its `encoding` (see coldfusion.encodings), and
+        its statistics, if any, under the operator's `rules`; see `intake.admit` (it raises
+        `intake.Refused`, naming the rule, and records why)."""
+        claim = Claim(contributor, task, base_version, num_examples, dict(encoding or {"kind": "full"}),
+                      dict(metrics or {}), run_id)
+        return admit(self, payload, claim, rules, stats)
+
+    def refusals(self, contributor: str | None = None, run_id: str | None = None) -> list[Refusal]:
+        """What admission refused (oldest first), of one contributor or run if given."""
+        query, args = "SELECT * FROM refusals WHERE 1=1", []
+        if contributor is not None:
+            query, args = query + " AND contributor = ?", [*args, contributor]
+        if run_id is not None:
+            query, args = query + " AND run_id = ?", [*args, run_id]
         with self._db() as db:
-            self._version_row(db, base_version)
-            sha = self._index(db, stored)
-            earlier = db.execute("SELECT id FROM contributions WHERE sha256 = ? AND contributor = ? AND "
-                                 "base_version = ? AND abandoned IS NULL", (sha, contributor, base_version)).fetchone()
-            if earlier is not None:
-                raise ColdFusionError(f"duplicate: {contributor} already sent this exact payload against version "
-                                      f"{base_version} (contribution {earlier['id']}); it is not stored twice")
-            stat_shas = {kind: self._index(db, written) for kind, written in stats_stored.items()}
-            new_id = db.execute(
-                "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats,"
-                " created, encoding, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (sha, base_version, contributor, task, num_examples, json.dumps(metrics or {}),
-                 json.dumps(stat_shas), _now(), json.dumps(encoding or {"kind": "full"}), run_id),
-            ).fetchone()[0]
-            return self._contribution_row(db, new_id)
+            return [Refusal(**dict(r)) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
     def _contribution_row(self, db, cid: int) -> Contribution:
         row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()

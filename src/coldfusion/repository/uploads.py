@@ -4,8 +4,8 @@ It arrives as a body file (safetensors) or as a model directory (saved by transf
 a classifier's body is found under its "bert." / "roberta." ... prefix, as `coldfusion
 merge` finds it). Pickles (`.bin`, `.pt`) can run code when loaded and are refused
 unless the caller trusts the sender (`allow_pickle`); even then they are read with
-`weights_only`. The repository validates the body when it fuses, not here: a faulty
-upload is stored, refused with its reason, and stays on record.
+`weights_only`. What was read goes through admission (intake.py), as every contribution
+does: a faulty upload is refused there, naming the rule, and only the refusal is kept.
 """
 
 import tempfile
@@ -19,6 +19,7 @@ from coldfusion.io.tensorfile import SafetensorsReader
 
 if TYPE_CHECKING:
     from coldfusion.repository.store import Contribution, Repository
+    from coldfusion.repository.validation import ValidationSettings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -44,12 +45,12 @@ def read_upload(path: Path, body_keys: set[str], allow_pickle: bool = False) -> 
 
 
 def store_upload(repo: "Repository", path: Path, base: str, contributor: str, task: str, examples: int,
-                 allow_pickle: bool = False) -> "Contribution":
-    """Read an upload as a body of the version `base` (id or checksum prefix) and store it as
-    a contribution trained from that version, waiting for `coldfusion fuse`."""
-    version = repo.version(base)
+                 allow_pickle: bool = False, rules: "ValidationSettings | None" = None) -> "Contribution":
+    """Read an upload as a body of the version `base` (a reference: refs.py) and admit it as a
+    contribution trained from that version, waiting for `coldfusion fuse`."""
+    version = repo.resolve(base)
     with SafetensorsReader([repo.path_of(version.sha256)]) as reader:  # the names only
         body = read_upload(path, reader.keys(), allow_pickle)
     return repo.add_contribution(body, base_version=version.id, contributor=contributor, task=task,
-                                 num_examples=examples)
+                                 num_examples=examples, rules=rules)
 

@@ -1,22 +1,27 @@
-"""Checks a contribution must pass before it is fused.
+"""The operator's rules for contributions, and the one inspection of a body against its base.
 
-A repository fuses weights sent by other parties, so one bad upload (a crashed
-trainer's NaNs, a body of another architecture, an update scaled a hundredfold, by
-accident or on purpose) must not reach the next base. Each contribution is read once,
-tensor by tensor, against the base it was trained from:
+A repository fuses weights sent by other parties, so one bad upload (a crashed trainer's
+NaNs, a body of another architecture, an update scaled a thousandfold, by accident or on
+purpose) must not reach the next base. Admission (intake.py) applies these rules once, as
+a contribution arrives, whatever door it came through:
 
-- the exact key set, shapes and dtypes of that base's body;
-- finite values only (no NaN or Inf);
-- the norm of its delta ||body - base||: at most `max_delta_norm` when set, and at most
-  `outlier_factor` times the median of the other contributions' norms (a scaled update
-  stands out against its peers, whatever the model's size; needs 2 others).
+- the exact key set, shapes and dtypes of its base's body; finite values; integer tensors
+  unchanged;
+- a real update: its delta ||body - base|| is not zero;
+- a bounded delta: at most `base_norm_factor` times the base's own norm (an honest finetune
+  of the MiniLM moves about a five-hundredth of it), so the first contribution, and a
+  fusion of one, are protected too; at most `outlier_factor` times the median delta norm of
+  the last `norm_history` contributions admitted along the base's lineage, once 3 exist; at
+  most `max_delta_norm` when set;
+- at most `max_examples` declared examples (they weigh `weighted` fusion).
 
-A contribution that fails gets a reason; the caller records it and fuses the rest.
+The fusion (fusion_pipeline.py) then applies only what depends on the base it fuses onto:
+`stale`, `max_staleness`, `staleness_exponent`, `min_accepted`.
 """
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -33,10 +38,18 @@ class ValidationSettings(ConfigSection):
     min_accepted: int = Field(
         1, ge=1, description="fuse only when at least this many contributions pass; else stop with every reason")
     max_delta_norm: float | None = Field(
-        None, gt=0, description="reject a contribution whose delta norm ||body - its base|| exceeds this")
+        None, gt=0, description="refuse a contribution whose delta norm ||body - its base|| exceeds this")
     outlier_factor: float | None = Field(
-        5.0, gt=1, description="reject a delta norm above this multiple of the median of the others' "
-                               "(applies with at least 2 others); null: off")
+        5.0, gt=1, description="refuse a delta norm above this multiple of the median of the contributions "
+                               "admitted before it along the base's lineage (once 3 exist); null: off")
+    norm_history: int = Field(20, ge=3, description="how many of the latest admitted contributions that median "
+                                                     "is taken over")
+    base_norm_factor: float | None = Field(
+        0.5, gt=0, description="refuse a delta norm above this multiple of the base's own norm (the one norm rule "
+                               "until 3 contributions are admitted; a base of zeros has none); null: off")
+    max_examples: int = Field(
+        10_000_000, ge=1, description="refuse a contribution that declares more training examples than this (the "
+                                      "count weighs 'weighted' fusion)")
     stale: Literal["rebase", "reject"] = Field(
         "rebase", description="a contribution trained from an older base: fuse its delta on the current base "
                               "(rebase), or reject it")
@@ -50,13 +63,32 @@ class ValidationSettings(ConfigSection):
 
 @dataclass(frozen=True)
 class Inspection:
-    """What one read of a contribution found: a reason to reject it, or its delta norm."""
+    """What one read of a body against its base found: the rule it breaks and why, or its
+    delta norm (and the base's norm, which bounds the first updates)."""
 
     problem: str | None
     delta_norm: float = math.nan
+    base_norm: float = math.nan
+    rule: str | None = None
 
 
-def inspect_contribution(body: "SafetensorsReader", base: "SafetensorsReader") -> Inspection:
+class InMemory:
+    """Tensors in memory, read the way SafetensorsReader reads a file (keys, layout, read)."""
+
+    def __init__(self, tensors: Mapping):
+        self.tensors = tensors
+
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def layout(self, name: str):
+        return self.tensors[name].dtype, tuple(self.tensors[name].shape)
+
+    def read(self, name: str):
+        return self.tensors[name].reshape(-1)
+
+
+def inspect_contribution(body: "SafetensorsReader | InMemory", base: "SafetensorsReader | InMemory") -> Inspection:
     """Structure and values of `body` against the `base` it was trained from, one tensor at a time."""
     import torch  # here: the settings above are read by configs that must load fast
 
@@ -65,40 +97,45 @@ def inspect_contribution(body: "SafetensorsReader", base: "SafetensorsReader") -
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         parts = [f"{len(missing)} missing tensors {missing[:3]}" if missing else "",
                  f"{len(extra)} unexpected tensors {extra[:3]}" if extra else ""]
-        return Inspection(f"not the base's architecture: {'; '.join(p for p in parts if p)}")
+        return Inspection(f"not the base's architecture: {'; '.join(p for p in parts if p)}", rule="architecture")
     for name in sorted(keys):
         if body.layout(name) != base.layout(name):
             (dtype, shape), (base_dtype, base_shape) = body.layout(name), base.layout(name)
             return Inspection(f"tensor '{name}' is {str(dtype).removeprefix('torch.')} {list(shape)}, "
-                              f"the base's is {str(base_dtype).removeprefix('torch.')} {list(base_shape)}")
-    squares = 0.0
+                              f"the base's is {str(base_dtype).removeprefix('torch.')} {list(base_shape)}",
+                              rule="architecture")
+    squares, base_squares = 0.0, 0.0
     for name in sorted(keys):
-        values = body.read(name)
+        values, reference = body.read(name), base.read(name)
         if not values.dtype.is_floating_point:
-            if not torch.equal(values, base.read(name)):
-                return Inspection(f"integer tensor '{name}' differs from the base's")
+            if not torch.equal(values, reference):
+                return Inspection(f"integer tensor '{name}' differs from the base's", rule="integers")
             continue
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            return Inspection(f"tensor '{name}' has {bad} non-finite values (NaN or Inf)")
-        delta = values.double() - base.read(name).double()
-        squares += float(delta.square().sum())
-    return Inspection(None, math.sqrt(squares))
+            return Inspection(f"tensor '{name}' has {bad} non-finite values (NaN or Inf)", rule="finite")
+        reference = reference.double()
+        squares += float((values.double() - reference).square().sum())
+        base_squares += float(reference.square().sum())
+    return Inspection(None, math.sqrt(squares), math.sqrt(base_squares))
 
 
-def norm_outliers(norms: Mapping[int, float], settings: ValidationSettings) -> dict[int, str]:
-    """Contributions whose delta norm breaks the bound or stands out from the others'."""
-    rejected = {}
-    for key, norm in norms.items():
-        if settings.max_delta_norm is not None and norm > settings.max_delta_norm:
-            rejected[key] = f"delta norm {norm:.4g} exceeds max_delta_norm {settings.max_delta_norm:.4g}"
-            continue
-        others = [n for k, n in norms.items() if k != key]
-        if settings.outlier_factor is not None and len(others) >= 2:
-            typical = statistics.median(others)
-            if norm > settings.outlier_factor * typical:
-                times = f"{norm / typical:.1f}x" if typical > 0 else "above zero, unlike"
-                rejected[key] = (f"delta norm {norm:.4g} is {times} the median of the other contributions' "
-                                 f"({typical:.4g}); the bound is outlier_factor = {settings.outlier_factor:g}")
-    return rejected
+def norm_problem(norm: float, admitted: Sequence[float], base_norm: float, settings: ValidationSettings) -> str | None:
+    """Why a delta norm is out of bounds, given the norms of the contributions admitted before
+    it along the same lineage (newest first) and the norm of its base; None if it is within."""
+    if norm == 0:
+        return "no-op: the update is empty (the body equals its base)"
+    if settings.max_delta_norm is not None and norm > settings.max_delta_norm:
+        return f"delta norm {norm:.4g} exceeds max_delta_norm {settings.max_delta_norm:.4g}"
+    if settings.base_norm_factor is not None and base_norm > 0 and norm > settings.base_norm_factor * base_norm:
+        return (f"delta norm {norm:.4g} is {norm / base_norm:.3g}x the base's own norm "
+                f"({base_norm:.4g}); the bound is base_norm_factor = {settings.base_norm_factor:g}")
+    recent = list(admitted)[:settings.norm_history]
+    if settings.outlier_factor is not None and len(recent) >= 3:
+        typical = statistics.median(recent)
+        if norm > settings.outlier_factor * typical:
+            times = f"{norm / typical:.1f}x" if typical > 0 else "above zero, unlike"
+            return (f"delta norm {norm:.4g} is {times} the median of the {len(recent)} contributions admitted "
+                    f"before it ({typical:.4g}); the bound is outlier_factor = {settings.outlier_factor:g}")
+    return None

@@ -1,7 +1,7 @@
 """The HTTP API of the always-on repository (FastAPI).
 
     GET  /v1/versions                           every version: id, checksum, parent, fusion
-    GET  /v1/versions/{ref}                     one (an id, a checksum prefix or `latest`)
+    GET  /v1/versions/{ref}                     one (`latest`, an id, or a checksum prefix: refs.py)
     GET  /v1/versions/{ref}/body                its body (safetensors), X-Checksum-Sha256
     GET  /v1/versions/{ref}/tensors             the body's tensor names, dtypes and shapes
     GET  /v1/versions/{ref}/files               a Hugging Face directory of it: name -> sha256
@@ -15,10 +15,10 @@
 
 Reading versions is public, as a published model is; writing and a contributor's own
 history need that contributor's token (`Authorization: Bearer ...`). An upload streams to
-a scratch file with a size limit and a stall timeout, is checked against its base (the
-base's architecture, finite values, integer tensors unchanged) and stored only if it
-passes; the reply carries its id. The repository's own rules then apply when it is fused
-(duplicates, norm outliers, stale bases).
+a scratch file with a size limit and a stall timeout, then goes through the repository's
+one admission step (repository/intake.py, under the operator's `fusion.validation` rules):
+stored as received if admitted (201, with its id), else 422 with the rule it broke. Every
+refusal, these and the transport's own (413, 408), is recorded in the repository's index.
 """
 
 import asyncio
@@ -28,6 +28,7 @@ import shutil
 import threading
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -35,12 +36,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
 from coldfusion.infra.errors import ColdFusionError
-from coldfusion.infra.names import check_name
-from coldfusion.io.checkpoint import save_tensors
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
-from coldfusion.repository.validation import inspect_contribution
+from coldfusion.repository.intake import Claim, Refused, refuse
+from coldfusion.repository.refs import BadReference, parse_ref
 from coldfusion.service.fuser import Fuser
 from coldfusion.service.leaderboard import contributors, leaderboard
 from coldfusion.service.settings import ServiceSettings
@@ -100,9 +100,11 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
 
     def version_of(repo: Repository, ref: str):
         try:
-            if ref == "latest":  # with an operator's suite: the newest version it published
+            if parse_ref(ref).latest:  # with an operator's suite: the newest version it published
                 return published_latest(repo, settings.suite is not None)
-            return repo.version(int(ref) if ref.isdigit() else ref)
+            return repo.version(ref)
+        except BadReference as exc:
+            raise HTTPException(422, str(exc)) from None
         except ColdFusionError as exc:
             raise HTTPException(404, str(exc)) from None
 
@@ -163,24 +165,27 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         return {"contributor": who}
 
     @app.post("/v1/contributors/{name}/contributions", status_code=201)
-    async def push(name: str, request: Request, base: str = Query(..., description="version it was trained from"),
-                   task: str = Query(..., max_length=100), examples: int = Query(..., ge=1, le=10**12),
+    async def push(name: str, request: Request, base: str = Query(..., max_length=80,
+                                                                  description="version it was trained from"),
+                   task: str = Query(..., max_length=100), examples: int = Query(..., ge=1, le=10**15),
                    encoding: str = Query("{\"kind\": \"full\"}", max_length=2000,
                                          description="how the payload encodes the body (JSON of the encoding "
                                                      "settings: full, delta, sparse or lora)"),
                    who: str = Depends(contributor)) -> dict:
         same_contributor(name, who)
+        claim = Claim(who, task, base, examples)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
-            raise refused(who, 413, f"the upload is {int(length)} bytes, over the limit of "
-                                    f"{settings.max_upload_bytes}")
+            raise refused(claim, 413, "size", f"the upload is {int(length)} bytes, over the limit of "
+                                              f"{settings.max_upload_bytes}")
         path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
         try:
-            await receive(request, path, who)
-            contribution = await run_in_threadpool(store_contribution, path, base, who, task, examples,
-                                                   parse_encoding(encoding))
+            await receive(request, path, claim)
+            contribution = await run_in_threadpool(admit_upload, path, claim, encoding)
+        except Refused as exc:  # admission recorded it
+            raise HTTPException(422, str(exc)) from None
         except ColdFusionError as exc:
-            raise refused(who, 422, str(exc)) from None
+            raise refused(claim, 422, "request", str(exc)) from None
         except OSError as exc:  # the service's own disk (full, unwritable): nothing stored, the sender may retry
             log.error("could not store an upload from %s: %s", who, exc)
             raise HTTPException(507, f"the service could not store the upload ({exc.strerror}); "
@@ -190,11 +195,11 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         return {"id": contribution.id, "sha256": contribution.sha256, "base_version": contribution.base_version,
                 "status": "waiting"}
 
-    def refused(who: str, status: int, reason: str) -> HTTPException:
-        store.refuse(who, status, reason)
-        return HTTPException(status, reason)
+    def refused(claim: Claim, status: int, rule: str, reason: str) -> HTTPException:
+        error = refuse(repository(), claim, rule, reason)
+        return HTTPException(status, str(error))
 
-    async def receive(request: Request, path: Path, who: str) -> None:
+    async def receive(request: Request, path: Path, claim: Claim) -> None:
         """The request body into `path`, refused past the size limit or after a stall."""
         chunks, size = request.stream().__aiter__(), 0
         with open(path, "wb") as f:
@@ -204,40 +209,26 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise refused(who, 408, "the upload stalled: nothing arrived for "
-                                            f"{settings.read_timeout_seconds:g} seconds") from None
+                    raise refused(claim, 408, "stalled", "the upload stalled: nothing arrived for "
+                                                         f"{settings.read_timeout_seconds:g} seconds") from None
                 size += len(chunk)
                 if size > settings.max_upload_bytes:
-                    raise refused(who, 413, f"the upload passed the limit of {settings.max_upload_bytes} bytes")
+                    raise refused(claim, 413, "size", f"the upload passed the limit of {settings.max_upload_bytes} "
+                                                      "bytes")
                 f.write(chunk)
 
-    def store_contribution(path: Path, base: str, who: str, task: str, examples: int, encoding: dict):
-        check_name(task, "task")
+    def admit_upload(path: Path, claim: Claim, encoding: str):
+        """The upload, as received, through the repository's admission step."""
         repo = repository()
-        version = (published_latest(repo, settings.suite is not None) if base == "latest"
-                   else repo.version(int(base) if base.isdigit() else base))
-        with SafetensorsReader([path]) as payload:
-            tensors = {k: payload.get_tensor(k) for k in sorted(payload.keys())}
-        body = path
-        if encoding["kind"] != "full":  # checked as the body it stands for, stored as it was sent
-            from coldfusion.encodings import decode_contribution
-
-            body = path.with_name(path.name + ".decoded")
-            try:
-                save_tensors(body, decode_contribution(tensors, encoding, repo.load(version.sha256)))
-            except ColdFusionError as exc:
-                raise ColdFusionError(f"refused against version {version.id}: its {encoding['kind']} encoding "
-                                      f"cannot be decoded: {exc}") from None
+        if claim.base == "latest":  # with an operator's suite: the newest version it published
+            claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
         try:
-            with SafetensorsReader([body]) as b, SafetensorsReader([repo.path_of(version.sha256)]) as reference:
-                problem = inspect_contribution(b, reference).problem
-        finally:
-            if body != path:
-                body.unlink(missing_ok=True)
-        if problem:
-            raise ColdFusionError(f"refused against version {version.id}: {problem}")
-        return repo.add_contribution(tensors, base_version=version.id, contributor=who, task=task,
-                                     num_examples=examples, encoding=encoding)
+            claim = replace(claim, encoding=parse_encoding(encoding))
+        except ColdFusionError as exc:
+            raise refuse(repo, claim, "encoding", str(exc)) from None
+        return repo.add_contribution(path, base_version=claim.base, contributor=claim.contributor, task=claim.task,
+                                     num_examples=claim.examples, encoding=claim.encoding,
+                                     rules=settings.fusion.validation)
 
     def parse_encoding(text: str) -> dict:
         """The encoding's record (what decoding needs), from the settings' JSON."""
@@ -255,11 +246,14 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     @app.get("/v1/contributors/{name}/history")
     def history(name: str, who: str = Depends(contributor)) -> dict:
         same_contributor(name, who)
+        repo = repository()
         sent = [{"id": c.id, "created": c.created, "task": c.task, "base_version": c.base_version,
                  "examples": c.num_examples, "status": status_of(c), "fused_into": c.fused_into,
                  "reason": c.rejected or c.abandoned}
-                for c in repository().contributions() if c.contributor == name]
-        return {"contributor": name, "contributions": sent, "refused_uploads": store.refusals(name)}
+                for c in repo.contributions() if c.contributor == name]
+        refusals = [{"id": r.id, "created": r.created, "rule": r.rule, "reason": r.reason, "task": r.task,
+                     "base": r.base} for r in repo.refusals(name)]
+        return {"contributor": name, "contributions": sent, "refused_uploads": refusals}
 
     return app
 

@@ -49,9 +49,12 @@ def contributors(repo: Repository, store: ServiceStore) -> list[dict]:
         people.setdefault(c.contributor, {"contributor": c.contributor, "history": []})["history"].append(
             {"created": c.created, "id": c.id, "base_version": c.base_version, "status": state,
              "fused_into": c.fused_into, "reason": c.rejected or c.abandoned})
-    for name, person in people.items():
-        person["history"] += [{"created": r["created"], "id": None, "status": f"refused ({r['status']})",
-                               "reason": r["reason"]} for r in store.refusals(name)]
+    for refusal in repo.refusals():
+        if refusal.run_id is None:
+            person = people.setdefault(refusal.contributor, {"contributor": refusal.contributor, "history": []})
+            person["history"].append({"created": refusal.created, "id": None, "status": f"refused ({refusal.rule})",
+                                      "reason": refusal.reason})
+    for person in people.values():
         person["history"].sort(key=lambda h: h["created"])
         states = [h["status"] for h in person["history"]]
         person.update(fused=states.count("fused"), waiting=states.count("waiting"),
