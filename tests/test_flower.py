@@ -37,6 +37,7 @@ from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
 from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 from coldfusion.repository.outer import OuterSettings  # noqa: E402
+from coldfusion.repository.validation import ValidationSettings  # noqa: E402
 
 TIMINGS = {"seconds", "train_seconds", "fuse_seconds", "iteration_seconds"}
 
@@ -84,6 +85,38 @@ def test_strategy_fuses_the_replies_with_our_operators_and_reports_failures(monk
     assert strategy.aggregate_train(4, replies) == (None, None)
 
 
+def test_the_strategy_and_the_repository_admit_and_fuse_alike_to_the_byte(tmp_path):
+    """The same bodies through Flower's strategy and through a repository's admission and
+    fusion, with an outer optimizer: the same refusals (by rule) and the same bytes."""
+    from coldfusion.io.checkpoint import serialize
+    from coldfusion.repository.intake import Refused
+
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64), "v": torch.randn(8, 8), "ids": torch.arange(3)}
+    step = lambda scale, seed: {k: (v + scale * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+                                    if v.is_floating_point() else v) for k, v in base.items()}
+    bodies = [step(0.01, 1), step(0.02, 2), step(0.015, 3), step(1000.0, 4), step(0.0, 5), step(0.01, 1)]
+    names = ["a", "b", "c", "scaled", "same", "copy"]
+    outer = OuterSettings(lr=0.7, momentum=0.9, nesterov=True)
+    strategy = ColdFusionStrategy("weighted", outer=outer)
+    results = [ContributionResult(n, n, body, 10 * (i + 1))
+               for i, (n, body) in enumerate(zip(names, bodies, strict=True))]
+    from_strategy, refused = strategy.fuse(results, base)
+    assert {n: why.split(":")[0] for n, why in refused.items()} == {
+        "scaled": "refused (norm)", "same": "refused (no-op)", "copy": "refused (duplicate)"}
+    repo = Repository(tmp_path / "repo")
+    v1 = repo.add_version(base, model_source="test")
+    ids = []
+    for r in results:
+        try:
+            ids.append(repo.add_contribution(r.body, base_version=v1.id, contributor=r.contributor, task="t",
+                                             num_examples=r.num_examples).id)
+        except Refused as exc:
+            assert str(exc).startswith(refused[r.contributor].split(":")[0])
+    fused = repo.fuse(v1.id, ids, method="weighted", outer=outer)
+    assert len(ids) == 3 and serialize(repo.load_version(fused.id)) == serialize(from_strategy)
+
+
 def test_strategy_takes_the_outer_optimizers_step_and_carries_its_momentum_across_rounds(monkeypatch):
     """With outer lr 0.5, momentum 0.5 (SGD without dampening): round 1 from 0 to a body of
     2 steps to 1 (buffer -2); round 2 from 1 to a body of 3 steps to 2.5 (buffer -3). Plain
@@ -93,7 +126,8 @@ def test_strategy_takes_the_outer_optimizers_step_and_carries_its_momentum_acros
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-    strategy = ColdFusionStrategy("average", outer=OuterSettings(lr=0.5, momentum=0.5))
+    strategy = ColdFusionStrategy("average", outer=OuterSettings(lr=0.5, momentum=0.5),
+                                  validation=ValidationSettings(base_norm_factor=None))  # round numbers, large steps
     strategy.targets = [11]
     consortium = consortium_record(ConsortiumSettings.of_run(parse_config({"tasks": ["x"]}), "run1"))
     base = {"w": torch.zeros(3), "ids": torch.arange(3)}

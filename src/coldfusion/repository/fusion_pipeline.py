@@ -97,14 +97,12 @@ def fuse_contributions(
                                       f"contributions {lacking} did not send")
             stats = [repo.path_of(c.stats[op.needs_stats]) for c in accepted]
         bodies = [repo.path_of(rebased[c.id]["sha256"]) if c.id in rebased else dense[c.id] for c in accepted]
-        fused = fuse_files(bodies, method, weights, base=repo.path_of(base.sha256) if op.needs_base else None,
-                           stats=stats, norms=[norms[c.id] for c in accepted] if op.needs_norms else None,
-                           **params)
-    buffer, outer_record = None, {}
-    if outer is not None and not outer.is_plain:
         previous = ((base.fusion or {}).get("outer") or {}).get("momentum_buffer")  # None: the buffer starts at 0
-        base_tensors = current if current is not None else repo.load(base.sha256)  # read once per fusion
-        fused, buffer = outer_step(base_tensors, fused, repo.load(previous) if previous else None, outer)
+        fused, buffer = fuse_step(bodies, repo.path_of(base.sha256), method, params, weights=weights, stats=stats,
+                                  norms=[norms[c.id] for c in accepted], outer=outer,
+                                  momentum=repo.load(previous) if previous else None, base_tensors=current)
+    outer_record = {}
+    if outer is not None and not outer.is_plain:
         outer_record = {"outer": {**outer.model_dump(), "momentum_from": base.id if previous else None}}
     fusion = {"method": method, "params": params, "contributions": [c.id for c in accepted],
               "delta_norms": {str(c.id): round(norms[c.id], 6) for c in accepted},
@@ -137,6 +135,23 @@ def fuse_contributions(
     except IndexConflict as exc:  # another fusion (another replica) got there first
         raise ColdFusionError(f"nothing was fused: {exc}; another fusion got there first") from None
     return version
+
+def fuse_step(bodies: Sequence[Path], base: Path, method: str, params: dict, *,
+              weights: Sequence[float] | None = None, stats: Sequence[Path] | None = None,
+              norms: Sequence[float] | None = None, outer: OuterSettings | None = None,
+              momentum: Tensors | None = None, base_tensors: Tensors | None = None) -> tuple[Tensors, Tensors | None]:
+    """One fusion, and nothing else: bodies (files, in order), their weights, statistics and
+    delta norms, the base they are fused onto, the method and its parameters, the outer
+    optimizer and its momentum buffer -> (the next base, the next buffer). The repository and
+    Flower's `ColdFusionStrategy` both call it, so the same inputs give the same bytes.
+    `base_tensors`: the base, if the caller has read it already."""
+    op = get_operator(method)
+    fused = fuse_files(bodies, method, weights, base=base if op.needs_base else None, stats=stats,
+                       norms=norms if op.needs_norms else None, **params)
+    if outer is None or outer.is_plain:
+        return fused, None
+    return outer_step(base_tensors if base_tensors is not None else load_tensors(base), fused, momentum, outer)
+
 
 def _staleness(repo: Repository, base: Version, contribs: list[Contribution]) -> dict[int, int | None]:
     """How many versions each contribution's base is behind `base` along its lineage (0: it is

@@ -95,24 +95,67 @@ def admit(repo: Repository, payload: Path | bytes | Tensors, claim: Claim, rules
         check_name(claim.task, "task")
     except ColdFusionError as exc:
         raise refuse(repo, claim, "name", str(exc)) from None
-    if type(claim.examples) is not int or not 1 <= claim.examples <= rules.max_examples:
-        raise refuse(repo, claim, "examples", f"{claim.examples!r} examples: declare between 1 and the operator's cap "
-                                              f"max_examples = {rules.max_examples}")
+    try:
+        check_examples(claim.examples, rules)
+    except Refused as exc:
+        raise refuse(repo, claim, exc.rule, exc.reason) from None
     base = _live_base(repo, claim)
     data = payload if isinstance(payload, bytes) else Path(payload).read_bytes() if isinstance(payload, Path) \
         else serialize(payload)
     sha = sha256_bytes(data)
     _refuse_duplicate(repo, claim, sha)  # before any decoding: a copy costs nothing more
-    body, base_tensors = _decoded(repo, data, sha, claim, base)
-    found = inspect_contribution(InMemory(body), InMemory(base_tensors))
-    if found.problem:
-        raise refuse(repo, claim, found.rule, f"against version {base.id}: {found.problem}", sha)
     history = _admitted_norms(repo, base, rules.norm_history)
-    problem = norm_problem(found.delta_norm, history, found.base_norm, rules)
+    try:
+        examined = examine(data, claim.encoding, repo.load(base.sha256), history, rules)
+    except Refused as exc:
+        raise refuse(repo, claim, exc.rule, f"against version {base.id}: {exc.reason}", sha) from None
+    return _store(repo, data, sha, claim, base.id, examined.delta_norm, stats)
+
+
+@dataclass(frozen=True)
+class Examined:
+    """A payload that passed `examine`: the body it stands for, and how far it moved."""
+
+    body: Tensors
+    delta_norm: float
+
+
+def examine(data: bytes, encoding: dict, base: Tensors, admitted_norms: list[float],
+            rules: ValidationSettings) -> Examined:
+    """The checks of a payload's bytes that need no index: its format, its decoding against
+    `base` (the tensors of the version it claims), the body against that base, the norm rules
+    (`admitted_norms`: the delta norms admitted before it, newest first). Raises `Refused`
+    (nothing recorded: `admit` records; Flower's strategy keeps no record)."""
+    from safetensors.torch import load
+
+    try:
+        header_of_bytes(data)
+        payload = load(data)
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+        raise Refused("format", f"not a valid safetensors file: {exc}") from None
+    kind = encoding.get("kind", "full")
+    body = payload
+    if kind != "full":
+        from coldfusion.encodings import decode_contribution
+
+        try:
+            body = decode_contribution(payload, encoding, base)
+        except (ColdFusionError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise Refused("encoding", f"its {kind} encoding cannot be decoded: {exc}") from None
+    found = inspect_contribution(InMemory(body), InMemory(base))
+    if found.problem:
+        raise Refused(found.rule, found.problem)
+    problem = norm_problem(found.delta_norm, admitted_norms, found.base_norm, rules)
     if problem:
-        raise refuse(repo, claim, "no-op" if found.delta_norm == 0 else "norm", f"against version {base.id}: {problem}",
-                     sha)
-    return _store(repo, data, sha, claim, base.id, found.delta_norm, stats)
+        raise Refused("no-op" if found.delta_norm == 0 else "norm", problem)
+    return Examined(body, found.delta_norm)
+
+
+def check_examples(examples, rules: ValidationSettings) -> None:
+    """The declared example count: an int from 1 to the operator's cap (it weighs `weighted` fusion)."""
+    if type(examples) is not int or not 1 <= examples <= rules.max_examples:
+        raise Refused("examples", f"{examples!r} examples: declare between 1 and the operator's cap max_examples = "
+                                  f"{rules.max_examples}")
 
 
 def _store(repo: Repository, data: bytes, sha: str, claim: Claim, base_version: int, delta_norm: float,
@@ -164,28 +207,6 @@ def _live_base(repo: Repository, claim: Claim) -> Version:
         raise refuse(repo, claim, "base", f"version {base.id} is not live ({base.abandoned}); train on a live version "
                                           "(latest)")
     return base
-
-
-def _decoded(repo: Repository, data: bytes, sha: str, claim: Claim, base: Version) -> tuple[Tensors, Tensors]:
-    """(the body the payload stands for, its base's tensors); refused if it cannot be read or decoded."""
-    from safetensors.torch import load
-
-    try:
-        header_of_bytes(data)
-        payload = load(data)
-    except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
-        raise refuse(repo, claim, "format", f"not a valid safetensors file: {exc}", sha) from None
-    base_tensors = repo.load(base.sha256)
-    kind = claim.encoding.get("kind", "full")
-    if kind == "full":
-        return payload, base_tensors
-    from coldfusion.encodings import decode_contribution
-
-    try:
-        return decode_contribution(payload, claim.encoding, base_tensors), base_tensors
-    except (ColdFusionError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise refuse(repo, claim, "encoding", f"its {kind} encoding cannot be decoded against version {base.id}: "
-                                              f"{exc}", sha) from None
 
 
 def _admitted_norms(repo: Repository, base: Version, limit: int) -> list[float]:

@@ -1,14 +1,15 @@
 """`ColdFusionStrategy`: Flower's FedAvg with its aggregation replaced by ColD Fusion's.
 
-Sampling, messages and error handling are FedAvg's. Aggregation fuses the contributors'
-bodies with any of our operators (`method`, `params`; the task-vector ones relative to
-the base that was sent, the statistics ones with the Fisher / Gram records the
-ClientApps attach), after the same validation as the repository's (`validation`), then
-the outer optimizer's step (`outer`; its momentum buffer lives in the strategy, one per
-run, as the repository keeps one beside each version). Only bodies are fused: heads never
-leave the nodes. The loop's FlowerEngine uses its pieces and lets the repository fuse (so
-that contributions are stored with their lineage); `strategy.start(...)` works too, for
-users of plain Flower.
+Sampling, messages and error handling are FedAvg's. Aggregation examines each reply as the
+repository's admission does (`intake.examine` under the same `validation` rules: format,
+decoding, the body against the base that was sent, no-ops, the norm bounds over the norms
+this strategy admitted before, duplicates, the example cap), then calls the repository's
+own pure fusion (`fusion_pipeline.fuse_step`: any of our operators, `method` and `params`,
+then the outer optimizer's step, `outer`, whose momentum buffer lives in the strategy, one
+per run, as the repository keeps one beside each version). The same bodies give the same
+bytes either way. Only bodies are fused: heads never leave the nodes. The loop's
+FlowerEngine uses its pieces and lets the repository fuse (so that contributions are stored
+with their lineage); `strategy.start(...)` works too, for users of plain Flower.
 """
 
 import tempfile
@@ -24,8 +25,11 @@ from flwr.serverapp.strategy import FedAvg
 from coldfusion.collab.contributor import ContributionResult
 from coldfusion.collab.flower.messages import from_record, read_contribution, read_declined, to_record
 from coldfusion.fusion import get_operator
-from coldfusion.repository import Repository
-from coldfusion.repository.outer import OuterSettings, outer_step
+from coldfusion.infra.errors import ColdFusionError
+from coldfusion.io.checkpoint import save_tensors, serialize, sha256_bytes
+from coldfusion.repository.fusion_pipeline import fuse_step
+from coldfusion.repository.intake import Refused, check_examples, examine
+from coldfusion.repository.outer import OuterSettings
 from coldfusion.repository.validation import ValidationSettings
 
 
@@ -40,6 +44,7 @@ class ColdFusionStrategy(FedAvg):
         self.validation = validation
         self.outer = outer or OuterSettings()
         self._momentum = None  # the outer optimizer's buffer: None until its first step
+        self._norms: list[float] = []  # delta norms admitted so far, newest first (the norm rule's history)
         self.min_contributors = min_contributors
         self.targets: list[int] | None = None  # nodes to train this round (default: FedAvg's sample)
         self._base: ArrayRecord | None = None
@@ -77,27 +82,57 @@ class ColdFusionStrategy(FedAvg):
                 server_round, len(results), self.min_contributors)
             return None, None
         ordered = [results[n] for n in sorted(results)]
-        base = from_record(self._base)
-        fused, refused = self.fuse(ordered, base)
-        fused, self._momentum = outer_step(base, fused, self._momentum, self.outer)
+        fused, refused = self.fuse(ordered, from_record(self._base))
         for name, why in refused.items():
             log(WARNING, "round %d: refused the contribution of %s: %s", server_round, name, why)
+        if fused is None:
+            log(WARNING, "round %d: %d contributions admitted, fewer than min_accepted; nothing fused", server_round,
+                len(ordered) - len(refused))
+            return None, None
         log(INFO, "round %d: fused %d bodies with '%s'", server_round, len(ordered) - len(refused), self.operator.name)
         return to_record(fused), MetricRecord({"contributors": len(ordered) - len(refused), "refused": len(refused),
                                                "num-examples": sum(r.num_examples for r in ordered
                                                                    if r.contributor not in refused)})
 
-    def fuse(self, results: list[ContributionResult], base: dict) -> tuple[dict, dict[str, str]]:
-        """The fused body and the refused contributions (contributor -> reason), through a
-        throwaway repository: the same validation and fusion as the loop's."""
+    def fuse(self, results: list[ContributionResult], base: dict) -> tuple[dict | None, dict[str, str]]:
+        """The next base (None: fewer than `validation.min_accepted` were admitted) and the
+        refused contributions (contributor -> reason, with the rule)."""
+        rules = self.validation or ValidationSettings()
+        refused, admitted, seen = {}, [], {}
+        data_of_base = serialize(base)
+        for r in results:
+            data = serialize(r.body)
+            sha = sha256_bytes(data)
+            try:
+                check_examples(r.num_examples, rules)
+                if sha in seen:
+                    raise Refused("duplicate", f"the same payload as {seen[sha]}'s")
+                examined = examine(data, r.encoding, base, self._norms, rules)
+            except Refused as exc:
+                refused[r.contributor] = str(exc)
+                continue
+            seen[sha] = r.contributor
+            self._norms.insert(0, examined.delta_norm)
+            admitted.append((r, examined))
+        if len(admitted) < rules.min_accepted:
+            return None, refused
+        op = get_operator(self.operator.name)
         with tempfile.TemporaryDirectory(prefix="coldfusion-fuse-") as tmp:
-            repo = Repository(Path(tmp))
-            v = repo.add_version(base, model_source="flower")
-            ids = {repo.add_contribution(r.body, base_version=v.id, contributor=r.contributor, task=r.task,
-                                         num_examples=r.num_examples, stats=r.stats, encoding=r.encoding).id:
-                   r.contributor
-                   for r in results}
-            fused = repo.fuse(v.id, list(ids), method=self.operator.name, params=self.params,
-                              validation=self.validation)
-            refused = {ids[int(c)]: why for c, why in fused.fusion.get("rejected", {}).items()}
-            return repo.load_version(fused.id), refused
+            scratch = Path(tmp)
+            (scratch / "base.safetensors").write_bytes(data_of_base)
+            bodies, stats = [], []
+            for i, (r, examined) in enumerate(admitted):
+                bodies.append(scratch / f"{i}.safetensors")
+                save_tensors(bodies[-1], examined.body)
+                if op.needs_stats:
+                    if op.needs_stats not in r.stats:
+                        raise ColdFusionError(f"fusion method '{op.name}' needs {op.needs_stats} statistics, which "
+                                              f"{r.contributor} did not send")
+                    stats.append(scratch / f"{i}.{op.needs_stats}.safetensors")
+                    save_tensors(stats[-1], r.stats[op.needs_stats])
+            fused, self._momentum = fuse_step(
+                bodies, scratch / "base.safetensors", op.name, self.params,
+                weights=[r.num_examples for r, _ in admitted] if op.weighting == "examples" else None,
+                stats=stats or None, norms=[e.delta_norm for _, e in admitted], outer=self.outer,
+                momentum=self._momentum, base_tensors=base)
+        return fused, refused
