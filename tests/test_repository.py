@@ -176,7 +176,7 @@ def test_verify_reports_each_lineage_violation_forced_into_the_index(tmp_path, c
     db = sqlite3.connect(repo.root / "index.sqlite")
     for trigger in ("fused_at_most_once", "refused_never_fused", "fused_never_refused"):
         db.execute(f"DROP TRIGGER {trigger}")  # by hand, past the index's own guards
-    db.execute("DROP INDEX one_payload_per_contributor_and_base")
+    db.execute("DROP INDEX one_admission_per_payload")
     for statement in statements:
         db.execute(statement)
     db.commit()

@@ -208,27 +208,77 @@ def test_a_fused_base_that_scores_worse_on_the_operators_suite_is_held_back(repo
         save_file(zeros, tmp_path / "zeros.safetensors")  # every text the same vector: a harmful update
         assert httpx.post(url + "1", content=(tmp_path / "zeros.safetensors").read_bytes(),
                           headers=headers).status_code == 201
-        harmful = wait_for_version(service.url, 2)
-        deadline = time.time() + 120
-        while not harmful["held_back"] and time.time() < deadline:
-            time.sleep(0.3)
-            harmful = httpx.get(service.url + "/v1/versions/2").json()
-        assert harmful["held_back"] and "below version 1" in harmful["abandoned"]
-        assert httpx.get(service.url + "/v1/versions/latest").json()["id"] == 1  # not published
+        for held in (2, 3):  # held back, requeued onto the published base, fused again, held back again
+            harmful = wait_for_version(service.url, held)
+            deadline = time.time() + 120
+            while not harmful["held_back"] and time.time() < deadline:
+                time.sleep(0.3)
+                harmful = httpx.get(service.url + f"/v1/versions/{held}").json()
+            assert harmful["status"] == "held_back" and "below version 1" in harmful["held_back"]
+            assert harmful["parent"] == 1 and not harmful["abandoned"]
+            assert httpx.get(service.url + "/v1/versions/latest").json()["id"] == 1  # not published
+        history = httpx.get(service.url + "/v1/contributors/alice/history", headers=headers).json()["contributions"]
+        assert [(c["id"], c["status"], c["fused_into"], c["requeued_as"]) for c in history] == [
+            (1, "requeued", 2, 2), (2, "refused", 3, None)]
+        assert "held back" in history[1]["reason"] and "requeued once (from contribution 1)" in history[1]["reason"]
+        claimed = httpx.post(url + "2", content=(tmp_path / "zeros.safetensors").read_bytes(), headers=headers)
+        assert claimed.status_code == 422 and "refused (base): version 2 is held back" in claimed.json()["detail"]
+        pulled = invoke("pull", service.url, 2, tmp_path / "held")
+        assert pulled.exit_code == 0 and "warning: version 2 is held back, not a published version" in pulled.text
+        assert "Not a published version: held back." in (tmp_path / "held" / "README.md").read_text()
         save_file(moved(repo, 1e-4), tmp_path / "small.safetensors")
         assert httpx.post(url + "latest", content=(tmp_path / "small.safetensors").read_bytes(),
                           headers=headers).status_code == 201
-        good = wait_for_version(service.url, 3)
+        good = wait_for_version(service.url, 4)
         deadline = time.time() + 120
-        while httpx.get(service.url + "/v1/versions/latest").json()["id"] != 3 and time.time() < deadline:
+        while httpx.get(service.url + "/v1/versions/latest").json()["id"] != 4 and time.time() < deadline:
             time.sleep(0.3)
-        good = httpx.get(service.url + "/v1/versions/3").json()
-        assert good["parent"] == 1 and not good["held_back"]  # fused onto the published base, and published
-        assert httpx.get(service.url + "/v1/versions/latest").json()["id"] == 3
+        good = httpx.get(service.url + "/v1/versions/4").json()
+        assert good["parent"] == 1 and good["status"] == "live"  # fused onto the published base, and published
+        latest = invoke("pull", service.url, "latest", tmp_path / "latest")
+        assert latest.exit_code == 0 and "version 4 written" in latest.text and "warning" not in latest.text
     verdicts = {v: [m["values"] for m in Repository(repo.root).metrics(v) if m["task"] == "publication"]
-                for v in (2, 3)}
+                for v in (2, 3, 4)}
     assert verdicts[2][0]["published"] is False and verdicts[2][0]["score"] < verdicts[2][0]["parent_score"] - 5
-    assert verdicts[3][0]["published"] is True
+    assert verdicts[3][0]["published"] is False and verdicts[4][0]["published"] is True
+    assert invoke("verify", repo.root).exit_code == 0
+
+
+def test_a_contribute_loop_whose_contribution_is_held_back_twice_trains_again(repo, tmp_path, toy_task_files,
+                                                                                monkeypatch):
+    """The loop's first payload is harmful (a body of zeros, put in its place here): its fusion is
+    held back, requeued, held back again and refused; the loop does not wait for a base that
+    will never come, trains again on the published base, and its second contribution is fused."""
+    import coldfusion.service.contribute_loop as loop_module
+    from coldfusion.service.client import ServiceClient
+
+    alice = issue(repo, "alice")
+    suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
+             "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
+             "max_length": 16, "threads": 1, "precision": "fp32"}
+    honest, sent = loop_module.encode_contribution, []
+
+    def first_one_harmful(body, base, settings):
+        sent.append(1)
+        if len(sent) == 1:
+            return {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in base.items()}
+        return honest(body, base, settings)
+
+    monkeypatch.setattr(loop_module, "encode_contribution", first_one_harmful)
+    config = loop_module.ContributeLoopConfig.model_validate({
+        "task": {"name": "topic", "path": str(toy_task_files["topic"])}, "rounds": 2, "examples_per_round": 120,
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "poll_seconds": 0.2, "threads": 1,
+        "precision": "fp32", "max_length": 16})
+    settings = {"fusion": {"when_waiting": 1, "poll_seconds": 0.2, "validation": NO_NORM_BOUND}, "suite": suite}
+    rounds, deadline = [], time.time() + 240
+    with Service(repo.root, settings) as service, ServiceClient(service.url, alice) as client:
+        pushed = loop_module.contribute_loop(client, config, tmp_path / "work", on_round=rounds.append,
+                                             stop=lambda: time.time() > deadline)
+        assert pushed == 2 and [r["base"] for r in rounds] == [1, 1], rounds
+        wait_for_version(service.url, 4)
+        history = client._get("/v1/contributors/alice/history").json()["contributions"]
+    assert [(c["id"], c["status"], c["fused_into"]) for c in history] == [
+        (1, "requeued", 2), (2, "refused", 3), (3, "fused", 4)]
 
 
 def test_two_replicas_judging_the_same_version_agree_and_record_one_verdict(repo, toy_task_files):
@@ -250,9 +300,10 @@ def test_two_replicas_judging_the_same_version_agree_and_record_one_verdict(repo
     reason = first.judge(repo, harmful)
     assert reason and "below version 1" in reason
     assert second.judge(repo, repo.version(harmful.id)) == reason
+    assert [(x.id, x.status) for x in repo.contributions()] == [(1, "requeued"), (2, "waiting")]  # requeued once
     rows = [(m["task"], m["protocol"]) for v in (1, 2) for m in repo.metrics(v) if m["run"] == RUN]
     assert sorted(rows) == [("publication", "verdict"), ("sentiment", "linear_probe"), ("sentiment", "linear_probe")]
-    assert repo.version(harmful.id).abandoned == f"held back: {reason}"
+    assert repo.version(harmful.id).held_back == reason and repo.version(harmful.id).status == "held_back"
     [verdict] = [m["values"] for m in repo.metrics(2) if m["task"] == VERDICT]
     assert verdict["published"] is False
 

@@ -55,6 +55,10 @@ def done(label: str, rest: str) -> None:
     console.print(Text.assemble((label, "green"), " ", rest), highlight=False)
 
 
+def warn(text: str) -> None:
+    console.print(Text.assemble(("warning:", "bold yellow"), " ", text), highlight=False)
+
+
 def say(text: str) -> None:
     console.print(text, markup=False, highlight=False)
 

@@ -61,7 +61,7 @@ def versions(repository: Path = typer.Argument(..., help="repository directory")
         accs = [m["values"]["accuracy"] for m in repo.metrics(v.id) if m["protocol"] == "linear_probe"]
         fusion = v.fusion or {}
         iteration = "-" if v.iteration is None else str(v.iteration)
-        iteration += " (abandoned)" if v.abandoned else ""
+        iteration += "" if v.live else f" ({v.status.replace('_', ' ')})"
         table.add_row(str(v.id), str(v.parent or "-"), iteration, fusion.get("method", "pretrained"),
                       ", ".join(map(str, fusion.get("contributions", []))) or "-",
                       ", ".join(fusion.get("rejected", {})) or "-", v.sha256[:12],

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from coldfusion.cli.app import HELP, app, done, fail, open_repository, say
+from coldfusion.cli.app import HELP, app, done, fail, open_repository, say, warn
 from coldfusion.infra.errors import ColdFusionError
 
 token = typer.Typer(no_args_is_help=True, context_settings=HELP,
@@ -78,11 +78,13 @@ def token_list(repository: Path = typer.Argument(..., help="repository directory
 @app.command()
 def pull(
     url: str = typer.Argument(..., help="the service, e.g. http://127.0.0.1:8000"),
-    version: str = typer.Argument("latest", help="version id, checksum prefix or 'latest'"),
+    version: str = typer.Argument("latest", help="'latest' (the newest published version), an id (3, v3) or a "
+                                                 "checksum prefix of 8+ hex characters"),
     out: Path = typer.Argument(..., help="directory to write (AutoModel.from_pretrained loads it)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUT"),
 ) -> None:
-    """Download a version as a Hugging Face model directory, every file checked."""
+    """Download a version as a Hugging Face model directory, every file checked (a version that
+    is held back or abandoned comes with a warning, here and on its model card)."""
     from coldfusion.service.client import ServiceClient
 
     try:
@@ -90,6 +92,9 @@ def pull(
             listing = client.pull(version, out, overwrite)
     except ColdFusionError as exc:
         fail(exc)
+    if listing.get("status", "live") != "live":
+        warn(f"version {listing['version']} is {listing['status'].replace('_', ' ')}, not a published version: "
+             f"{listing.get('held_back') or 'see its model card'}")
     done(f"version {listing['version']} written to", str(out))
 
 

@@ -51,7 +51,7 @@ def provenance(repo: Repository, version: Version, model_name: str) -> dict:
     return {"coldfusion_version": __version__, "exported": datetime.now(UTC).isoformat(timespec="seconds"),
             "base_model": card_name(model_name),
             "coldfusion_model": model_name, "version": version.id, "body_sha256": version.sha256,
-            "lineage": lineage}
+            "status": version.status, "status_reason": version.held_back or version.abandoned, "lineage": lineage}
 
 
 def model_card(record: dict) -> str:
@@ -61,8 +61,10 @@ def model_card(record: dict) -> str:
                      f"{v['method'] or 'pretrained'} | {len(v['contributions'])} | `{v['sha256'][:16]}` |"
                      for v in record["lineage"])
     files = "\n".join(f"| `{name}` | `{sha}` |" for name, sha in record["files"].items())
+    warning = (f"> **Not a published version: {record['status'].replace('_', ' ')}.** {record['status_reason']}\n\n"
+               if record["status"] != "live" else "")
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-            f"# ColD Fusion encoder, version {record['version']}\n\n"
+            f"# ColD Fusion encoder, version {record['version']}\n\n{warning}"
             f"A text encoder improved collaboratively with [coldfusion](https://pypi.org/project/coldfusion/) "
             f"{record['coldfusion_version']}: contributors finetuned the base on their own data, and the repository "
             f"fused their bodies into each next version. Base model: `{record['base_model']}`. "

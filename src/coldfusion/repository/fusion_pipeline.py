@@ -57,8 +57,9 @@ def fuse_contributions(
     op = get_operator(method)
     op.check_params(params)  # a typo fails before anything is read
     base = repo.version(base_version)
-    if base.abandoned:
-        raise ColdFusionError(f"version {base.id} was abandoned ({base.abandoned}); fuse onto another version")
+    if not base.live:
+        why = base.abandoned or base.held_back
+        raise ColdFusionError(f"version {base.id} is {base.status.replace('_', ' ')} ({why}); fuse onto a live version")
     repeated = sorted(c for c, n in Counter(contribution_ids).items() if n > 1)
     if repeated:
         raise ColdFusionError(f"contributions {repeated} are listed more than once")
@@ -117,7 +118,8 @@ def fuse_contributions(
     try:
         with repo._db() as db:
             if onto_newest:
-                newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL").fetchone()[0]
+                newest = db.execute("SELECT MAX(id) FROM versions WHERE abandoned IS NULL AND held_back IS NULL"
+                                    ).fetchone()[0]
                 if newest != base.id:
                     raise IndexConflict(f"version {base.id} is no longer the newest (version {newest} was fused "
                                         "since)")

@@ -203,9 +203,9 @@ def _live_base(repo: Repository, claim: Claim) -> Version:
         base = repo.resolve(claim.base)
     except ColdFusionError as exc:
         raise refuse(repo, claim, "base", str(exc)) from None
-    if base.abandoned:
-        raise refuse(repo, claim, "base", f"version {base.id} is not live ({base.abandoned}); train on a live version "
-                                          "(latest)")
+    if not base.live:
+        raise refuse(repo, claim, "base", f"version {base.id} is {base.status.replace('_', ' ')} "
+                                          f"({base.abandoned or base.held_back}); train on a live version (latest)")
     return base
 
 
@@ -214,6 +214,7 @@ def _admitted_norms(repo: Repository, base: Version, limit: int) -> list[float]:
     lineage = [v.id for v in repo.lineage(base.id)]
     with repo._db() as db:
         rows = db.execute(f"SELECT delta_norm FROM contributions WHERE base_version IN ({','.join('?' * len(lineage))})"
-                          " AND delta_norm IS NOT NULL AND rejected IS NULL AND abandoned IS NULL ORDER BY id DESC "
+                          " AND delta_norm IS NOT NULL AND rejected IS NULL AND abandoned IS NULL"
+                          " AND requeued_from IS NULL ORDER BY id DESC "
                           "LIMIT ?", (*lineage, limit)).fetchall()
     return [r[0] for r in rows]

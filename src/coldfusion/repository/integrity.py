@@ -108,14 +108,15 @@ def _lineage_problems(db) -> list[str]:
     """Every break of the lineage rules (see LINEAGE), as a sentence."""
     problems = []
     listed: dict[int, list[int]] = {}  # contribution -> the versions whose fusion record lists it
-    versions = {r["id"]: r for r in db.execute("SELECT id, parent, fusion, abandoned FROM versions")}
+    versions = {r["id"]: r for r in db.execute("SELECT id, parent, fusion, abandoned, held_back FROM versions")}
     for v in versions.values():
         fusion = json.loads(v["fusion"]) if v["fusion"] else {}
         for c in fusion.get("contributions", []):
             listed.setdefault(c, []).append(v["id"])
-        if v["parent"] is not None and versions.get(v["parent"], {"abandoned": None})["abandoned"] \
-                and not v["abandoned"]:
-            problems.append(f"lineage: version {v['id']} builds on abandoned version {v['parent']}")
+        parent = versions.get(v["parent"], {"abandoned": None, "held_back": None})
+        for state in ("abandoned", "held_back"):
+            if parent[state] and not v["abandoned"]:
+                problems.append(f"lineage: version {v['id']} builds on {state.replace('_', '-')} version {v['parent']}")
     for c in db.execute("SELECT id, base_version, contributor, fused_into, rejected, abandoned FROM contributions"):
         where = listed.get(c["id"], [])
         if len(where) > 1:
@@ -140,6 +141,7 @@ def _lineage_problems(db) -> list[str]:
                                 f"but fused onto version {fused_version['parent']} without being rebased")
     payloads: dict[tuple, list[int]] = {}
     for r in db.execute("SELECT id, sha256, contributor, base_version FROM contributions WHERE abandoned IS NULL "
+                        "AND requeued_from IS NULL "
                         "ORDER BY id"):
         payloads.setdefault((r["sha256"], r["contributor"], r["base_version"]), []).append(r["id"])
     for (_, contributor, base), ids in payloads.items():

@@ -64,6 +64,18 @@ class Version:
     run_id: str | None = None  # the run directory's identity (its `run-id` file)
     abandoned: str | None = None  # why it is no longer part of its run (an iteration redone on resume)
     model: int | None = None  # the stored model files of its architecture and tokenizer
+    held_back: str | None = None  # why the operator's suite holds it back (repository.hold_back)
+
+    @property
+    def live(self) -> bool:
+        """In use: neither abandoned nor held back (only a live version is `latest`, claimed as a
+        base, or fused onto)."""
+        return self.abandoned is None and self.held_back is None
+
+    @property
+    def status(self) -> str:
+        """live, held_back or abandoned: what every reader (CLI, HTTP API, web page) shows."""
+        return "abandoned" if self.abandoned else "held_back" if self.held_back else "live"
 
 
 @dataclass(frozen=True)
@@ -93,11 +105,36 @@ class Contribution:
     run_id: str | None = None  # the run that asked for it (None: sent from outside a run)
     abandoned: str | None = None  # why it will never be fused (its iteration was redone on resume)
     delta_norm: float | None = None  # ||body - its base||, measured at admission (None: admitted before that)
+    requeued_as: int | None = None  # its fusion was held back: it waits again as that contribution
+    requeued_from: int | None = None  # it is the requeue of that contribution
+    fused_into_held_back: str | None = None  # why the version it was fused into is held back, if it is
 
     @property
     def waiting(self) -> bool:
         """Neither fused, nor refused, nor abandoned."""
         return self.fused_into is None and self.rejected is None and self.abandoned is None
+
+    @property
+    def status(self) -> str:
+        """waiting, fused, refused, requeued or abandoned: what every reader shows. A contribution
+        of a held-back fusion is requeued once (a new row waits for the next fusion); held back
+        a second time, it is refused."""
+        if self.requeued_as is not None:
+            return "requeued"
+        if self.rejected is not None or (self.fused_into is not None and self.fused_into_held_back is not None):
+            return "refused"
+        return "abandoned" if self.abandoned else "fused" if self.fused_into is not None else "waiting"
+
+    @property
+    def reason(self) -> str | None:
+        """Why it has its status (None for waiting and fused)."""
+        if self.requeued_as is not None:
+            return (f"its fusion, version {self.fused_into}, was held back ({self.fused_into_held_back}); it waits "
+                    f"again as contribution {self.requeued_as}")
+        if self.rejected is None and self.fused_into_held_back is not None:
+            return (f"its fusion, version {self.fused_into}, was held back ({self.fused_into_held_back}) after it "
+                    f"had been requeued once (from contribution {self.requeued_from})")
+        return self.rejected or self.abandoned
 
 
 @dataclass(frozen=True)
@@ -237,8 +274,8 @@ class Repository:
         return self.load(self.version(ref).sha256)
 
     def latest(self) -> Version:
-        """The newest version that is not abandoned."""
-        live = [v for v in self.versions() if not v.abandoned]
+        """The newest live version (neither abandoned nor held back)."""
+        live = [v for v in self.versions() if v.live]
         if not live:
             raise ColdFusionError(f"repository {self.root} has no versions yet")
         return live[-1]
@@ -321,7 +358,8 @@ class Repository:
             return [Refusal(**dict(r)) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
     def _contribution_row(self, db, cid: int) -> Contribution:
-        row = db.execute("SELECT * FROM contributions WHERE id = ?", (cid,)).fetchone()
+        row = db.execute("SELECT c.*, v.held_back AS fused_into_held_back FROM contributions c LEFT JOIN versions v "
+                         "ON v.id = c.fused_into WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
             raise ColdFusionError(f"no contribution {cid} in repository {self.root}")
         stats = json.loads(row["stats"])
@@ -378,13 +416,30 @@ class Repository:
             db.executemany("UPDATE contributions SET abandoned = ? WHERE id = ?", [(why, c) for c in contributions])
         return [f"version {v}" for v in versions] + [f"contribution {c}" for c in contributions]
 
-    def hold_back(self, version: int, reason: str) -> None:
+    def hold_back(self, version: int, reason: str) -> list[int]:
         """Keep a version on record but out of use (the publication's backtracking of a harmful
-        update): like an abandoned version, it is never `latest` and nothing is fused onto it."""
+        update): never `latest`, never claimed as a base, nothing fused onto it. Each of its
+        contributions that was not a requeue already waits again for the next fusion, as a new
+        row (`requeued_as` / `requeued_from`); those held back a second time are refused. The
+        ids of the new rows."""
         with self._db() as db:
             self._version_row(db, version)
-            db.execute("UPDATE versions SET abandoned = ? WHERE id = ? AND abandoned IS NULL",
-                       (f"held back: {reason}", version))
+            if db.execute("UPDATE versions SET held_back = ? WHERE id = ? AND held_back IS NULL AND abandoned IS NULL",
+                          (reason, version)).rowcount != 1:
+                return []  # held back already (by another replica) or abandoned
+            again = []
+            for old in db.execute("SELECT * FROM contributions WHERE fused_into = ? AND requeued_from IS NULL "
+                                  "ORDER BY id", (version,)).fetchall():
+                new_id = db.execute(
+                    "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats, "
+                    "created, encoding, run_id, delta_norm, requeued_from) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (old["sha256"], old["base_version"], old["contributor"], old["task"], old["num_examples"],
+                     old["metrics"], old["stats"], _now(), old["encoding"], old["run_id"], old["delta_norm"],
+                     old["id"])).fetchone()[0]
+                db.execute("UPDATE contributions SET requeued_as = ? WHERE id = ?", (new_id, old["id"]))
+                again.append(new_id)
+            return again
 
     # -- metrics -------------------------------------------------------------------
     def record_metrics(self, version: int, task: str, protocol: str, values: dict, run: str | None = None,

@@ -136,7 +136,7 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     def list_files(ref: str) -> dict:
         repo = repository()
         v = version_of(repo, ref)
-        return {"version": v.id, "files": exports.files(repo, v.id)}
+        return {"version": v.id, "status": v.status, "held_back": v.held_back, "files": exports.files(repo, v.id)}
 
     @app.get("/v1/versions/{ref}/files/{name}")
     def get_file(ref: str, name: str) -> FileResponse:
@@ -248,8 +248,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         same_contributor(name, who)
         repo = repository()
         sent = [{"id": c.id, "created": c.created, "task": c.task, "base_version": c.base_version,
-                 "examples": c.num_examples, "status": status_of(c), "fused_into": c.fused_into,
-                 "reason": c.rejected or c.abandoned}
+                 "examples": c.num_examples, "status": c.status, "fused_into": c.fused_into,
+                 "requeued_as": c.requeued_as, "requeued_from": c.requeued_from, "reason": c.reason}
                 for c in repo.contributions() if c.contributor == name]
         refusals = [{"id": r.id, "created": r.created, "rule": r.rule, "reason": r.reason, "task": r.task,
                      "base": r.base} for r in repo.refusals(name)]
@@ -258,20 +258,12 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
     return app
 
 
-def status_of(c) -> str:
-    if c.fused_into is not None:
-        return "fused"
-    if c.rejected:
-        return "refused"
-    return "abandoned" if c.abandoned else "waiting"
-
-
 def describe(v) -> dict:
     fusion = v.fusion or {}
     return {"id": v.id, "sha256": v.sha256, "parent": v.parent, "created": v.created, "run": v.run,
             "method": fusion.get("method"), "contributions": fusion.get("contributions", []),
             "rejected": fusion.get("rejected", {}), "rebased": sorted(fusion.get("rebased", {})),
-            "abandoned": v.abandoned, "held_back": (v.abandoned or "").startswith("held back")}
+            "status": v.status, "abandoned": v.abandoned, "held_back": v.held_back}
 
 
 class ExportCache:

@@ -70,6 +70,17 @@ class ServiceClient:
             raise ColdFusionError(f"a token is needed: pass --token or set {TOKEN_ENV}")
         return self._get("/v1/me").json()["contributor"]
 
+    def outcome(self, who: str, contribution: int) -> dict:
+        """What became of one of `who`'s contributions, following its requeues (a held-back
+        fusion's contributions wait again as new ones): its history entry."""
+        history = {c["id"]: c for c in self._get(f"/v1/contributors/{who}/history").json()["contributions"]}
+        entry = history.get(contribution)
+        while entry is not None and entry["status"] == "requeued" and entry.get("requeued_as") in history:
+            entry = history[entry["requeued_as"]]
+        if entry is None:
+            raise ColdFusionError(f"{self.url} does not list contribution {contribution} of {who}")
+        return entry
+
     def pull(self, ref: str, out: Path, overwrite: bool = False) -> dict:
         """Version `ref` as a Hugging Face directory at `out`; every file checked."""
         out = Path(out)

@@ -1,8 +1,9 @@
 """`coldfusion contribute-loop URL TASK.yaml`: a contributor that keeps going on its own.
 
-Each round it pulls the newest base, finetunes it on its private task (fresh examples
-each round, its head kept across rounds), pushes the body, and waits for a newer base
-than the one it trained from (or goes on at once, `wait_for_new_base: false`). Its data,
+Each round it pulls the newest published base, finetunes it on its private task (fresh
+examples each round, its head kept across rounds), pushes the body, and waits for a newer
+base than the one it trained from (or goes on at once, `wait_for_new_base: false`), unless
+its contribution was refused (then no newer base may come of it: it trains again). Its data,
 labels, head and settings never leave this process; only the body (or its delta, as
 `contribution` says) and the example count are sent.
 """
@@ -68,13 +69,18 @@ def contribute_loop(client: ServiceClient, config: ContributeLoopConfig, workdir
     validation = encode(task.validation.head(config.validation_examples), encoder.tokenizer, config.max_length)
     order = np.random.RandomState(derive_seed(config.seed, "data", task.name)).permutation(len(train))
     n = min(config.examples_per_round or len(order), len(order))
-    head, last_base, pushed, round_ = None, None, 0, 0
+    head, last_base, last_sent, pushed, round_ = None, None, None, 0, 0
     who = client.me()
     while (config.rounds is None or pushed < config.rounds) and not stop():
         latest = client.version("latest")
         if config.wait_for_new_base and last_base is not None and latest["id"] <= last_base:
-            time.sleep(config.poll_seconds)
-            continue
+            outcome = client.outcome(who, last_sent)
+            if outcome["status"] in ("waiting", "fused"):  # a newer base is coming (a held-back fusion requeues)
+                time.sleep(config.poll_seconds)
+                continue
+            log.info("contribution %d was %s (%s); training again on version %d", last_sent, outcome["status"],
+                     outcome["reason"], latest["id"])
+            last_base = None
         with tempfile.TemporaryDirectory() as scratch:
             body_file = Path(scratch) / "base.safetensors"
             client.pull_body(str(latest["id"]), body_file)
@@ -93,7 +99,7 @@ def contribute_loop(client: ServiceClient, config: ContributeLoopConfig, workdir
             save_tensors(Path(scratch) / "payload.safetensors", payload)
             reply = client.upload(Path(scratch) / "payload.safetensors", who, latest["id"], task.name, len(rows),
                                   config.contribution.record())
-        last_base, pushed, round_ = latest["id"], pushed + 1, round_ + 1
+        last_base, last_sent, pushed, round_ = latest["id"], reply["id"], pushed + 1, round_ + 1
         record = {"round": round_, "base": latest["id"], "contribution": reply["id"], **result.summary()}
         log.info("round %d: trained on version %d, sent contribution %d", round_, latest["id"], reply["id"])
         if on_round is not None:

@@ -81,7 +81,7 @@ class Fuser:
         if self.suite is None:
             return
         for version in repo.versions():
-            if not version.abandoned and not judged(repo, version):
+            if version.live and not judged(repo, version):
                 reason = self.suite.judge(repo, version)
                 if reason:
                     log.warning("version %s held back: %s", version.id, reason)

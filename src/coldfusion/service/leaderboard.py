@@ -11,8 +11,10 @@ from coldfusion.service.tokens import ServiceStore
 
 
 def status(version: Version, suite_enabled: bool, repo: Repository) -> str:
-    if version.abandoned:
-        return "held_back" if version.abandoned.startswith("held back") else "abandoned"
+    """The version's own status (Version.status), a live one split by the operator's suite
+    into pending (not ruled on yet) and published."""
+    if not version.live:
+        return version.status
     return "pending" if suite_enabled and not judged(repo, version) else "published"
 
 
@@ -30,7 +32,7 @@ def leaderboard(repo: Repository, suite_enabled: bool) -> dict:
         score = statistics.fmean(own[t] for t in tasks) if complete else None
         rows.append({
             "id": v.id, "parent": v.parent, "created": v.created, "status": status(v, suite_enabled, repo),
-            "reason": (v.abandoned or "").removeprefix("held back: ") or None,
+            "reason": v.held_back or v.abandoned,
             "contributions": len((v.fusion or {}).get("contributions", [])),
             "score": score, "gain": score - statistics.fmean(reference.values()) if complete else None,
             "task_gains": {t: own[t] - reference[t] for t in tasks if t in own}})
@@ -44,11 +46,9 @@ def contributors(repo: Repository, store: ServiceStore) -> list[dict]:
     for c in repo.contributions():
         if c.run_id is not None:  # a run's own contributors are not the service's
             continue
-        state = ("fused" if c.fused_into is not None else "refused" if c.rejected
-                 else "abandoned" if c.abandoned else "waiting")
         people.setdefault(c.contributor, {"contributor": c.contributor, "history": []})["history"].append(
-            {"created": c.created, "id": c.id, "base_version": c.base_version, "status": state,
-             "fused_into": c.fused_into, "reason": c.rejected or c.abandoned})
+            {"created": c.created, "id": c.id, "base_version": c.base_version, "status": c.status,
+             "fused_into": c.fused_into, "reason": c.reason})
     for refusal in repo.refusals():
         if refusal.run_id is None:
             person = people.setdefault(refusal.contributor, {"contributor": refusal.contributor, "history": []})

@@ -62,7 +62,7 @@ class OperatorSuite:
         if mean_new < mean_old - self.settings.margin:
             reason = (f"scores {mean_new:.2f} on the operator's suite, {mean_old - mean_new:.2f} points below "
                       f"version {parent.id} ({mean_old:.2f}); the margin is {self.settings.margin:g}")
-            repo.hold_back(version.id, reason)
+            repo.hold_back(version.id, reason)  # its contributions wait again (once) for the next fusion
         repo.record_metrics(version.id, VERDICT, "verdict", {"published": reason is None, "score": mean_new,
                                                               "parent": parent.id, "parent_score": mean_old},
                             run=RUN, once=True)
@@ -79,6 +79,6 @@ def published_latest(repo: Repository, suite_enabled: bool) -> Version:
     if not suite_enabled:
         return repo.latest()
     for version in reversed(repo.versions()):
-        if not version.abandoned and judged(repo, version):
+        if version.live and judged(repo, version):
             return version
     return repo.latest()  # none ruled on yet: the repository's own answer (and its error if empty)
