@@ -70,7 +70,8 @@ def _has(message: str, expected: str) -> bool:
 
 
 def cases(root: Path) -> list[Case]:
-    return (library_cases(root / "library") + safetensors_cases(root / "safetensors") + pickle_cases(root / "pickle")
+    return (library_cases(root / "library") + admission_cases(root / "admission") + http_cases(root / "http")
+            + safetensors_cases(root / "safetensors") + pickle_cases(root / "pickle")
             + model_directory_cases(root / "models") + config_cases(root / "configs") + task_cases(root / "tasks")
             + hub_cases(root / "hub") + command_line_cases(root / "cli") + generated_cases(root / "generated"))
 
@@ -118,7 +119,7 @@ def library_cases(root: Path) -> list[Case]:
         return fuse
 
     def corrupt_file():
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.5}, base_version=base.id, contributor="c", task="t",
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.0123}, base_version=base.id, contributor="c", task="t",
                                   num_examples=1)
         path = repo.path_of(c.sha256)
         data = bytearray(path.read_bytes())
@@ -128,33 +129,34 @@ def library_cases(root: Path) -> list[Case]:
 
     def stale_refused():
         newer = repo.add_version({**clean, "w": clean["w"] + 1}, model_source="m", parent=base.id)
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.1}, base_version=base.id, contributor="s", task="t",
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.0134}, base_version=base.id, contributor="s", task="t",
                                   num_examples=1)
         return repo.fuse(newer.id, [c.id], validation=ValidationSettings(stale="reject"))
 
     def fused_twice():
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.2}, base_version=base.id, contributor="f", task="t",
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.0145}, base_version=base.id, contributor="f", task="t",
                                   num_examples=1)
         repo.fuse(base.id, [c.id])
         return repo.fuse(base.id, [c.id])
 
     def refused_then_fused():
-        poisoned = {**clean, "w": torch.full((4, 3), float("nan"))}
-        c = repo.add_contribution(poisoned, base_version=base.id, contributor="r", task="t", num_examples=1)
+        newer = repo.add_version({**clean, "w": clean["w"] + 2}, model_source="m", parent=base.id)
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.0156}, base_version=base.id, contributor="r", task="t",
+                                  num_examples=1)
         try:
-            repo.fuse(base.id, [c.id])
+            repo.fuse(newer.id, [c.id], validation=ValidationSettings(stale="reject"))
         except Exception:  # noqa: BLE001 (refused, as it should be; now try again)
             pass
-        return repo.fuse(base.id, [c.id])
+        return repo.fuse(newer.id, [c.id])
 
     def another_runs():
-        c = repo.add_contribution({**clean, "w": clean["w"] + 0.3}, base_version=base.id, contributor="o", task="t",
+        c = repo.add_contribution({**clean, "w": clean["w"] + 0.0167}, base_version=base.id, contributor="o", task="t",
                                   num_examples=1, run_id="0123456789abcdef")
         return repo.fuse(base.id, [c.id])
 
     def same_upload_twice():
         for _ in range(2):
-            repo.add_contribution({**clean, "w": clean["w"] + 0.4}, base_version=base.id, contributor="twice",
+            repo.add_contribution({**clean, "w": clean["w"] + 0.0178}, base_version=base.id, contributor="twice",
                                   task="t", num_examples=1)
 
     pickle_path = root / "body.bin"
@@ -207,11 +209,120 @@ def library_cases(root: Path) -> list[Case]:
         ("lineage", "a contribution fused twice", fused_twice, "was already fused into version"),
         ("lineage", "a refused contribution fused later", refused_then_fused, "was refused"),
         ("lineage", "another run's contribution", another_runs, "which fuses or abandons it itself"),
-        ("lineage", "the same upload twice", same_upload_twice, "already sent this exact payload"),
+        ("lineage", "the same upload twice", same_upload_twice, "refused (duplicate)"),
         ("upload", "pickle", lambda: read_upload(pickle_path, set(clean)), "pickle"),
         ("upload", "not a checkpoint", lambda: read_upload(write("z.txt", "hello"), set(clean)),
          "expected a .safetensors"),
         ("upload", "missing file", lambda: read_upload(root / "gone.safetensors", set(clean)), "no such file"),
+    ]
+
+
+# -- admission: what an outside party sends, refused with the rule it breaks ------------------
+
+def _attack_payloads(base: dict) -> list[tuple[str, bytes, dict, int, str]]:
+    """(what, payload bytes, encoding, declared examples, the rule that refuses it) against `base`."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in base.items()})
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    for info in header.values():
+        info["data_offsets"] = [0, info["data_offsets"][1] - info["data_offsets"][0]]  # all at the same bytes
+    head = json.dumps(header).encode()
+    shared = len(head).to_bytes(8, "little") + head + data[8 + size:8 + size + max(
+        i["data_offsets"][1] for i in header.values())]
+    honest = {k: v + 1e-3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in base.items()}
+    return [
+        ("tensors sharing their bytes", shared, {"kind": "full"}, 10, "format"),
+        ("a full body sent as a delta", save({k: v.half() for k, v in base.items()}),
+         {"kind": "delta", "dtype": "float16"}, 10, "norm"),
+        ("an empty sparse payload", save({}), {"kind": "sparse"}, 10, "no-op"),
+        ("the unchanged base", data, {"kind": "full"}, 10, "no-op"),
+        ("an update scaled 1000x, alone", save({k: base[k] + 1000 * (honest[k] - base[k]) for k in base}),
+         {"kind": "full"}, 10, "norm"),
+        ("a trillion declared examples", save(honest), {"kind": "full"}, 10**12, "examples"),
+    ]
+
+
+def _base_body() -> dict:
+    return {"w": torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), "b": torch.randn(8)}
+
+
+def admission_cases(root: Path) -> list[Case]:
+    from coldfusion.repository import Repository
+
+    repo = Repository(root / "repo")
+    base = _base_body()
+    v1 = repo.add_version(base, model_source="m")
+
+    def admit(data, encoding, examples, ref=v1.id, who="mallory"):
+        return lambda: repo.add_contribution(data, base_version=ref, contributor=who, task="t",
+                                             num_examples=examples, encoding=encoding)
+
+    def twice_two_bases():
+        from safetensors.torch import save
+
+        data = save({k: v + 2e-3 for k, v in base.items()})
+        c = repo.add_contribution(data, base_version=v1.id, contributor="twice", task="t", num_examples=1)
+        v2 = repo.fuse(v1.id, [c.id])
+        return repo.add_contribution(data, base_version=v2.id, contributor="twice", task="t", num_examples=1)
+
+    def held_back_base():
+        c = repo.add_contribution({k: v + 3e-3 for k, v in base.items()}, base_version=v1.id, contributor="held",
+                                  task="t", num_examples=1)
+        held = repo.fuse(v1.id, [c.id])
+        repo.hold_back(held.id, "scores below its parent on the operator's suite")
+        return repo.add_contribution({k: v + 4e-3 for k, v in base.items()}, base_version=held.id,
+                                     contributor="held", task="t", num_examples=1)
+
+    cases = [("admission", what, admit(data, encoding, examples), f"refused ({rule})")
+             for what, data, encoding, examples, rule in _attack_payloads(base)]
+    return cases + [
+        ("admission", "the same bytes claiming two bases", twice_two_bases, "refused (duplicate)"),
+        ("admission", "a held-back version as its base", held_back_base, "refused (base): version"),
+        *[("admission", f"base {ref[:12]!r}", admit(b"", {"kind": "full"}, 1, ref=ref), "refused (base)")
+          for ref in ODD_REFS],
+    ]
+
+
+def http_cases(root: Path) -> list[Case]:
+    """The service's routes in process (FastAPI's TestClient: the app as served, without a socket)."""
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save
+
+    from coldfusion.infra.errors import ColdFusionError
+    from coldfusion.repository import Repository
+    from coldfusion.service.app import create_app
+    from coldfusion.service.settings import ServiceSettings
+    from coldfusion.service.tokens import ServiceStore
+
+    repo = Repository(root / "repo")
+    base = _base_body()
+    repo.add_version(base, model_source="m")
+    token = ServiceStore(repo.root).issue("mallory")
+    client = TestClient(create_app(repo.root, ServiceSettings(fusion={"enabled": False})))
+
+    def judged(response):
+        if response.status_code >= 500:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code >= 400:
+            raise ColdFusionError(f"HTTP {response.status_code}: {response.json().get('detail')}")
+        return response
+
+    def post(data, encoding, examples, ref="1"):
+        return lambda: judged(client.post("/v1/contributors/mallory/contributions", content=data,
+                                          params={"base": ref, "task": "t", "examples": examples,
+                                                  "encoding": json.dumps(encoding)},
+                                          headers={"Authorization": f"Bearer {token}"}))
+
+    cases = [("http", what, post(data, encoding, examples), f"refused ({rule})")
+             for what, data, encoding, examples, rule in _attack_payloads(base)]
+    honest = save({k: v + 1e-3 for k, v in base.items()})
+    return cases + [
+        *[("http", f"GET version {ref[:12]!r}", lambda r=ref: judged(client.get(f"/v1/versions/{r}")),
+           "a version is 'latest', an id") for ref in ODD_REFS if ref not in ("%", "%5_")],
+        *[("http", f"push onto base {ref[:12]!r}", post(honest, {"kind": "full"}, 1, ref=ref), "HTTP 422")
+          for ref in ODD_REFS],
     ]
 
 
@@ -461,9 +572,9 @@ def command_line_cases(root: Path) -> list[Case]:
     root.mkdir(parents=True)
     runner = CliRunner()
     repo = Repository(root / "repo")
-    repo.add_version({"w": torch.zeros(2)}, model_source="m")
+    repo.add_version({"w": torch.full((2,), 0.001)}, model_source="m")
     upload = root / "body.safetensors"
-    save_file({"w": torch.ones(2)}, upload)
+    save_file({"w": torch.ones(2)}, upload)  # a thousandfold the base: refused by the norm bound
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("mine")
     (root / "garbage").mkdir()
@@ -474,7 +585,13 @@ def command_line_cases(root: Path) -> list[Case]:
         ("command line", "contribute: examples 0", cli(*contribute, "--base", 1, "--examples", 0), "--examples"),
         ("command line", "contribute: unknown base", cli(*contribute, "--base", 9, "--examples", 1), "no version 9"),
         ("command line", "contribute: base as text", cli(*contribute, "--base", "zz", "--examples", 1),
-         "matches 0 versions"),
+         "a version is 'latest', an id"),
+        *[("command line", f"contribute: base {ref[:12]!r}", cli(*contribute, "--base", ref, "--examples", 1),
+           "a version is 'latest', an id") for ref in ODD_REFS],
+        *[("command line", f"export: version {ref[:12]!r}", cli("export", repo.root, ref, root / "odd"),
+           "a version is 'latest', an id") for ref in ODD_REFS],
+        ("command line", "contribute: an update scaled 1000x", cli(*contribute, "--base", 1, "--examples", 1),
+         "refused (norm)"),
         ("command line", "contribute: no repository", cli("contribute", root / "none", upload, "--base", 1,
                                                           "--contributor", "x", "--task", "t", "--examples", 1),
          "no repository at"),
@@ -506,6 +623,9 @@ def command_line_cases(root: Path) -> list[Case]:
         ("command line", "rank: unknown target", cli("rank", "default", "--target", "no_such_task"),
          "unknown task 'no_such_task'"),
     ]
+
+
+ODD_REFS = ["²", "v²", "9" * 5000, "%", "_", "%5_", "٣"]
 
 
 def _write(path: Path, text: str) -> Path:
