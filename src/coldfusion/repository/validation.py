@@ -8,9 +8,9 @@ a contribution arrives, whatever door it came through:
 - the exact key set, shapes and dtypes of its base's body; finite values; integer tensors
   unchanged;
 - a real update: its delta ||body - base|| is not zero;
-- a bounded delta: at most `base_norm_factor` times the base's own norm (an honest finetune
-  of the MiniLM moves about a five-hundredth of it), so the first contribution, and a
-  fusion of one, are protected too; at most `outlier_factor` times the median delta norm of
+- a bounded delta: at most `base_norm_factor` times the base's own norm (an update half the
+  size of the whole model is no finetune), so the first contribution, and a fusion of one,
+  are protected too; at most `outlier_factor` times the median delta norm of
   the last `norm_history` contributions admitted along the base's lineage, once 3 exist; at
   most `max_delta_norm` when set;
 - at most `max_examples` declared examples (they weigh `weighted` fusion).
