@@ -23,6 +23,14 @@ share it, and contributor i talks to replica i mod N.
 Prints JSON lines (and appends them to results/service_load.jsonl); the last is
 {"metric": "service_load", "contributors", "uploads", "acknowledged", "lost", "fused_twice",
 "p50_upload_s", "p99_upload_s", ...}.
+
+    python benchmarks/service_load.py --ingest [--body-mb 500] [--repeats 3]
+
+measures one large upload instead: a synthetic body of RoBERTa-base's layout (125M fp32
+parameters, about 500 MB) against a base of the same layout, uploaded to `coldfusion serve`
+(fusion off: what is timed is receiving and admission, up to the 201) and to the bare sink
+in the same run, `--repeats` times each; the last line is {"metric": "service_ingest",
+"body_mb", "ours_mb_s", "sink_mb_s", "ratio"} (the best of the repeats, each side).
 """
 
 import argparse
@@ -150,6 +158,79 @@ def tiny_repository(root: Path, repo_root: Path):
     return repo
 
 
+def roberta_base_body(scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """RoBERTa-base's body layout (names and shapes, from its config), filled with seeded noise:
+    the size of a real body without a download. `scale` < 1 shrinks the vocabulary and the
+    layer count, to try the benchmark quickly."""
+    from transformers import RobertaConfig, RobertaModel
+
+    config = RobertaConfig(vocab_size=max(1000, int(50265 * scale)), num_hidden_layers=max(1, round(12 * scale)))
+    with torch.device("meta"):
+        layout = {k: (v.shape, v.dtype) for k, v in RobertaModel(config, add_pooling_layer=False).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    return {k: (0.02 * torch.randn(shape, generator=g)).to(dtype) if dtype.is_floating_point
+            else torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
+
+
+def ingest(args) -> None:
+    """One large upload, ours against the sink (see the module's docstring)."""
+    from coldfusion.repository import Repository
+    from coldfusion.service.tokens import ServiceStore
+
+    env = {**os.environ}
+    base = roberta_base_body(args.body_mb / 500)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        repo = Repository(root / "repo")
+        repo.add_version(base, model_source="synthetic-roberta-base")
+        token = ServiceStore(repo.root).issue("alice")
+        payloads = []
+        for r in range(args.repeats):  # distinct uploads: the same bytes twice would be a duplicate
+            g = torch.Generator().manual_seed(r + 1)
+            payloads.append(save_safetensors({k: v + 1e-3 * torch.randn(v.shape, generator=g)
+                                              if v.is_floating_point() else v for k, v in base.items()}))
+        del base
+        mb = len(payloads[0]) / 1e6
+
+        def timed(url: str, params: dict | None = None, headers: dict | None = None) -> list[float]:
+            seconds = []
+            with httpx.Client(timeout=600) as client:
+                for data in payloads:
+                    started = time.perf_counter()
+                    r = client.post(url, content=data, params=params, headers=headers)
+                    seconds.append(time.perf_counter() - started)
+                    r.raise_for_status()
+            return seconds
+
+        port = free_port()
+        (root / "sink").mkdir()
+        sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(root / "sink")], env=env)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/docs", sink)
+            sink_s = timed(f"http://127.0.0.1:{port}/upload")
+        finally:
+            stop(sink)
+        shutil.rmtree(root / "sink")
+        config = root / "service.yaml"
+        config.write_text(yaml.safe_dump({"max_upload_mb": 4 * mb, "fusion": {"enabled": False}}))
+        port = free_port()
+        log = open(root / "serve.log", "w")
+        serve = subprocess.Popen([sys.executable, "-m", "coldfusion", "serve", str(repo.root), "--port", str(port),
+                                  "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/v1/versions", serve)
+            ours_s = timed(f"http://127.0.0.1:{port}/v1/contributors/alice/contributions",
+                           {"base": 1, "task": "t", "examples": 10}, {"Authorization": f"Bearer {token}"})
+        finally:
+            stop(serve)
+            log.close()
+        for side, seconds in (("sink", sink_s), ("ours", ours_s)):
+            emit({"part": "ingest", "server": side, "body_mb": round(mb, 1), "seconds": [round(s, 3) for s in seconds]})
+        ours, peer = mb / min(ours_s), mb / min(sink_s)
+        emit({"metric": "service_ingest", "body_mb": round(mb, 1), "ours_mb_s": round(ours, 1),
+              "sink_mb_s": round(peer, 1), "ratio": round(ours / peer, 3), "repeats": args.repeats})
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -188,9 +269,15 @@ def main() -> None:
                                                             "replicas over PostgreSQL + S3")
     p.add_argument("--out", type=Path, default=None, help="JSON lines are appended here too (default: "
                                                         "results/service_load.jsonl)")
+    p.add_argument("--ingest", action="store_true", help="measure one large upload against the sink instead")
+    p.add_argument("--body-mb", type=float, default=500.0, help="--ingest: the body's size (500: RoBERTa-base)")
+    p.add_argument("--repeats", type=int, default=3, help="--ingest: uploads each side")
     args = p.parse_args()
     global OUT
     OUT = args.out or OUT
+    if args.ingest:
+        ingest(args)
+        return
     from coldfusion.repository import Repository
     from coldfusion.service.tokens import ServiceStore
 

@@ -11,7 +11,7 @@ import torch
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import save_tensors
 from coldfusion.io.tensorfile import SafetensorsReader
-from coldfusion.repository import Repository
+from coldfusion.repository import Repository, intake
 from coldfusion.repository.intake import Refused
 from coldfusion.repository.validation import ValidationSettings, inspect_contribution, norm_problem
 
@@ -137,6 +137,7 @@ def test_corrupt_contribution_file_is_refused_and_a_corrupt_base_stops_fusion(tm
     base_path.write_bytes(base_path.read_bytes()[:-4])
     with pytest.raises(ColdFusionError, match="base version 1 .* does not match its checksum"):
         repo.fuse(base.id, [c.id])
+    intake._BASES.clear()  # (admission keeps the bases it read in memory; a fresh process reads this one again)
     with pytest.raises(ColdFusionError, match="checksum mismatch .* the file is corrupt") as damaged:
         contribute(repo, base, body(4.0), "d")  # admission reads the base too: damage is not the sender's fault
     assert not isinstance(damaged.value, Refused)

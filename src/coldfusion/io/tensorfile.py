@@ -117,7 +117,8 @@ class SafetensorsReader:
                         self._where[key[len(prefix):]] = (fd, 8 + size, info)
         except (OSError, ValueError) as exc:
             self.close()
-            raise ColdFusionError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise ColdFusionError(f"{self.label if len(files) == 1 else path}: not a readable safetensors file "
+                                  f"({exc})") from None
 
     def close(self) -> None:
         for fd in self._fds:

@@ -16,6 +16,9 @@ The fusion that follows only selects, rebases, fuses and records (fusion_pipelin
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.names import check_name
 from coldfusion.io.checkpoint import Tensors, serialize, sha256_bytes
-from coldfusion.io.tensorfile import header_of_bytes
+from coldfusion.io.tensorfile import SafetensorsReader, header_of_bytes
 from coldfusion.repository.validation import InMemory, ValidationSettings, inspect_contribution, norm_problem
 
 if TYPE_CHECKING:
@@ -85,10 +88,19 @@ def refuse(repo: Repository, claim: Claim, rule: str, reason: str, sha256: str |
     return Refused(rule, reason, refusal)
 
 
-def admit(repo: Repository, payload: Path | bytes | Tensors, claim: Claim, rules: ValidationSettings | None = None,
-          stats: dict[str, Tensors] | None = None) -> Contribution:
-    """Admit `payload` (a file as received, its bytes, or tensors) as a contribution waiting
-    to be fused, or record why not and raise `Refused`."""
+@dataclass(frozen=True)
+class Received:
+    """An upload this process received into a file of its own, hashed as it arrived: admission
+    reads it once and stores it by moving it (the file is gone afterwards)."""
+
+    path: Path
+    sha256: str
+
+
+def admit(repo: Repository, payload: Received | Path | bytes | Tensors, claim: Claim,
+          rules: ValidationSettings | None = None, stats: dict[str, Tensors] | None = None) -> Contribution:
+    """Admit `payload` (an upload received into a file, a file to copy, its bytes, or tensors)
+    as a contribution waiting to be fused, or record why not and raise `Refused`."""
     rules = rules or ValidationSettings()
     check_name(claim.contributor, "contributor")  # unnamed senders are not recorded: the name is the record's key
     try:
@@ -100,55 +112,94 @@ def admit(repo: Repository, payload: Path | bytes | Tensors, claim: Claim, rules
     except Refused as exc:
         raise refuse(repo, claim, exc.rule, exc.reason) from None
     base = _live_base(repo, claim)
-    data = payload if isinstance(payload, bytes) else Path(payload).read_bytes() if isinstance(payload, Path) \
-        else serialize(payload)
-    sha = sha256_bytes(data)
+    if isinstance(payload, Received):
+        data, sha = payload, payload.sha256
+    else:
+        data = payload if isinstance(payload, bytes) else Path(payload).read_bytes() if isinstance(payload, Path) \
+            else serialize(payload)
+        sha = sha256_bytes(data)
     _refuse_duplicate(repo, claim, sha)  # before any decoding: a copy costs nothing more
     history = _admitted_norms(repo, base, rules.norm_history)
     try:
-        examined = examine(data, claim.encoding, repo.load(base.sha256), history, rules)
+        examined = examine(data.path if isinstance(data, Received) else data, claim.encoding,
+                           _base_tensors(repo, base), history, rules, base_norm=_BASE_NORMS.get(base.sha256))
     except Refused as exc:
         raise refuse(repo, claim, exc.rule, f"against version {base.id}: {exc.reason}", sha) from None
+    _BASE_NORMS[base.sha256] = examined.base_norm
     return _store(repo, data, sha, claim, base.id, examined.delta_norm, stats)
+
+
+# The bases admission reads, by checksum (content-addressed, so never stale) and only for
+# reading: a service checks every upload against the same few versions. Two at most: each
+# is a whole body in memory.
+_BASES: OrderedDict[str, Tensors] = OrderedDict()
+_BASE_NORMS: dict[str, float] = {}
+_BASES_LOCK = threading.Lock()
+
+
+def _base_tensors(repo: Repository, base: Version) -> Tensors:
+    with _BASES_LOCK:
+        if base.sha256 in _BASES:
+            _BASES.move_to_end(base.sha256)
+            return _BASES[base.sha256]
+    tensors = repo.load(base.sha256)  # checked against its checksum once
+    with _BASES_LOCK:
+        _BASES[base.sha256] = tensors
+        while len(_BASES) > 2:
+            _BASES.popitem(last=False)
+    return tensors
 
 
 @dataclass(frozen=True)
 class Examined:
     """A payload that passed `examine`: the body it stands for, and how far it moved."""
 
-    body: Tensors
+    body: Tensors | None  # None for a full body read from a file (it was inspected tensor by tensor)
     delta_norm: float
+    base_norm: float
 
 
-def examine(data: bytes, encoding: dict, base: Tensors, admitted_norms: list[float],
-            rules: ValidationSettings) -> Examined:
-    """The checks of a payload's bytes that need no index: its format, its decoding against
-    `base` (the tensors of the version it claims), the body against that base, the norm rules
-    (`admitted_norms`: the delta norms admitted before it, newest first). Raises `Refused`
-    (nothing recorded: `admit` records; Flower's strategy keeps no record)."""
+def examine(data: bytes | Path, encoding: dict, base: Tensors, admitted_norms: list[float],
+            rules: ValidationSettings, base_norm: float | None = None) -> Examined:
+    """The checks of a payload (its bytes, or a file) that need no index: its format, its
+    decoding against `base` (the tensors of the version it claims), the body against that
+    base, the norm rules (`admitted_norms`: the delta norms admitted before it, newest first;
+    `base_norm`, if the caller knows it). Raises `Refused` (nothing recorded: `admit` records;
+    Flower's strategy keeps no record). A full body in a file is read tensor by tensor, once."""
     from safetensors.torch import load
 
-    try:
-        header_of_bytes(data)
-        payload = load(data)
-    except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
-        raise Refused("format", f"not a valid safetensors file: {exc}") from None
     kind = encoding.get("kind", "full")
-    body = payload
-    if kind != "full":
-        from coldfusion.encodings import decode_contribution
-
+    with ExitStack() as stack:
         try:
-            body = decode_contribution(payload, encoding, base)
-        except (ColdFusionError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise Refused("encoding", f"its {kind} encoding cannot be decoded: {exc}") from None
-    found = inspect_contribution(InMemory(body), InMemory(base))
+            if isinstance(data, Path):
+                reader = stack.enter_context(SafetensorsReader([data], label="the upload"))
+                payload = reader if kind == "full" else {k: reader.get_tensor(k) for k in sorted(reader.keys())}
+            else:
+                header_of_bytes(data)
+                payload = load(data)
+        except ColdFusionError as exc:  # our reader's message names the rule broken
+            raise Refused("format", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+            raise Refused("format", f"not a valid safetensors file: {exc}") from None
+        body = payload
+        if kind != "full":
+            from coldfusion.encodings import decode_contribution
+
+            try:
+                body = decode_contribution(payload, encoding, base)
+            except (ColdFusionError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+                raise Refused("encoding", f"its {kind} encoding cannot be decoded: {exc}") from None
+        try:
+            found = inspect_contribution(body if isinstance(body, SafetensorsReader) else InMemory(body),
+                                         InMemory(base), base_norm)
+        except ColdFusionError as exc:  # a tensor shorter than its header says
+            raise Refused("format", str(exc)) from None
     if found.problem:
         raise Refused(found.rule, found.problem)
     problem = norm_problem(found.delta_norm, admitted_norms, found.base_norm, rules)
     if problem:
         raise Refused("no-op" if found.delta_norm == 0 else "norm", problem)
-    return Examined(body, found.delta_norm)
+    return Examined(None if isinstance(body, SafetensorsReader) else body, found.delta_norm, found.base_norm)
 
 
 def check_examples(examples, rules: ValidationSettings) -> None:
@@ -158,15 +209,20 @@ def check_examples(examples, rules: ValidationSettings) -> None:
                                   f"{rules.max_examples}")
 
 
-def _store(repo: Repository, data: bytes, sha: str, claim: Claim, base_version: int, delta_norm: float,
+def _store(repo: Repository, data: Received | bytes, sha: str, claim: Claim, base_version: int, delta_norm: float,
            stats: dict[str, Tensors] | None) -> Contribution:
     """Write the payload as received (and its statistics), then index it, unless an admitted
     twin was indexed meanwhile (checked inside the transaction: replicas take turns there)."""
-    repo.object_store.put(f"{sha}.safetensors", data)
+    if isinstance(data, Received):
+        size = data.path.stat().st_size
+        repo.object_store.put_file(f"{sha}.safetensors", data.path)
+    else:
+        size = len(data)
+        repo.object_store.put(f"{sha}.safetensors", data)
     stats_stored = {kind: repo._put(t) for kind, t in (stats or {}).items()}
     with repo._db() as db:
         if _twin(db, sha, claim.run_id) is None:
-            repo._index(db, (sha, len(data)))
+            repo._index(db, (sha, size))
             stat_shas = {kind: repo._index(db, written) for kind, written in stats_stored.items()}
             new_id = db.execute(
                 "INSERT INTO contributions (sha256, base_version, contributor, task, num_examples, metrics, stats, "

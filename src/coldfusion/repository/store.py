@@ -38,7 +38,7 @@ from coldfusion.io.storage.objects import LocalObjects, S3Objects
 from coldfusion.io.storage.settings import FILE as STORAGE_FILE
 from coldfusion.io.storage.settings import read_settings
 from coldfusion.repository.fusion_pipeline import fuse_contributions
-from coldfusion.repository.intake import Claim, Refusal, admit
+from coldfusion.repository.intake import Claim, Received, Refusal, admit
 from coldfusion.repository.integrity import MIN_AGE_SECONDS, IntegrityReport, verify
 from coldfusion.repository.refs import BadReference, VersionRef, parse_ref
 from coldfusion.repository.schema import create_index
@@ -336,7 +336,7 @@ class Repository:
 
     # -- contributions -------------------------------------------------------------
     def add_contribution(
-        self, payload: "Tensors | Path | bytes", *, base_version: int | str, contributor: str, task: str,
+        self, payload: "Tensors | Received | Path | bytes", *, base_version: int | str, contributor: str, task: str,
         num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
         encoding: dict | None = None, run_id: str | None = None, rules: "ValidationSettings | None" = None,
     ) -> Contribution:

@@ -88,8 +88,11 @@ class InMemory:
         return self.tensors[name].reshape(-1)
 
 
-def inspect_contribution(body: "SafetensorsReader | InMemory", base: "SafetensorsReader | InMemory") -> Inspection:
-    """Structure and values of `body` against the `base` it was trained from, one tensor at a time."""
+def inspect_contribution(body: "SafetensorsReader | InMemory", base: "SafetensorsReader | InMemory",
+                         base_norm: float | None = None) -> Inspection:
+    """Structure and values of `body` against the `base` it was trained from, one tensor at a
+    time (norms in fp32, accumulated in fp64 across tensors); `base_norm`: the base's norm, if
+    known (else measured here too)."""
     import torch  # here: the settings above are read by configs that must load fast
 
     keys, expected = body.keys(), base.keys()
@@ -115,10 +118,11 @@ def inspect_contribution(body: "SafetensorsReader | InMemory", base: "Safetensor
         if not bool(finite.all()):
             bad = int((~finite).sum())
             return Inspection(f"tensor '{name}' has {bad} non-finite values (NaN or Inf)", rule="finite")
-        reference = reference.double()
-        squares += float((values.double() - reference).square().sum())
-        base_squares += float(reference.square().sum())
-    return Inspection(None, math.sqrt(squares), math.sqrt(base_squares))
+        reference = reference.float()
+        squares += float(torch.linalg.vector_norm(values.float() - reference)) ** 2
+        if base_norm is None:
+            base_squares += float(torch.linalg.vector_norm(reference)) ** 2
+    return Inspection(None, math.sqrt(squares), math.sqrt(base_squares) if base_norm is None else base_norm)
 
 
 def norm_problem(norm: float, admitted: Sequence[float], base_norm: float, settings: ValidationSettings) -> str | None:

@@ -22,6 +22,7 @@ refusal, these and the transport's own (413, 408), is recorded in the repository
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import shutil
@@ -39,7 +40,7 @@ from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
-from coldfusion.repository.intake import Claim, Refused, refuse
+from coldfusion.repository.intake import Claim, Received, Refused, refuse
 from coldfusion.repository.refs import BadReference, parse_ref
 from coldfusion.service.fuser import Fuser
 from coldfusion.service.leaderboard import contributors, leaderboard
@@ -180,8 +181,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                               f"{settings.max_upload_bytes}")
         path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
         try:
-            await receive(request, path, claim)
-            contribution = await run_in_threadpool(admit_upload, path, claim, encoding)
+            received = await receive(request, path, claim)
+            contribution = await run_in_threadpool(admit_upload, received, claim, encoding)
         except Refused as exc:  # admission recorded it
             raise HTTPException(422, str(exc)) from None
         except ColdFusionError as exc:
@@ -199,15 +200,16 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         error = refuse(repository(), claim, rule, reason)
         return HTTPException(status, str(error))
 
-    async def receive(request: Request, path: Path, claim: Claim) -> None:
-        """The request body into `path`, refused past the size limit or after a stall."""
-        chunks, size = request.stream().__aiter__(), 0
+    async def receive(request: Request, path: Path, claim: Claim) -> Received:
+        """The request body into `path`, hashed as it arrives; refused past the size limit or
+        after a stall."""
+        chunks, size, digest = request.stream().__aiter__(), 0, hashlib.sha256()
         with open(path, "wb") as f:
             while True:
                 try:
                     chunk = await asyncio.wait_for(chunks.__anext__(), settings.read_timeout_seconds)
                 except StopAsyncIteration:
-                    return
+                    return Received(path, digest.hexdigest())
                 except TimeoutError:
                     raise refused(claim, 408, "stalled", "the upload stalled: nothing arrived for "
                                                          f"{settings.read_timeout_seconds:g} seconds") from None
@@ -216,9 +218,11 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                     raise refused(claim, 413, "size", f"the upload passed the limit of {settings.max_upload_bytes} "
                                                       "bytes")
                 f.write(chunk)
+                digest.update(chunk)
 
-    def admit_upload(path: Path, claim: Claim, encoding: str):
-        """The upload, as received, through the repository's admission step."""
+    def admit_upload(received: Received, claim: Claim, encoding: str):
+        """The upload, as received, through the repository's admission step (which stores it
+        by moving the file)."""
         repo = repository()
         if claim.base == "latest":  # with an operator's suite: the newest version it published
             claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
@@ -226,7 +230,7 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             claim = replace(claim, encoding=parse_encoding(encoding))
         except ColdFusionError as exc:
             raise refuse(repo, claim, "encoding", str(exc)) from None
-        return repo.add_contribution(path, base_version=claim.base, contributor=claim.contributor, task=claim.task,
+        return repo.add_contribution(received, base_version=claim.base, contributor=claim.contributor, task=claim.task,
                                      num_examples=claim.examples, encoding=claim.encoding,
                                      rules=settings.fusion.validation)
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from coldfusion.infra.errors import ColdFusionError
-from coldfusion.io.checkpoint import atomic_write_bytes
+from coldfusion.io.checkpoint import FILE_MODE, atomic_write_bytes
 from coldfusion.io.model_files import sha256_file
 
 log = logging.getLogger("coldfusion.repository")
@@ -53,6 +53,23 @@ class LocalObjects:
     def put(self, name: str, data: bytes) -> None:
         if not self.local(name).exists():
             atomic_write_bytes(self.local(name), data)
+
+    def put_file(self, name: str, path: Path) -> None:
+        """Store the file at `path` (this process's own, e.g. an upload it received) under
+        `name` by moving it: made durable (fsync), then renamed into place, never rewritten.
+        `path` is gone afterwards."""
+        target = self.local(name)
+        if target.exists():
+            Path(path).unlink(missing_ok=True)
+            return
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(path, FILE_MODE)
+        try:
+            os.replace(path, target)
+        except OSError:  # another file system: copied (atomically), then the original removed
+            atomic_write_bytes(target, Path(path).read_bytes())
+            Path(path).unlink(missing_ok=True)
 
     def names(self) -> dict[str, float]:
         """What is stored (temporary files of interrupted writes excluded), with when each
@@ -146,6 +163,16 @@ class S3Objects(LocalObjects):
         errors, wrap = self._errors(f"writing {name}")
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+        except errors as exc:
+            raise wrap(exc) from None
+
+    def put_file(self, name: str, path: Path) -> None:
+        super().put_file(name, path)  # into the cache, then from there to the bucket
+        if self.stored(name):
+            return
+        errors, wrap = self._errors(f"writing {name}")
+        try:
+            self.client.upload_file(str(self.local(name)), self.bucket, self.prefix + name)
         except errors as exc:
             raise wrap(exc) from None
 
