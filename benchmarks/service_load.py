@@ -78,7 +78,26 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 '''
 
 
+def provenance() -> dict:
+    """What a row was measured with: the commit (and whether the tree differed from it), the
+    versions, the machine. Bodies are fp32 and nothing is trained: no compute precision applies."""
+    import platform
+
+    import coldfusion
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": bool(git("status", "--porcelain", "src")),
+            "coldfusion": coldfusion.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "precision": "fp32 bodies",
+            "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
 def emit(row: dict) -> None:
+    row = {**row, **provenance()} if "metric" in row else row
     line = json.dumps(row)
     print(line, flush=True)
     with open(OUT, "a") as f:
