@@ -8,7 +8,8 @@ import torch
 from test_loop import tiny_config
 
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
-from coldfusion.collab.node import HeadStore, NodeSettings
+from coldfusion.collab.node import NodeSettings
+from coldfusion.contributors.heads import HeadStore
 from coldfusion.encodings import EncodingSettings
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.runtime import resolve_device

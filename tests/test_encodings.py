@@ -167,7 +167,7 @@ def test_every_encoding_runs_the_loop_and_reports_its_bytes(tiny_model_dir, toy_
 
 
 def test_lora_training_sends_only_factors_that_decode_to_the_trained_body(tiny_model_dir, toy_task_files):
-    from coldfusion.collab.contributor import Contributor
+    from coldfusion.contributors.contributor import Contributor
     from coldfusion.models.encoder import Encoder
     from coldfusion.tasks import TaskSpec, load_task
     from coldfusion.training import FinetuneSettings
@@ -266,7 +266,7 @@ def test_a_fish_mask_restricts_training_to_its_entries():
 
 
 def test_a_fish_contributor_sends_exactly_its_mask(tiny_model_dir, toy_task_files):
-    from coldfusion.collab.contributor import Contributor
+    from coldfusion.contributors.contributor import Contributor
     from coldfusion.models.encoder import Encoder
     from coldfusion.tasks import TaskSpec, load_task
     from coldfusion.training import FinetuneSettings

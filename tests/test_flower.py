@@ -20,7 +20,6 @@ from coldfusion.cli import app  # noqa: E402
 from coldfusion.collab import run_cold_fusion  # noqa: E402
 from coldfusion.collab.config import AttackSettings, FusionSettings, dump_config, parse_config  # noqa: E402
 from coldfusion.collab.consortium import ConsortiumSettings  # noqa: E402
-from coldfusion.collab.contributor import ContributionResult  # noqa: E402
 from coldfusion.collab.flower import deployment  # noqa: E402
 from coldfusion.collab.flower.deployment import LocalFederation, write_app  # noqa: E402
 from coldfusion.collab.flower.messages import (  # noqa: E402
@@ -34,6 +33,7 @@ from coldfusion.collab.flower.messages import (  # noqa: E402
 from coldfusion.collab.flower.security import make_certificates  # noqa: E402
 from coldfusion.collab.flower.simulation import run_on_simulation  # noqa: E402
 from coldfusion.collab.flower.strategy import ColdFusionStrategy  # noqa: E402
+from coldfusion.contributors.contributor import ContributionResult  # noqa: E402
 from coldfusion.encodings import EncodingSettings  # noqa: E402
 from coldfusion.repository import Repository  # noqa: E402
 from coldfusion.repository.outer import OuterSettings  # noqa: E402

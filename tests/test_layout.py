@@ -7,9 +7,11 @@ import coldfusion
 
 PACKAGE = Path(coldfusion.__file__).parent
 # entry point > experiments and the service > evaluation (the protocols every experiment scores
-# with) > repository > training, fusion, encodings > tasks, models > io > infra
+# with), contributors (the one contributor that the loop, Flower and the service drive) >
+# repository > training, fusion, encodings > tasks, models > io > infra
 LAYERS = {"cli": 7, "collab": 6, "multitask": 6, "selection": 6, "merge": 6, "service": 6, "evaluation": 5,
-          "repository": 4, "training": 3, "fusion": 3, "encodings": 3, "tasks": 2, "models": 2, "io": 1, "infra": 0}
+          "contributors": 5, "repository": 4, "training": 3, "fusion": 3, "encodings": 3, "tasks": 2, "models": 2,
+          "io": 1, "infra": 0}
 
 
 def imported_packages(path: Path) -> set[str]:

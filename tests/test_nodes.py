@@ -12,7 +12,8 @@ from test_loop import final_body, tiny_config
 from coldfusion.collab import run_cold_fusion
 from coldfusion.collab.consortium import ConsortiumSettings, contributor_for
 from coldfusion.collab.local_engine import LocalEngine
-from coldfusion.collab.node import HeadStore, NodeSettings, default_state_dir
+from coldfusion.collab.node import NodeSettings, default_state_dir
+from coldfusion.contributors.heads import HeadStore
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.progress import SilentProgress
 from coldfusion.models.encoder import Encoder
@@ -123,7 +124,7 @@ def test_the_local_engine_keeps_heads_on_disk_and_a_resumed_run_uses_them(tiny_m
 
 def test_declines_reach_the_results_lineage_and_report(tiny_model_dir, toy_task_files, tmp_path, monkeypatch):
     """A contributor that declines a round is recorded like a missing one, with its reason."""
-    from coldfusion.collab import contributor as contributor_module
+    from coldfusion.contributors import contributor as contributor_module
 
     original = contributor_module.Contributor.declines
     monkeypatch.setattr(contributor_module.Contributor, "declines",

@@ -20,6 +20,7 @@ from transformers import AutoModel, BertForSequenceClassification
 from typer.testing import CliRunner
 
 from coldfusion.cli import app
+from coldfusion.encodings import EncodingSettings
 from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
 from coldfusion.repository.validation import ValidationSettings
@@ -250,21 +251,22 @@ def test_a_contribute_loop_whose_contribution_is_held_back_twice_trains_again(re
     held back, requeued, held back again and refused; the loop does not wait for a base that
     will never come, trains again on the published base, and its second contribution is fused."""
     import coldfusion.service.contribute_loop as loop_module
+    from coldfusion.contributors.encodings import Encoding
     from coldfusion.service.client import ServiceClient
 
     alice = issue(repo, "alice")
     suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "margin": 5.0,
              "evaluation": {"train_examples": 200, "validation_examples": 60, "test_examples": 100},
              "max_length": 16, "threads": 1, "precision": "fp32"}
-    honest, sent = loop_module.encode_contribution, []
+    honest, sent = Encoding.payload, []
 
-    def first_one_harmful(body, base, settings):
+    def first_one_harmful(self, model, base):
         sent.append(1)
         if len(sent) == 1:
             return {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in base.items()}
-        return honest(body, base, settings)
+        return honest(self, model, base)
 
-    monkeypatch.setattr(loop_module, "encode_contribution", first_one_harmful)
+    monkeypatch.setattr(Encoding, "payload", first_one_harmful)
     config = loop_module.ContributeLoopConfig.model_validate({
         "task": {"name": "topic", "path": str(toy_task_files["topic"])}, "rounds": 2, "examples_per_round": 120,
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "poll_seconds": 0.2, "threads": 1,
@@ -279,6 +281,42 @@ def test_a_contribute_loop_whose_contribution_is_held_back_twice_trains_again(re
         history = client._get("/v1/contributors/alice/history").json()["contributions"]
     assert [(c["id"], c["status"], c["fused_into"]) for c in history] == [
         (1, "requeued", 2), (2, "refused", 3), (3, "fused", 4)]
+
+
+def test_contribute_loop_sends_lora_factors_and_fish_updates_and_keeps_its_head_across_restarts(
+        repo, tmp_path, toy_task_files):
+    """The one contributor behind contribute-loop: LoRA and a FISH mask travel as they do in a
+    run (factors; the masked entries), the service decodes and fuses them, and a restarted
+    loop takes up its round count and its head where it stopped."""
+    from coldfusion.service.client import ServiceClient
+    from coldfusion.service.contribute_loop import ContributeLoopConfig, contribute_loop
+
+    tokens = {name: issue(repo, name) for name in ("sentiment", "topic")}
+    encodings = {"sentiment": {"kind": "lora", "lora": {"r": 2, "target_modules": ["query", "value"]}},
+                 "topic": {"kind": "sparse", "score": "fisher", "density": 0.05}}
+    with Service(repo.root, FAST) as service:
+        rounds = {}
+        for name, token in tokens.items():
+            config = ContributeLoopConfig.model_validate({
+                "task": {"name": name, "path": str(toy_task_files[name])}, "rounds": 1, "examples_per_round": 120,
+                "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "poll_seconds": 0.2, "threads": 1,
+                "precision": "fp32", "max_length": 16, "contribution": encodings[name], "fisher_examples": 32})
+            with ServiceClient(service.url, token) as client:
+                rounds[name] = []
+                contribute_loop(client, config, tmp_path / f"work-{name}", on_round=rounds[name].append)
+        v2 = wait_for_version(service.url, 2)
+        assert sorted(v2["contributions"]) == [1, 2]
+        stored = {c.contributor: c for c in Repository(repo.root).contributions()}
+        assert stored["sentiment"].encoding["kind"] == "lora" and stored["sentiment"].encoding["r"] == 2
+        assert stored["topic"].encoding == {"kind": "sparse", "dtype": "float16", "density": 0.05,
+                                            "score": "fisher"}
+        assert (tmp_path / "work-topic" / "heads" / "topic" / "iter0000.safetensors").exists()
+        config = config.model_copy(update={"contribution": EncodingSettings(kind="delta")})
+        with ServiceClient(service.url, tokens["topic"]) as client:  # a restart: round 2, on version 2
+            contribute_loop(client, config, tmp_path / "work-topic", on_round=rounds["topic"].append)
+    assert [(r["round"], r["base"]) for r in rounds["topic"]] == [(1, 1), (2, 2)]
+    assert sorted(p.name for p in (tmp_path / "work-topic" / "heads" / "topic").iterdir()) == [
+        "iter0000.safetensors", "iter0001.safetensors"]
 
 
 def test_two_replicas_judging_the_same_version_agree_and_record_one_verdict(repo, toy_task_files):

@@ -15,8 +15,9 @@ from typing import Literal
 from pydantic import Field
 
 from coldfusion.collab.config import RunConfig
-from coldfusion.collab.contributor import Contributor
-from coldfusion.collab.node import HeadStore, NodeSettings
+from coldfusion.collab.node import NodeSettings
+from coldfusion.contributors.contributor import Contributor
+from coldfusion.contributors.heads import HeadStore
 from coldfusion.encodings import EncodingSettings
 from coldfusion.infra.config_files import ConfigSection
 from coldfusion.infra.errors import ColdFusionError

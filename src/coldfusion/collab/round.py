@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from coldfusion.collab.contributor import ContributionResult
+from coldfusion.contributors.contributor import ContributionResult
 
 
 @dataclass

@@ -18,7 +18,7 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from coldfusion.collab.consortium import ConsortiumSettings
-from coldfusion.collab.contributor import ContributionResult
+from coldfusion.contributors.contributor import ContributionResult
 from coldfusion.fusion.registry import STATISTICS
 from coldfusion.io.checkpoint import Tensors
 

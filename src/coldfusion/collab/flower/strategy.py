@@ -22,8 +22,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from coldfusion.collab.contributor import ContributionResult
 from coldfusion.collab.flower.messages import from_record, read_contribution, read_declined, to_record
+from coldfusion.contributors.contributor import ContributionResult
 from coldfusion.fusion import get_operator
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.checkpoint import save_tensors, serialize, sha256_bytes

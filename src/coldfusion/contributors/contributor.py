@@ -1,10 +1,11 @@
-"""A contributor: holds one private task, finetunes the base it is sent, returns its update,
-and scores each new base on its own task.
+"""The contributor: holds one private task, finetunes the base it is sent, returns its update,
+and scores each new base on its own task. The loop (local and Flower engines) and the
+service's `contribute-loop` all drive this one class.
 
-Its data never leaves it; what it sends is its finetuned body, encoded as the run says
-(the full body, a delta, a sparse delta or LoRA factors; see encodings/), its example
-count, and its evaluation numbers (accuracy, macro-F1, per-example correctness bits).
-It may decline a round (`declines`), saying why.
+Its data never leaves it; what it sends is its finetuned body, encoded as it was told (the
+full body, a delta, a sparse delta, a FISH-masked update or LoRA factors; encodings.py), its
+example count, its statistics if asked (Fisher, Gram) and its evaluation numbers (accuracy,
+macro-F1, per-example correctness bits). It may decline a round (`declines`), saying why.
 """
 
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from coldfusion.collab.node import HeadStore
-from coldfusion.encodings import FULL, EncodingSettings, encode_contribution
+from coldfusion.contributors.encodings import encoding_for
+from coldfusion.contributors.heads import HeadStore
+from coldfusion.encodings import FULL, EncodingSettings
 from coldfusion.infra.runtime import derive_seed
 from coldfusion.io.checkpoint import Tensors
-from coldfusion.models.encoder import Classifier, Encoder, body_tensors
+from coldfusion.models.encoder import Classifier, Encoder
 from coldfusion.tasks import Task
 from coldfusion.training import Encoded, FinetuneSettings, encode
 from coldfusion.training.finetune import finetune
@@ -115,56 +117,33 @@ class Contributor:
     def contribute(self, base: Tensors, iteration: int, on_step=None) -> ContributionResult:
         if self.head_store is not None:  # the head after the last round it trained in before this one
             self.head = self.head_store.before(iteration)
-        lora = self.encoding.kind == "lora"
+        encoding = encoding_for(self.encoding)
         # A fresh head (and LoRA's A factors) depend only on these names, not on what else ran
         # in this process: engines that run contributors elsewhere, and resumed runs, agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "head", self.name, iteration))
             model = Classifier(self.encoder.new_body(base), self.task.num_labels, pooling=self.pooling)
-            if lora:
-                from coldfusion.encodings.lora import attach_lora
-
-                model.body = attach_lora(model.body, self.encoding.lora)
+            encoding.attach(model)
         if self.keep_head and self.head is not None:
             model.head.load_state_dict(self.head)
         model.place(self.device, self.compute_dtype)
         data = self.train.take(self.examples_for(iteration))
-        settings = self.settings.model_copy(update={"lr": self.encoding.lora.lr}) if lora else self.settings
-        fish = self.encoding.kind == "sparse" and self.encoding.score == "fisher"
-        restriction = None
-        if fish:  # FISH mask: the entries are chosen on the base, by Fisher on this data; only they train
-            from coldfusion.encodings.sparse import restrict_training, top_share
-
-            fish = top_share(diagonal_fisher(model, data, self.statistics_examples,
-                                             seed=derive_seed(self.seed, "fish", self.name, iteration)),
-                             self.encoding.density)
-            restriction = restrict_training(model.body, fish)
+        encoding.before_training(model, data, derive_seed(self.seed, "fish", self.name, iteration),
+                                 self.statistics_examples)
         try:
-            result = finetune(model, data, self.validation, settings,
+            result = finetune(model, data, self.validation, encoding.finetune_settings(self.settings),
                               seed=derive_seed(self.seed, "finetune", self.name, iteration), on_step=on_step)
         finally:
-            if restriction is not None:
-                restriction.remove()
+            encoding.after_training()
         self.head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
         if self.head_store is not None:
             self.head_store.save(iteration, self.head)
-        payload = None
-        if lora:  # send the factors; the statistics below are of the body with them folded in
-            from coldfusion.encodings.lora import lora_factors
-
-            payload = lora_factors(model.body, self.encoding.dtype)
-            model.body = model.body.merge_and_unload()
-        metrics = result.summary()
+        payload = encoding.payload(model, base)  # (LoRA folds its adapters in: the statistics see the body)
         stats = {}
         if self.statistics == "fisher":
             stats["fisher"] = diagonal_fisher(model, data, self.statistics_examples,
                                               seed=derive_seed(self.seed, "fisher", self.name, iteration))
         elif self.statistics == "gram":
             stats["gram"] = gram_matrices(model, data, self.statistics_examples)
-        if fish:
-            from coldfusion.encodings.sparse import sparse_payload
-
-            payload = sparse_payload(body_tensors(model.body), base, fish, self.encoding.dtype)
-        elif payload is None:
-            payload = encode_contribution(body_tensors(model.body), base, self.encoding)
-        return ContributionResult(self.name, self.name, payload, len(data), metrics, stats, self.encoding.record())
+        return ContributionResult(self.name, self.name, payload, len(data), result.summary(), stats,
+                                  encoding.record())
