@@ -195,3 +195,18 @@ def test_every_attack_is_refused_over_http_and_a_sybil_weighs_once(repo, tmp_pat
         # (the 5000-digit reference is longer than the query allows: a 422 before admission, not recorded)
         assert rules == [a[-1] for a in attacks(base)] + ["base"] * 6
     assert invoke("verify", repo.root).exit_code == 0
+
+
+def test_a_version_the_operators_suite_has_not_ruled_on_cannot_be_claimed(repo, tmp_path, toy_task_files):
+    base = repo.load_version(1)
+    c = repo.add_contribution(moved(base, 1e-3, seed=1), base_version=1, contributor="a", task="t", num_examples=5)
+    repo.fuse(1, [c.id])  # version 2: fused by the operator, not yet ruled on
+    alice = issue(repo, "alice")
+    suite = {"tasks": [{"name": "sentiment", "path": str(toy_task_files["sentiment"])}], "max_length": 16,
+             "threads": 1, "precision": "fp32"}
+    with Service(repo.root, {"fusion": {"enabled": False}, "suite": suite}) as service:
+        reply = httpx.post(f"{service.url}/v1/contributors/alice/contributions", content=save(moved(base, 1e-3, 2)),
+                           params={"base": 2, "task": "t", "examples": 5}, headers={"Authorization": f"Bearer {alice}"})
+        assert reply.status_code == 422
+        assert reply.json()["detail"].startswith("refused (base): version 2 is not published yet")
+        assert httpx.get(f"{service.url}/v1/versions/latest").json()["id"] == 1

@@ -45,7 +45,7 @@ from coldfusion.repository.refs import BadReference, parse_ref
 from coldfusion.service.fuser import Fuser
 from coldfusion.service.leaderboard import contributors, leaderboard
 from coldfusion.service.settings import ServiceSettings
-from coldfusion.service.suite import published_latest
+from coldfusion.service.suite import judged, published_latest
 from coldfusion.service.tokens import ServiceStore
 
 log = logging.getLogger("coldfusion.service")
@@ -226,6 +226,14 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         repo = repository()
         if claim.base == "latest":  # with an operator's suite: the newest version it published
             claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
+        elif settings.suite is not None:  # a version the suite has not ruled on is not published yet
+            try:
+                claimed = repo.resolve(claim.base)
+            except ColdFusionError:
+                claimed = None  # admission refuses it, naming the rule
+            if claimed is not None and claimed.live and not judged(repo, claimed):
+                raise refuse(repo, claim, "base", f"version {claimed.id} is not published yet (the operator's suite "
+                                                  "has not ruled on it); train on a published version (latest)")
         try:
             claim = replace(claim, encoding=parse_encoding(encoding))
         except ColdFusionError as exc:
