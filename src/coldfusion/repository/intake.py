@@ -266,11 +266,12 @@ def _live_base(repo: Repository, claim: Claim) -> Version:
 
 
 def _admitted_norms(repo: Repository, base: Version, limit: int) -> list[float]:
-    """Delta norms of the latest contributions admitted along `base`'s lineage, newest first."""
-    lineage = [v.id for v in repo.lineage(base.id)]
+    """Delta norms of the latest contributions admitted along `base`'s lineage (the base and its
+    ancestors, walked in the same query), newest first."""
     with repo._db() as db:
-        rows = db.execute(f"SELECT delta_norm FROM contributions WHERE base_version IN ({','.join('?' * len(lineage))})"
-                          " AND delta_norm IS NOT NULL AND rejected IS NULL AND abandoned IS NULL"
-                          " AND requeued_from IS NULL ORDER BY id DESC "
-                          "LIMIT ?", (*lineage, limit)).fetchall()
+        rows = db.execute("WITH RECURSIVE lineage(id, parent) AS (SELECT id, parent FROM versions WHERE id = ? "
+                          "UNION ALL SELECT v.id, v.parent FROM versions v JOIN lineage l ON v.id = l.parent) "
+                          "SELECT delta_norm FROM contributions WHERE base_version IN (SELECT id FROM lineage) "
+                          "AND delta_norm IS NOT NULL AND rejected IS NULL AND abandoned IS NULL "
+                          "AND requeued_from IS NULL ORDER BY id DESC LIMIT ?", (base.id, limit)).fetchall()
     return [r[0] for r in rows]

@@ -155,19 +155,28 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_admission_per_payload
 """
 
 
-_created: set[str] = set()  # PostgreSQL indexes whose tables this process has made sure of
+_created: set = set()  # the indexes whose tables this process has made sure of
 
 
 def create_index(index) -> None:
-    """Create (or bring up to date) the tables of `index`, a storage.index connection."""
+    """Create (or bring up to date) the tables of `index`, a storage.index connection: once per
+    process and index (a repository is opened for every request of the service)."""
     if index.dialect == "postgresql":
-        if index.url not in _created:  # once per process: a repository is opened for every request
+        if index.url not in _created:
             with index.transaction() as db:  # replicas starting together take turns
                 db.execute(POSTGRES_SCHEMA)
             _created.add(index.url)
+        return
+    try:  # the file by identity: one deleted and made again (or replaced) is checked again
+        key = (str(index.path), index.path.stat().st_ino, index.path.stat().st_size > 0)
+    except FileNotFoundError:
+        key = None
+    if key in _created:
         return
     db = sqlite3.connect(index.path, timeout=60)
     try:
         open_index(db)
     finally:
         db.close()
+    stat = index.path.stat()
+    _created.add((str(index.path), stat.st_ino, stat.st_size > 0))
