@@ -20,9 +20,10 @@ With `--replicas N` the repository lives in a PostgreSQL server and an S3 server
 for the run (as tests/test_shared_storage.py starts them), `N` replicas of `coldfusion serve`
 share it, and contributor i talks to replica i mod N.
 
-Prints JSON lines (and appends them to results/service_load.jsonl); the last is
-{"metric": "service_load", "contributors", "uploads", "acknowledged", "lost", "fused_twice",
-"p50_upload_s", "p99_upload_s", ...}.
+Prints JSON lines (and appends them to results/service_load.jsonl): per round (`--repeats`,
+each on a fresh repository) {"metric": "service_load", "contributors", "uploads",
+"acknowledged", "lost", "fused_twice", "p50_upload_s", "p99_upload_s", "p50_vs_peer", ...};
+the last is {"metric": "service_load_summary", "lost", "fused_twice", "p50_vs_peer_median", ...}.
 
     python benchmarks/service_load.py --ingest [--body-mb 500] [--repeats 3]
 
@@ -290,13 +291,25 @@ def main() -> None:
                                                         "results/service_load.jsonl)")
     p.add_argument("--ingest", action="store_true", help="measure one large upload against the sink instead")
     p.add_argument("--body-mb", type=float, default=500.0, help="--ingest: the body's size (500: RoBERTa-base)")
-    p.add_argument("--repeats", type=int, default=3, help="--ingest: uploads each side")
+    p.add_argument("--repeats", type=int, default=3, help="--ingest: uploads each side; else: rounds of the load "
+                                                          "(sink, then ours, each on a fresh repository)")
     args = p.parse_args()
     global OUT
     OUT = args.out or OUT
     if args.ingest:
         ingest(args)
         return
+    rows = [load_round(args) for _ in range(args.repeats)]
+    emit({"metric": "service_load_summary", "rounds": len(rows), "uploads_per_round": args.uploads,
+          "contributors": args.contributors, "replicas": args.replicas or 1,
+          "lost": sum(r["lost"] for r in rows), "fused_twice": sum(r["fused_twice"] for r in rows),
+          "p50_vs_peer": [r["p50_vs_peer"] for r in rows],
+          "p50_vs_peer_median": statistics.median(r["p50_vs_peer"] for r in rows),
+          "p99_vs_peer_median": statistics.median(r["p99_vs_peer"] for r in rows)})
+
+
+def load_round(args) -> dict:
+    """One round: the sink, then our service, under the same load; the round's summary row."""
     from coldfusion.repository import Repository
     from coldfusion.service.tokens import ServiceStore
 
@@ -396,13 +409,17 @@ def main() -> None:
               "payload_bytes": payload_bytes,
               "p50_vs_peer": round(percentile(latencies, 0.5) / percentile(sink_lat, 0.5), 2),
               "p99_vs_peer": round(percentile(latencies, 0.99) / percentile(sink_lat, 0.99), 2)})
-        emit({"metric": "service_load", "replicas": args.replicas or 1,
+        row = {"metric": "service_load", "replicas": args.replicas or 1,
               "storage": "postgresql+s3" if storage else "local",
               "contributors": args.contributors, "uploads": args.uploads,
               "acknowledged": len(acknowledged), "lost": lost, "fused_twice": fused_twice,
               "p50_upload_s": round(percentile(latencies, 0.5), 4),
               "p99_upload_s": round(percentile(latencies, 0.99), 4),
-              "mean_upload_s": round(statistics.fmean(latencies), 4)})
+              "mean_upload_s": round(statistics.fmean(latencies), 4),
+              "p50_vs_peer": round(percentile(latencies, 0.5) / percentile(sink_lat, 0.5), 2),
+              "p99_vs_peer": round(percentile(latencies, 0.99) / percentile(sink_lat, 0.99), 2)}
+        emit(row)
+        return row
 
 
 if __name__ == "__main__":

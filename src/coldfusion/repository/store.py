@@ -381,7 +381,10 @@ class Repository:
     def uploads_waiting(self) -> list[Contribution]:
         """Contributions sent from outside any run (`coldfusion contribute`) that are neither
         fused, refused nor abandoned: what `coldfusion fuse` fuses by default (runs fuse their own)."""
-        return [c for c in self.contributions() if c.waiting and c.run_id is None]
+        with self._db() as db:  # filtered by the index: a service asks at every poll, over its whole history
+            ids = [r[0] for r in db.execute("SELECT id FROM contributions WHERE fused_into IS NULL AND rejected IS "
+                                            "NULL AND abandoned IS NULL AND run_id IS NULL ORDER BY id")]
+            return [self._contribution_row(db, i) for i in ids]
 
     # -- fusion and integrity (their own modules) ---------------------------------
     def fuse(self, base_version: int, contribution_ids: Sequence[int], **options) -> Version:
