@@ -210,3 +210,44 @@ def test_a_version_the_operators_suite_has_not_ruled_on_cannot_be_claimed(repo, 
         assert reply.status_code == 422
         assert reply.json()["detail"].startswith("refused (base): version 2 is not published yet")
         assert httpx.get(f"{service.url}/v1/versions/latest").json()["id"] == 1
+
+
+def test_an_upload_is_inspected_as_it_arrives_and_not_read_again(repo, monkeypatch):
+    """Over HTTP a full body is inspected while its bytes arrive: admission does not read the
+    file again (here, reading it would fail), and finds what reading the file would find."""
+    from fastapi.testclient import TestClient
+
+    from coldfusion.io.tensorfile import SafetensorsReader
+    from coldfusion.repository import intake
+    from coldfusion.repository.validation import inspect_contribution
+    from coldfusion.service.app import create_app
+    from coldfusion.service.settings import ServiceSettings
+    from coldfusion.service.tokens import ServiceStore
+
+    base = repo.load_version(1)
+    token = ServiceStore(repo.root).issue("alice")
+    client = TestClient(create_app(repo.root, ServiceSettings(fusion={"enabled": False})))
+
+    def post(data: bytes):
+        return client.post("/v1/contributors/alice/contributions", content=data,
+                           params={"base": 1, "task": "t", "examples": 10},
+                           headers={"Authorization": f"Bearer {token}"})
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("admission read the upload again")
+
+    monkeypatch.setattr(intake, "examine", no_second_read)
+    good = moved(base, 1e-3, seed=1)
+    reply = post(save(good))
+    assert reply.status_code == 201, reply.text
+    stored = Repository(repo.root).contributions()[0]
+    with SafetensorsReader([repo.path_of(stored.sha256)]) as body, SafetensorsReader([repo.path_of(
+            repo.version(1).sha256)]) as reference:
+        assert stored.delta_norm == pytest.approx(inspect_contribution(body, reference).delta_norm, rel=1e-6)
+    nan = moved(base, 1e-3, seed=2)
+    nan[sorted(nan)[-1]].view(-1)[0] = float("nan")
+    assert post(save(nan)).json()["detail"].startswith("refused (finite)")
+    shared = [a for a in attacks(base) if a[-1] == "format"][0][1]
+    assert post(shared).json()["detail"].startswith("refused (format)")
+    assert post(save(moved(base, 1.0, seed=3))).json()["detail"].startswith("refused (norm)")
+    assert post(save({"x": torch.zeros(2)})).json()["detail"].startswith("refused (architecture)")

@@ -24,11 +24,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from coldfusion.infra.errors import ColdFusionError
 from coldfusion.infra.names import check_name
 from coldfusion.io.checkpoint import Tensors, serialize, sha256_bytes
-from coldfusion.io.tensorfile import SafetensorsReader, header_of_bytes
-from coldfusion.repository.validation import InMemory, ValidationSettings, inspect_contribution, norm_problem
+from coldfusion.io.tensorfile import DTYPES, SafetensorsReader, header_of_bytes, parse_header
+from coldfusion.repository.validation import (
+    InMemory,
+    Inspection,
+    Inspector,
+    ValidationSettings,
+    inspect_contribution,
+    norm_problem,
+)
 
 if TYPE_CHECKING:
     from coldfusion.repository.store import Contribution, Repository, Version
@@ -90,11 +99,97 @@ def refuse(repo: Repository, claim: Claim, rule: str, reason: str, sha256: str |
 
 @dataclass(frozen=True)
 class Received:
-    """An upload this process received into a file of its own, hashed as it arrived: admission
-    reads it once and stores it by moving it (the file is gone afterwards)."""
+    """An upload this process received into a file of its own, hashed as it arrived, and for a
+    full body inspected as it arrived too (`inspection`, against the version of that checksum):
+    admission then does not read it again, and stores it by moving it (the file is gone after)."""
 
     path: Path
     sha256: str
+    inspection: tuple[str, Inspection] | None = None  # (the base's checksum, what was found)
+
+
+class StreamedInspection:
+    """Admission's inspection of a full body while its bytes arrive: the header once it is in
+    (checked as every safetensors header is, against the declared size), then each tensor as
+    its bytes complete, in file order. `feed` returns the tensors a chunk completed; the caller
+    runs `check` on each (in a worker thread: it computes), and `result` once all arrived."""
+
+    def __init__(self, base: Version, base_tensors: Tensors, size: int):
+        self.base_sha, self.size = base.sha256, size
+        self.inspector = Inspector(InMemory(base_tensors), _BASE_NORMS.get(base.sha256))
+        self.head, self.received = bytearray(), 0
+        self.pending: list[tuple[str, int, int, str, list[int]]] | None = None  # by offset: name, start, stop, ...
+        self.current: bytearray | None = None
+
+    def feed(self, chunk: bytes) -> list[tuple[str, torch.Tensor]]:
+        self.received += len(chunk)
+        if self.inspector.found is not None:
+            return []
+        if self.pending is None:
+            self.head += chunk
+            if not self._parse_header():
+                return []
+            chunk, self.head = bytes(self.head[8 + self._header_size:]), bytearray()
+        done = []
+        view = memoryview(chunk)
+        while self.pending:
+            name, start, stop, dtype, shape = self.pending[0]
+            if self.current is None:
+                self.current = bytearray()
+            take = min(stop - start - len(self.current), len(view))
+            self.current += view[:take]
+            view = view[take:]
+            if len(self.current) < stop - start:
+                break
+            values = torch.frombuffer(self.current, dtype=DTYPES[dtype]) if stop > start else \
+                torch.empty(0, dtype=DTYPES[dtype])
+            done.append((name, values.reshape(shape)))
+            self.pending.pop(0)
+            self.current = None
+        return done
+
+    def _parse_header(self) -> bool:
+        """Whether the header is in (and parsed: a bad one is the fault found)."""
+        if len(self.head) < 8 or len(self.head) < 8 + int.from_bytes(self.head[:8], "little"):
+            if len(self.head) >= 8 and int.from_bytes(self.head[:8], "little") > self.size:
+                self.inspector.found = Inspection("the upload: its header claims more bytes than it has",
+                                                  rule="format")
+            return False
+        head = bytes(self.head)
+        try:
+            self._header_size, header = parse_header(lambda n, at: head[at:at + n], self.size)
+        except ValueError as exc:
+            self.inspector.found = Inspection(f"the upload: not a readable safetensors file ({exc})", rule="format")
+            return False
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.inspector.layout({k: (DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in tensors.items()})
+        self.pending = sorted(((k, *v["data_offsets"], v["dtype"], v["shape"]) for k, v in tensors.items()),
+                              key=lambda t: (t[1], t[2]))
+        return True
+
+    def check(self, name: str, values: torch.Tensor) -> None:
+        self.inspector.tensor(name, values)
+
+    def result(self) -> tuple[str, Inspection]:
+        """(the base's checksum, what was found), once the last byte arrived."""
+        found = self.inspector.found
+        if found is None and (self.received != self.size or self.pending):
+            found = Inspection(f"the upload: {self.received} bytes arrived, its header and length say {self.size}",
+                               rule="format")
+        return self.base_sha, found or self.inspector.result()
+
+
+def start_inspection(repo: Repository, claim: Claim, size: int | None) -> StreamedInspection | None:
+    """An inspection to run while a full body of `size` bytes arrives against the base `claim`
+    names, or None (an encoded payload, no declared size, a base admission will refuse anyway):
+    admission then reads the file itself."""
+    if claim.encoding.get("kind", "full") != "full" or not size:
+        return None
+    try:
+        base = repo.resolve(claim.base)
+    except ColdFusionError:
+        return None
+    return StreamedInspection(base, _base_tensors(repo, base), size) if base.live else None
 
 
 def admit(repo: Repository, payload: Received | Path | bytes | Tensors, claim: Claim,
@@ -120,9 +215,13 @@ def admit(repo: Repository, payload: Received | Path | bytes | Tensors, claim: C
         sha = sha256_bytes(data)
     _refuse_duplicate(repo, claim, sha)  # before any decoding: a copy costs nothing more
     history = _admitted_norms(repo, base, rules.norm_history)
+    streamed = data.inspection if isinstance(data, Received) and data.inspection else (None, None)
     try:
-        examined = examine(data.path if isinstance(data, Received) else data, claim.encoding,
-                           _base_tensors(repo, base), history, rules, base_norm=_BASE_NORMS.get(base.sha256))
+        if streamed[0] == base.sha256 and claim.encoding.get("kind", "full") == "full":
+            examined = judge(streamed[1], history, rules)  # inspected as it arrived: not read again
+        else:
+            examined = examine(data.path if isinstance(data, Received) else data, claim.encoding,
+                               _base_tensors(repo, base), history, rules, base_norm=_BASE_NORMS.get(base.sha256))
     except Refused as exc:
         raise refuse(repo, claim, exc.rule, f"against version {base.id}: {exc.reason}", sha) from None
     _BASE_NORMS[base.sha256] = examined.base_norm
@@ -194,12 +293,18 @@ def examine(data: bytes | Path, encoding: dict, base: Tensors, admitted_norms: l
                                          InMemory(base), base_norm)
         except ColdFusionError as exc:  # a tensor shorter than its header says
             raise Refused("format", str(exc)) from None
+    return judge(found, admitted_norms, rules, None if isinstance(body, SafetensorsReader) else body)
+
+
+def judge(found: Inspection, admitted_norms: list[float], rules: ValidationSettings,
+          body: Tensors | None = None) -> Examined:
+    """The verdict on an inspection: the fault it found, or the norm rules; `Refused` if either."""
     if found.problem:
         raise Refused(found.rule, found.problem)
     problem = norm_problem(found.delta_norm, admitted_norms, found.base_norm, rules)
     if problem:
         raise Refused("no-op" if found.delta_norm == 0 else "norm", problem)
-    return Examined(None if isinstance(body, SafetensorsReader) else body, found.delta_norm, found.base_norm)
+    return Examined(body, found.delta_norm, found.base_norm)
 
 
 def check_examples(examples, rules: ValidationSettings) -> None:

@@ -88,41 +88,77 @@ class InMemory:
         return self.tensors[name].reshape(-1)
 
 
-def inspect_contribution(body: "SafetensorsReader | InMemory", base: "SafetensorsReader | InMemory",
-                         base_norm: float | None = None) -> Inspection:
-    """Structure and values of `body` against the `base` it was trained from, one tensor at a
-    time (norms in fp32, accumulated in fp64 across tensors); `base_norm`: the base's norm, if
-    known (else measured here too)."""
-    import torch  # here: the settings above are read by configs that must load fast
+class Inspector:
+    """The inspection of a body against the base it was trained from, fed the body's layout
+    (names, dtypes, shapes) and then its tensors one at a time, in any order: from a file
+    (`inspect_contribution`) or as an upload's bytes arrive (intake.StreamedInspection). The
+    first fault found stands; norms in fp32, accumulated in fp64 across tensors."""
 
-    keys, expected = body.keys(), base.keys()
-    if keys != expected:
-        missing, extra = sorted(expected - keys), sorted(keys - expected)
-        parts = [f"{len(missing)} missing tensors {missing[:3]}" if missing else "",
-                 f"{len(extra)} unexpected tensors {extra[:3]}" if extra else ""]
-        return Inspection(f"not the base's architecture: {'; '.join(p for p in parts if p)}", rule="architecture")
-    for name in sorted(keys):
-        if body.layout(name) != base.layout(name):
-            (dtype, shape), (base_dtype, base_shape) = body.layout(name), base.layout(name)
-            return Inspection(f"tensor '{name}' is {str(dtype).removeprefix('torch.')} {list(shape)}, "
-                              f"the base's is {str(base_dtype).removeprefix('torch.')} {list(base_shape)}",
-                              rule="architecture")
-    squares, base_squares = 0.0, 0.0
-    for name in sorted(keys):
-        values, reference = body.read(name), base.read(name)
+    def __init__(self, base: "SafetensorsReader | InMemory", base_norm: float | None = None):
+        self.base, self.known_base_norm = base, base_norm
+        self.found: Inspection | None = None  # the first fault
+        self.squares, self.base_squares, self.seen = 0.0, 0.0, set()
+
+    def layout(self, layouts: Mapping) -> None:
+        """`layouts`: name -> (torch dtype, shape) of every tensor of the body."""
+        keys, expected = set(layouts), self.base.keys()
+        if keys != expected:
+            missing, extra = sorted(expected - keys), sorted(keys - expected)
+            parts = [f"{len(missing)} missing tensors {missing[:3]}" if missing else "",
+                     f"{len(extra)} unexpected tensors {extra[:3]}" if extra else ""]
+            self.found = Inspection(f"not the base's architecture: {'; '.join(p for p in parts if p)}",
+                                    rule="architecture")
+            return
+        for name in sorted(keys):
+            if tuple(layouts[name]) != tuple(self.base.layout(name)):
+                (dtype, shape), (base_dtype, base_shape) = layouts[name], self.base.layout(name)
+                self.found = Inspection(f"tensor '{name}' is {str(dtype).removeprefix('torch.')} {list(shape)}, "
+                                        f"the base's is {str(base_dtype).removeprefix('torch.')} "
+                                        f"{list(base_shape)}", rule="architecture")
+                return
+
+    def tensor(self, name: str, values) -> None:
+        """One tensor's values (any shape), checked against the base's and measured."""
+        import torch  # here: the settings above are read by configs that must load fast
+
+        if self.found is not None:
+            return
+        values, reference = values.reshape(-1), self.base.read(name)
+        self.seen.add(name)
         if not values.dtype.is_floating_point:
             if not torch.equal(values, reference):
-                return Inspection(f"integer tensor '{name}' differs from the base's", rule="integers")
-            continue
+                self.found = Inspection(f"integer tensor '{name}' differs from the base's", rule="integers")
+            return
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            return Inspection(f"tensor '{name}' has {bad} non-finite values (NaN or Inf)", rule="finite")
+            self.found = Inspection(f"tensor '{name}' has {bad} non-finite values (NaN or Inf)", rule="finite")
+            return
         reference = reference.float()
-        squares += float(torch.linalg.vector_norm(values.float() - reference)) ** 2
-        if base_norm is None:
-            base_squares += float(torch.linalg.vector_norm(reference)) ** 2
-    return Inspection(None, math.sqrt(squares), math.sqrt(base_squares) if base_norm is None else base_norm)
+        self.squares += float(torch.linalg.vector_norm(values.float() - reference)) ** 2
+        if self.known_base_norm is None:
+            self.base_squares += float(torch.linalg.vector_norm(reference)) ** 2
+
+    def result(self) -> Inspection:
+        if self.found is not None:
+            return self.found
+        if self.seen != self.base.keys():  # (a caller that stopped early)
+            return Inspection(f"tensors {sorted(self.base.keys() - self.seen)[:3]} were never read", rule="format")
+        base_norm = math.sqrt(self.base_squares) if self.known_base_norm is None else self.known_base_norm
+        return Inspection(None, math.sqrt(self.squares), base_norm)
+
+
+def inspect_contribution(body: "SafetensorsReader | InMemory", base: "SafetensorsReader | InMemory",
+                         base_norm: float | None = None) -> Inspection:
+    """Structure and values of `body` against the `base` it was trained from, one tensor at a
+    time; `base_norm`: the base's norm, if known (else measured here too)."""
+    inspector = Inspector(base, base_norm)
+    inspector.layout({name: body.layout(name) for name in body.keys()})
+    for name in sorted(body.keys()):
+        if inspector.found is not None:
+            break
+        inspector.tensor(name, body.read(name))
+    return inspector.result()
 
 
 def norm_problem(norm: float, admitted: Sequence[float], base_norm: float, settings: ValidationSettings) -> str | None:

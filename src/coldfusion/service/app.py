@@ -40,7 +40,7 @@ from coldfusion.infra.errors import ColdFusionError
 from coldfusion.io.model_files import sha256_file
 from coldfusion.io.tensorfile import SafetensorsReader
 from coldfusion.repository import Repository
-from coldfusion.repository.intake import Claim, Received, Refused, refuse
+from coldfusion.repository.intake import Claim, Received, Refused, StreamedInspection, refuse, start_inspection
 from coldfusion.repository.refs import BadReference, parse_ref
 from coldfusion.service.fuser import Fuser
 from coldfusion.service.leaderboard import contributors, leaderboard
@@ -181,8 +181,11 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                               f"{settings.max_upload_bytes}")
         path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
         try:
-            received = await receive(request, path, claim)
-            contribution = await run_in_threadpool(admit_upload, received, claim, encoding)
+            claim = await run_in_threadpool(completed_claim, claim, encoding)
+            inspection = await run_in_threadpool(
+                start_inspection, repository(), claim, int(length) if length and length.isdigit() else None)
+            received = await receive(request, path, claim, inspection)
+            contribution = await run_in_threadpool(admit_upload, received, claim)
         except Refused as exc:  # admission recorded it
             raise HTTPException(422, str(exc)) from None
         except ColdFusionError as exc:
@@ -200,16 +203,16 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
         error = refuse(repository(), claim, rule, reason)
         return HTTPException(status, str(error))
 
-    async def receive(request: Request, path: Path, claim: Claim) -> Received:
-        """The request body into `path`, hashed as it arrives; refused past the size limit or
-        after a stall."""
+    async def receive(request: Request, path: Path, claim: Claim, inspection: StreamedInspection | None) -> Received:
+        """The request body into `path`, hashed (and with an `inspection`, inspected) as it
+        arrives; refused past the size limit or after a stall."""
         chunks, size, digest = request.stream().__aiter__(), 0, hashlib.sha256()
         with open(path, "wb") as f:
             while True:
                 try:
                     chunk = await asyncio.wait_for(chunks.__anext__(), settings.read_timeout_seconds)
                 except StopAsyncIteration:
-                    return Received(path, digest.hexdigest())
+                    return Received(path, digest.hexdigest(), inspection and inspection.result())
                 except TimeoutError:
                     raise refused(claim, 408, "stalled", "the upload stalled: nothing arrived for "
                                                          f"{settings.read_timeout_seconds:g} seconds") from None
@@ -219,14 +222,25 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                                       "bytes")
                 f.write(chunk)
                 digest.update(chunk)
+                for name, values in inspection.feed(chunk) if inspection else ():
+                    await run_in_threadpool(inspection.check, name, values)
 
-    def admit_upload(received: Received, claim: Claim, encoding: str):
+    def completed_claim(claim: Claim, encoding: str) -> Claim:
+        """The claim with its encoding parsed and 'latest' resolved to the newest published version."""
+        repo = repository()
+        try:
+            claim = replace(claim, encoding=parse_encoding(encoding))
+        except ColdFusionError as exc:
+            raise refuse(repo, claim, "encoding", str(exc)) from None
+        if claim.base == "latest":  # with an operator's suite: the newest version it published
+            claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
+        return claim
+
+    def admit_upload(received: Received, claim: Claim):
         """The upload, as received, through the repository's admission step (which stores it
         by moving the file)."""
         repo = repository()
-        if claim.base == "latest":  # with an operator's suite: the newest version it published
-            claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
-        elif settings.suite is not None:  # a version the suite has not ruled on is not published yet
+        if settings.suite is not None:  # a version the suite has not ruled on is not published yet
             try:
                 claimed = repo.resolve(claim.base)
             except ColdFusionError:
@@ -234,10 +248,6 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             if claimed is not None and claimed.live and not judged(repo, claimed):
                 raise refuse(repo, claim, "base", f"version {claimed.id} is not published yet (the operator's suite "
                                                   "has not ruled on it); train on a published version (latest)")
-        try:
-            claim = replace(claim, encoding=parse_encoding(encoding))
-        except ColdFusionError as exc:
-            raise refuse(repo, claim, "encoding", str(exc)) from None
         return repo.add_contribution(received, base_version=claim.base, contributor=claim.contributor, task=claim.task,
                                      num_examples=claim.examples, encoding=claim.encoding,
                                      rules=settings.fusion.validation)
