@@ -72,6 +72,19 @@ def toy_task_files(tmp_path_factory):
     return {"sentiment": root / "sentiment.csv", "topic": root / "topic.csv"}
 
 
+@pytest.fixture
+def repo(tmp_path, tiny_model_dir):
+    """A repository whose version 1 is the tiny BERT's body (with its model files)."""
+    from transformers import AutoModel
+
+    from coldfusion.models.encoder import body_tensors
+    from coldfusion.repository import Repository
+
+    repository = Repository(tmp_path / "repo")
+    repository.add_version(body_tensors(AutoModel.from_pretrained(tiny_model_dir)), model_source=str(tiny_model_dir))
+    return repository
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server on 127.0.0.1 for the session (tests/servers.py)."""

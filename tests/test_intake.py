@@ -10,19 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 from test_service import Service, invoke, issue, wait_for_version
-from transformers import AutoModel
 
-from coldfusion.models.encoder import body_tensors
 from coldfusion.repository import Repository
 from coldfusion.repository.intake import Refused
 from coldfusion.repository.refs import BadReference, parse_ref
-
-
-@pytest.fixture
-def repo(tmp_path, tiny_model_dir):
-    repository = Repository(tmp_path / "repo")
-    repository.add_version(body_tensors(AutoModel.from_pretrained(tiny_model_dir)), model_source=str(tiny_model_dir))
-    return repository
 
 
 def moved(base: dict, by: float, seed: int = 0) -> dict:

@@ -87,13 +87,6 @@ class Service:
         self.stop()
 
 
-@pytest.fixture
-def repo(tmp_path, tiny_model_dir):
-    repository = Repository(tmp_path / "repo")
-    repository.add_version(body_tensors(AutoModel.from_pretrained(tiny_model_dir)), model_source=str(tiny_model_dir))
-    return repository
-
-
 def moved(repo: Repository, by: float, version: int = 1) -> dict:
     return {k: v + by if v.is_floating_point() else v for k, v in repo.load_version(version).items()}
 

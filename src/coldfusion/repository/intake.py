@@ -112,7 +112,8 @@ class StreamedInspection:
     """Admission's inspection of a full body while its bytes arrive: the header once it is in
     (checked as every safetensors header is, against the declared size), then each tensor as
     its bytes complete, in file order. `feed` returns the tensors a chunk completed; the caller
-    runs `check` on each (in a worker thread: it computes), and `result` once all arrived."""
+    runs `check` on them (in a worker thread when they are large: it computes), and `result`
+    once all arrived."""
 
     def __init__(self, base: Version, base_tensors: Tensors, size: int):
         self.base_sha, self.size = base.sha256, size
@@ -167,8 +168,10 @@ class StreamedInspection:
                               key=lambda t: (t[1], t[2]))
         return True
 
-    def check(self, name: str, values: torch.Tensor) -> None:
-        self.inspector.tensor(name, values)
+    def check(self, ready: list[tuple[str, torch.Tensor]]) -> None:
+        """Check the tensors `feed` returned."""
+        for name, values in ready:
+            self.inspector.tensor(name, values)
 
     def result(self) -> tuple[str, Inspection]:
         """(the base's checksum, what was found), once the last byte arrived."""

@@ -51,6 +51,7 @@ from coldfusion.service.tokens import ServiceStore
 log = logging.getLogger("coldfusion.service")
 
 INCOMING = ".incoming-"  # scratch files of uploads in progress (ROOT/service/)
+INLINE_CHECK = 1 << 20  # tensor elements an upload's chunk may complete and be checked on the event loop
 PAGE = Path(__file__).parent / "static" / "index.html"  # the lineage, leaderboard and contributors, live
 
 
@@ -181,9 +182,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                               f"{settings.max_upload_bytes}")
         path = scratch / f"{INCOMING}{uuid.uuid4().hex}.safetensors"
         try:
-            claim = await run_in_threadpool(completed_claim, claim, encoding)
-            inspection = await run_in_threadpool(
-                start_inspection, repository(), claim, int(length) if length and length.isdigit() else None)
+            claim, inspection = await run_in_threadpool(
+                completed_claim, claim, encoding, int(length) if length and length.isdigit() else None)
             received = await receive(request, path, claim, inspection)
             contribution = await run_in_threadpool(admit_upload, received, claim)
         except Refused as exc:  # admission recorded it
@@ -222,11 +222,15 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
                                                       "bytes")
                 f.write(chunk)
                 digest.update(chunk)
-                for name, values in inspection.feed(chunk) if inspection else ():
-                    await run_in_threadpool(inspection.check, name, values)
+                ready = inspection.feed(chunk) if inspection else []
+                if sum(values.numel() for _, values in ready) > INLINE_CHECK:  # computing: not on the event loop
+                    await run_in_threadpool(inspection.check, ready)
+                elif ready:
+                    inspection.check(ready)
 
-    def completed_claim(claim: Claim, encoding: str) -> Claim:
-        """The claim with its encoding parsed and 'latest' resolved to the newest published version."""
+    def completed_claim(claim: Claim, encoding: str, size: int | None) -> tuple[Claim, StreamedInspection | None]:
+        """The claim with its encoding parsed and 'latest' resolved to the newest published
+        version, and the inspection to run while its `size` bytes arrive (if one applies)."""
         repo = repository()
         try:
             claim = replace(claim, encoding=parse_encoding(encoding))
@@ -234,7 +238,7 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             raise refuse(repo, claim, "encoding", str(exc)) from None
         if claim.base == "latest":  # with an operator's suite: the newest version it published
             claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
-        return claim
+        return claim, start_inspection(repo, claim, size)
 
     def admit_upload(received: Received, claim: Claim):
         """The upload, as received, through the repository's admission step (which stores it
