@@ -353,7 +353,7 @@ def _twin(db, sha: str, run_id: str | None):
 
 
 def _refuse_duplicate(repo: Repository, claim: Claim, sha: str) -> None:
-    with repo._db() as db:
+    with repo._read() as db:
         twin = _twin(db, sha, claim.run_id)
     if twin is not None:
         same = "it" if twin["contributor"] == claim.contributor else "another contributor"
@@ -376,7 +376,7 @@ def _live_base(repo: Repository, claim: Claim) -> Version:
 def _admitted_norms(repo: Repository, base: Version, limit: int) -> list[float]:
     """Delta norms of the latest contributions admitted along `base`'s lineage (the base and its
     ancestors, walked in the same query), newest first."""
-    with repo._db() as db:
+    with repo._read() as db:
         rows = db.execute("WITH RECURSIVE lineage(id, parent) AS (SELECT id, parent FROM versions WHERE id = ? "
                           "UNION ALL SELECT v.id, v.parent FROM versions v JOIN lineage l ON v.id = l.parent) "
                           "SELECT delta_norm FROM contributions WHERE base_version IN (SELECT id FROM lineage) "

@@ -182,6 +182,10 @@ class Repository:
         """One transaction per `with` (commit or roll back); writers one at a time."""
         return self.index.transaction()
 
+    def _read(self):
+        """A transaction that only reads: it neither waits for the writer nor holds it up."""
+        return self.index.transaction(read=True)
+
     # -- checkpoints ---------------------------------------------------------------
     def path_of(self, sha256: str) -> Path:
         """The local file of a stored body (fetched from shared storage first if need be; a path
@@ -205,7 +209,7 @@ class Repository:
 
     def checkpoint_bytes(self, sha256: str) -> int:
         """Size of a stored file, as indexed."""
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT num_bytes FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
             raise ColdFusionError(f"no checkpoint {sha256[:12]}... in repository {self.root}")
@@ -255,7 +259,7 @@ class Repository:
         parsed = parse_ref(ref)
         if parsed.latest:
             raise BadReference("'latest' names no fixed version here; give a version id")
-        with self._db() as db:
+        with self._read() as db:
             if parsed.id is not None:
                 return self._version_row(db, parsed.id)
             rows = db.execute("SELECT id FROM versions WHERE substr(sha256, 1, ?) = ?",
@@ -266,7 +270,7 @@ class Repository:
             return self._version_row(db, rows[0]["id"])
 
     def versions(self) -> list[Version]:
-        with self._db() as db:
+        with self._read() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM versions ORDER BY id")]
             return [self._version_row(db, i) for i in ids]
 
@@ -319,7 +323,7 @@ class Repository:
     def model_of(self, version: Version) -> StoredModel | None:
         if version.model is None:
             return None
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT * FROM models WHERE id = ?", (version.model,)).fetchone()
         return StoredModel(row["id"], row["name"], json.loads(row["files"]))
 
@@ -354,7 +358,7 @@ class Repository:
             query, args = query + " AND contributor = ?", [*args, contributor]
         if run_id is not None:
             query, args = query + " AND run_id = ?", [*args, run_id]
-        with self._db() as db:
+        with self._read() as db:
             return [Refusal(**dict(r)) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
     def _contribution_row(self, db, cid: int) -> Contribution:
@@ -375,13 +379,13 @@ class Repository:
             query, args = query + " AND base_version = ?", args + [base_version]
         if fused_into is not None:
             query, args = query + " AND fused_into = ?", args + [fused_into]
-        with self._db() as db:
+        with self._read() as db:
             return [self._contribution_row(db, r["id"]) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
     def uploads_waiting(self) -> list[Contribution]:
         """Contributions sent from outside any run (`coldfusion contribute`) that are neither
         fused, refused nor abandoned: what `coldfusion fuse` fuses by default (runs fuse their own)."""
-        with self._db() as db:  # filtered by the index: a service asks at every poll, over its whole history
+        with self._read() as db:  # filtered by the index: a service asks at every poll, over its whole history
             ids = [r[0] for r in db.execute("SELECT id FROM contributions WHERE fused_into IS NULL AND rejected IS "
                                             "NULL AND abandoned IS NULL AND run_id IS NULL ORDER BY id")]
             return [self._contribution_row(db, i) for i in ids]
@@ -460,7 +464,7 @@ class Repository:
             return db.execute(sql, params).rowcount == 1
 
     def metrics(self, version: int) -> list[dict]:
-        with self._db() as db:
+        with self._read() as db:
             rows = db.execute("SELECT version, task, protocol, values_json, run, created FROM metrics "
                               "WHERE version = ? ORDER BY rowid", (version,)).fetchall()
         return [{**dict(r), "values": json.loads(r["values_json"])} for r in rows]
@@ -479,7 +483,7 @@ class Repository:
 
     def recall(self, key: str) -> Computed | None:
         """What `remember` kept under `key`, or None."""
-        with self._db() as db:
+        with self._read() as db:
             row = db.execute("SELECT * FROM computed WHERE key = ?", (key,)).fetchone()
         return None if row is None else Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
 

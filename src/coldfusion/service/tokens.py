@@ -71,13 +71,13 @@ class ServiceStore:
 
     def contributor_of(self, token: str) -> str | None:
         """Who holds `token`, if it is live."""
-        with self._db() as db:
+        with self.index.transaction(read=True) as db:
             row = db.execute("SELECT contributor FROM tokens WHERE hash = ? AND revoked IS NULL",
                              (_hash(token),)).fetchone()
         return row["contributor"] if row else None
 
     def contributors(self) -> list[dict]:
-        with self._db() as db:
+        with self.index.transaction(read=True) as db:
             rows = db.execute("SELECT contributor, COUNT(*) AS tokens, "
                               "SUM(CASE WHEN revoked IS NULL THEN 1 ELSE 0 END) AS live, "
                               "MIN(created) AS since FROM tokens GROUP BY contributor ORDER BY contributor")

@@ -3,7 +3,9 @@
 Both give their callers the same contract: `with index.transaction() as db` is one
 transaction (committed, or rolled back on any error) during which no other writer runs
 (SQLite's BEGIN IMMEDIATE; in PostgreSQL an advisory lock held to the end of the
-transaction, so replicas take turns exactly as processes on one SQLite file do). Statements
+transaction, so replicas take turns exactly as processes on one SQLite file do);
+`index.transaction(read=True)` only reads, and neither waits for the writer nor holds it up
+(SQLite's WAL snapshot; PostgreSQL without the lock). Statements
 use `?` placeholders; rows are read by column name or position; a statement that breaks a
 uniqueness or lineage rule raises `IndexConflict`.
 """
@@ -34,12 +36,12 @@ class SqliteIndex:
         return str(self.path)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, read: bool = False) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN" if read else "BEGIN IMMEDIATE")
             try:
                 yield db
                 db.execute("COMMIT")
@@ -129,13 +131,14 @@ class PostgresIndex:
         return self.url
 
     @contextmanager
-    def transaction(self) -> Iterator[_Postgres]:
+    def transaction(self, read: bool = False) -> Iterator[_Postgres]:
         import psycopg
         from psycopg_pool import PoolTimeout
 
         try:
             with _pool(self.url).connection() as connection, connection.transaction():
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+                if not read:
+                    connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
                 yield _Postgres(connection)
         except psycopg.IntegrityError as exc:
             raise IndexConflict(str(exc).strip()) from None
