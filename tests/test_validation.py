@@ -211,3 +211,14 @@ def test_staleness_weight_is_the_fedasync_polynomial_on_top_of_the_operators_wei
     v6 = repo.fuse(v3.id, [c.id for c in plain])  # exponent 0: stale contributions weigh as much as fresh ones
     assert "weights" not in v6.fusion
     assert torch.allclose(repo.load_version(v6.id)["layer.weight"], torch.full((3, 2), 20.0 + (0.8 + 0.4) / 2))
+
+
+def test_a_contributor_counts_with_its_newest_contribution_that_the_staleness_rules_let_through(tmp_path):
+    repo = Repository(tmp_path)
+    v1 = repo.add_version(body(0.0), model_source="m")
+    v2 = repo.add_version(body(10.0), model_source="m", parent=v1.id)
+    fresh = contribute(repo, v2, body(11.0), "alice")
+    late = contribute(repo, v1, body(1.0), "alice")  # newer, but trained from an older base
+    v3 = repo.fuse(v2.id, [fresh.id, late.id], validation=ValidationSettings(stale="reject"))
+    assert v3.fusion["contributions"] == [fresh.id]
+    assert v3.fusion["rejected"][str(late.id)].startswith("stale: trained from version 1")

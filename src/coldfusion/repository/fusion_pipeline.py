@@ -138,6 +138,7 @@ def fuse_contributions(
         raise ColdFusionError(f"nothing was fused: {exc}; another fusion got there first") from None
     return version
 
+
 def fuse_step(bodies: Sequence[Path], base: Path, method: str, params: dict, *,
               weights: Sequence[float] | None = None, stats: Sequence[Path] | None = None,
               norms: Sequence[float] | None = None, outer: OuterSettings | None = None,
@@ -179,21 +180,23 @@ def _validate(repo: Repository, base: Version, contribs: list[Contribution], set
     if sha256_file(repo.path_of(base.sha256)) != base.sha256:
         raise ColdFusionError(f"base version {base.id} ({repo.path_of(base.sha256)}) does not match its "
                               "checksum: the repository is damaged; run `coldfusion verify` on it")
-    newest = {c.contributor: c.id for c in sorted(contribs, key=lambda c: c.id)}  # a contributor counts once
     for c in contribs:
-        if newest[c.contributor] != c.id:
-            rejected[c.id] = (f"superseded: {c.contributor} counts once per fusion, with its newest contribution "
-                              f"{newest[c.contributor]}")
-            continue
         if settings.max_staleness is not None and (behind[c.id] is None or behind[c.id] > settings.max_staleness):
             where = (f"{behind[c.id]} versions behind" if behind[c.id] is not None
                      else "not an ancestor of")
             rejected[c.id] = (f"stale: trained from version {c.base_version}, {where} the current base {base.id} "
                               f"(validation.max_staleness = {settings.max_staleness})")
-            continue
-        if c.base_version != base.id and settings.stale == "reject":
+        elif c.base_version != base.id and settings.stale == "reject":
             rejected[c.id] = (f"stale: trained from version {c.base_version}, not the current base "
                               f"{base.id} (validation.stale = reject)")
+    # a contributor counts once: with its newest contribution of those the staleness rules let through
+    newest = {c.contributor: c.id for c in sorted(contribs, key=lambda c: c.id) if c.id not in rejected}
+    for c in contribs:
+        if c.id not in rejected and newest[c.contributor] != c.id:
+            rejected[c.id] = (f"superseded: {c.contributor} counts once per fusion, with its newest contribution "
+                              f"{newest[c.contributor]}")
+    for c in contribs:
+        if c.id in rejected:
             continue
         path = repo.path_of(c.sha256)
         if not path.exists() or sha256_file(path) != c.sha256:
