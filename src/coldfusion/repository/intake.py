@@ -5,8 +5,8 @@ The payload is read once as received and hashed once; its format is checked (saf
 header, tensor byte ranges laid end to end over the data); its encoding is decoded once
 against the base it claims; the body it stands for is inspected once against that base
 (validation.py); and the operator's rules are applied: a live base, a real update (not a
-no-op), a bounded delta norm, no duplicate of an admitted payload (whatever base it claims),
-at most `max_examples` examples. An admitted contribution is stored as received, with its
+no-op), a bounded delta norm, no duplicate of an admitted payload (whatever base it claims;
+within a run, or among the uploads from outside runs), at most `max_examples` examples. An admitted contribution is stored as received, with its
 delta norm, and waits to be fused. A refused one stores nothing but a row of the index's
 `refusals` table (the rule and the reason) and raises `Refused`, whose message names the rule.
 
@@ -92,8 +92,9 @@ def refuse(repo: Repository, claim: Claim, rule: str, reason: str, sha256: str |
         refusal = db.execute(
             "INSERT INTO refusals (contributor, task, base, num_examples, sha256, rule, reason, run_id, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (claim.contributor, claim.task, str(claim.base)[:80], claim.examples, sha256, rule, reason[:2000],
-             claim.run_id, _now())).fetchone()[0]
+            (claim.contributor, str(claim.task)[:100], str(claim.base)[:80],
+             claim.examples if type(claim.examples) is int and 0 <= claim.examples < 2**63 else None, sha256, rule,
+             reason[:2000], claim.run_id, _now())).fetchone()[0]
     return Refused(rule, reason, refusal)
 
 
