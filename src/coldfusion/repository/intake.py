@@ -6,9 +6,10 @@ header, tensor byte ranges laid end to end over the data); its encoding is decod
 against the base it claims; the body it stands for is inspected once against that base
 (validation.py); and the operator's rules are applied: a live base, a real update (not a
 no-op), a bounded delta norm, no duplicate of an admitted payload (whatever base it claims;
-within a run, or among the uploads from outside runs), at most `max_examples` examples. An admitted contribution is stored as received, with its
-delta norm, and waits to be fused. A refused one stores nothing but a row of the index's
-`refusals` table (the rule and the reason) and raises `Refused`, whose message names the rule.
+within a run, or among the uploads from outside runs), at most `max_examples` examples. An
+admitted contribution is stored as received, with its delta norm, and waits to be fused. A
+refused one stores nothing but a row of the index's `refusals` table (the rule and the
+reason) and raises `Refused`, whose message names the rule.
 
 The fusion that follows only selects, rebases, fuses and records (fusion_pipeline.py).
 """
