@@ -521,9 +521,11 @@ def test_the_export_cache_keeps_only_the_newest_exports_on_disk(repo):
     assert sorted(p.name for p in cache.dir.iterdir()) == ["1", "3"]
 
 
-def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored_as_sent(repo, tmp_path):
+def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored_as_sent(repo, tmp_path,
+                                                                                        monkeypatch):
     from coldfusion.encodings import EncodingSettings, encode_contribution
 
+    monkeypatch.setenv("COLDFUSION_CACHE", str(tmp_path / "cache"))  # the client keeps the bases it pulled here
     alice, bob = issue(repo, "alice"), issue(repo, "bob")
     save_file(moved(repo, 0.01), tmp_path / "body.safetensors")
     with Service(repo.root, {"fusion": {"when_waiting": 2, "poll_seconds": 0.2}}) as service:
@@ -533,6 +535,7 @@ def test_encoded_contributions_are_checked_as_the_body_they_stand_for_and_stored
             assert sent.exit_code == 0, sent.output
         v2 = wait_for_version(service.url, 2)
         assert v2["contributions"] == [1, 2]
+        assert service.output().count("GET /v1/versions/1/body") == 1  # the second push encoded against the cache
         stored = Repository(repo.root).contributions()
         assert [c.encoding["kind"] for c in stored] == ["delta", "sparse"]
         assert stored[0].num_bytes < (tmp_path / "body.safetensors").stat().st_size * 0.6  # fp16 delta

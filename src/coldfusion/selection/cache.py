@@ -8,9 +8,10 @@ seconds it cost, so reports give the true cost even when it was cached.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from coldfusion.infra.paths import cache_root
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults; tasks would pull in torch and pandas
     from coldfusion.tasks import Split
@@ -38,5 +39,4 @@ def split_fingerprint(split: "Split") -> str:
 def default_cache() -> Path:
     """Where `rank` and `select` keep what they computed: $COLDFUSION_CACHE/selection, else
     ~/.cache/coldfusion/selection (a coldfusion repository)."""
-    root = os.environ.get("COLDFUSION_CACHE") or Path.home() / ".cache" / "coldfusion"
-    return Path(root) / "selection"
+    return cache_root() / "selection"

@@ -9,6 +9,7 @@ body crosses the network.
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING
 import httpx
 
 from coldfusion.infra.errors import ColdFusionError
+from coldfusion.infra.paths import cache_root
 from coldfusion.io.checkpoint import staged_directory
+from coldfusion.io.model_files import sha256_file
 
 if TYPE_CHECKING:
     from coldfusion.encodings import EncodingSettings
@@ -95,9 +98,22 @@ class ServiceClient:
         return listing
 
     def pull_body(self, ref: str, out: Path) -> str:
-        """The body of version `ref` as one safetensors file; its checksum."""
+        """The body of version `ref` as one safetensors file; its checksum. Bodies are kept in
+        $COLDFUSION_CACHE/bodies by checksum: one pulled before (and still matching its
+        checksum) is copied from there, not downloaded again."""
         meta = self.version(ref)
-        self._download(f"/v1/versions/{meta['id']}/body", Path(out), meta["sha256"])
+        cached = cache_root() / "bodies" / f"{meta['sha256']}.safetensors"
+        if not (cached.is_file() and sha256_file(cached) == meta["sha256"]):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            self._download(f"/v1/versions/{meta['id']}/body", cached, meta["sha256"])
+        out = Path(out)
+        part = out.with_name(f".{out.name}.part")
+        try:  # appears whole or not at all, as a download does
+            shutil.copyfile(cached, part)
+            part.replace(out)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise _unwritable(out, exc) from None
         return meta["sha256"]
 
     def _download(self, path: str, into: Path, sha256: str) -> None:
@@ -117,8 +133,7 @@ class ServiceClient:
             raise ColdFusionError(f"{self.url}{path}: the download broke off ({exc})") from None
         except OSError as exc:  # a full disk, a read-only directory: say so, keep nothing half written
             tmp.unlink(missing_ok=True)
-            raise ColdFusionError(f"{into}: could not write the download ({exc.strerror}); free some space or "
-                                  "pull into another directory") from None
+            raise _unwritable(into, exc) from None
         if digest.hexdigest() != sha256:
             tmp.unlink(missing_ok=True)
             raise ColdFusionError(f"{self.url}{path}: the download does not match its checksum {sha256[:12]}; "
@@ -176,6 +191,11 @@ class ServiceClient:
         out = scratch / "body.safetensors"
         save_file({k: v.contiguous() for k, v in read_upload(model_dir, names).items()}, out)
         return out
+
+
+def _unwritable(path: Path, exc: OSError) -> ColdFusionError:
+    return ColdFusionError(f"{path}: could not write the download ({exc.strerror}); free some space or pull into "
+                           "another directory")
 
 
 def _settings(record: dict) -> dict:
