@@ -153,7 +153,7 @@ def run_faults(out: Path) -> None:
 
 TASKS = ["tweet_sentiment", "movie_sentiment", "election_tweets", "reuters_r8"]
 ATTACKER = "election_tweets"
-OFF = {"outlier_factor": None}  # validation's norm rule off: the aggregator alone defends
+OFF = {"outlier_factor": None, "base_norm_factor": None}  # admission's norm rules off: the aggregator alone defends
 AGGREGATORS = {
     "average": {"method": "average", "validation": OFF},
     "average+validation": {"method": "average"},
