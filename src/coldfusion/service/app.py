@@ -230,7 +230,8 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
 
     def completed_claim(claim: Claim, encoding: str, size: int | None) -> tuple[Claim, StreamedInspection | None]:
         """The claim with its encoding parsed and 'latest' resolved to the newest published
-        version, and the inspection to run while its `size` bytes arrive (if one applies)."""
+        version (a version not yet published is refused here, before the body is read), and
+        the inspection to run while its `size` bytes arrive (if one applies)."""
         repo = repository()
         try:
             claim = replace(claim, encoding=parse_encoding(encoding))
@@ -238,13 +239,7 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             raise refuse(repo, claim, "encoding", str(exc)) from None
         if claim.base == "latest":  # with an operator's suite: the newest version it published
             claim = replace(claim, base=published_latest(repo, settings.suite is not None).id)
-        return claim, start_inspection(repo, claim, size)
-
-    def admit_upload(received: Received, claim: Claim):
-        """The upload, as received, through the repository's admission step (which stores it
-        by moving the file)."""
-        repo = repository()
-        if settings.suite is not None:  # a version the suite has not ruled on is not published yet
+        elif settings.suite is not None:  # a version the suite has not ruled on is not published yet
             try:
                 claimed = repo.resolve(claim.base)
             except ColdFusionError:
@@ -252,9 +247,14 @@ def create_app(root: Path, settings: ServiceSettings | None = None) -> FastAPI:
             if claimed is not None and claimed.live and not judged(repo, claimed):
                 raise refuse(repo, claim, "base", f"version {claimed.id} is not published yet (the operator's suite "
                                                   "has not ruled on it); train on a published version (latest)")
-        return repo.add_contribution(received, base_version=claim.base, contributor=claim.contributor, task=claim.task,
-                                     num_examples=claim.examples, encoding=claim.encoding,
-                                     rules=settings.fusion.validation)
+        return claim, start_inspection(repo, claim, size)
+
+    def admit_upload(received: Received, claim: Claim):
+        """The upload, as received, through the repository's admission step (which stores it
+        by moving the file)."""
+        return repository().add_contribution(received, base_version=claim.base, contributor=claim.contributor,
+                                             task=claim.task, num_examples=claim.examples, encoding=claim.encoding,
+                                             rules=settings.fusion.validation)
 
     def parse_encoding(text: str) -> dict:
         """The encoding's record (what decoding needs), from the settings' JSON."""
