@@ -570,3 +570,32 @@ def test_a_download_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(r
         client.pull_body("1", tmp_path / "body.safetensors")  # the same call into a real directory works
         assert (tmp_path / "body.safetensors").stat().st_size > 0
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_clients_sharing_a_body_cache_pull_the_same_base_at_once(repo, tmp_path, monkeypatch):
+    """Contributor processes on one machine share $COLDFUSION_CACHE: downloads of the same body
+    at the same time each land whole (their temporary files do not collide)."""
+    import threading
+
+    from coldfusion.io.model_files import sha256_file
+    from coldfusion.service.client import ServiceClient
+
+    monkeypatch.setenv("COLDFUSION_CACHE", str(tmp_path / "cache"))
+    errors = []
+
+    def pull(i: int) -> None:
+        try:
+            with ServiceClient(service.url) as client:
+                client.pull_body("1", tmp_path / f"base-{i}.safetensors")
+        except Exception as exc:  # noqa: BLE001 (collected, asserted below)
+            errors.append(exc)
+
+    with Service(repo.root, FAST) as service:
+        threads = [threading.Thread(target=pull, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert {sha256_file(tmp_path / f"base-{i}.safetensors") for i in range(6)} == {repo.version(1).sha256}
+    assert [p.name for p in (tmp_path / "cache" / "bodies").iterdir()] == [f"{repo.version(1).sha256}.safetensors"]

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,7 +108,7 @@ class ServiceClient:
             cached.parent.mkdir(parents=True, exist_ok=True)
             self._download(f"/v1/versions/{meta['id']}/body", cached, meta["sha256"])
         out = Path(out)
-        part = out.with_name(f".{out.name}.part")
+        part = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
         try:  # appears whole or not at all, as a download does
             shutil.copyfile(cached, part)
             part.replace(out)
@@ -118,7 +119,7 @@ class ServiceClient:
 
     def _download(self, path: str, into: Path, sha256: str) -> None:
         digest = hashlib.sha256()
-        tmp = into.with_name(f".{into.name}.part")
+        tmp = into.with_name(f".{into.name}.{uuid.uuid4().hex[:12]}.part")  # several processes may share a cache
         try:
             with self.http.stream("GET", path) as response:
                 if response.status_code >= 400:
