@@ -132,8 +132,9 @@ class Contribution:
             return (f"its fusion, version {self.fused_into}, was held back ({self.fused_into_held_back}); it waits "
                     f"again as contribution {self.requeued_as}")
         if self.rejected is None and self.fused_into_held_back is not None:
-            return (f"its fusion, version {self.fused_into}, was held back ({self.fused_into_held_back}) after it "
-                    f"had been requeued once (from contribution {self.requeued_from})")
+            once = "" if self.requeued_from is None else \
+                f" after it had been requeued once (from contribution {self.requeued_from})"
+            return f"its fusion, version {self.fused_into}, was held back ({self.fused_into_held_back}){once}"
         return self.rejected or self.abandoned
 
 

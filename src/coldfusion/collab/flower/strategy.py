@@ -116,7 +116,7 @@ class ColdFusionStrategy(FedAvg):
             admitted.append((r, examined))
         if len(admitted) < rules.min_accepted:
             return None, refused
-        op = get_operator(self.operator.name)
+        op = self.operator
         with tempfile.TemporaryDirectory(prefix="coldfusion-fuse-") as tmp:
             scratch = Path(tmp)
             (scratch / "base.safetensors").write_bytes(data_of_base)
