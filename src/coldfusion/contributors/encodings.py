@@ -3,11 +3,11 @@
 A contributor builds its model, lets its encoding `attach` what training needs (LoRA
 adapters), finetunes with the encoding's `finetune_settings` between `before_training`
 (a FISH mask chooses the entries to train) and `after_training`, then sends `payload`:
-the body, a delta, a sparse delta or LoRA factors. The repository turns a payload back into
-a body with `coldfusion.encodings.decode_contribution`, which `decode` calls too.
+the body, a delta, a sparse delta or LoRA factors. The repository, below this package, turns
+a payload back into a body with `coldfusion.encodings.decode_contribution` (from `record()`).
 """
 
-from coldfusion.encodings import EncodingSettings, decode_contribution, encode_contribution
+from coldfusion.encodings import EncodingSettings, encode_contribution
 from coldfusion.io.checkpoint import Tensors
 from coldfusion.models.encoder import Classifier, body_tensors
 from coldfusion.training import Encoded, FinetuneSettings
@@ -40,10 +40,6 @@ class Encoding:
         """What is sent for the finetuned `model` trained from `base` (the model's body may be
         rewritten here: LoRA folds its adapters in, so that what follows sees the body)."""
         return encode_contribution(body_tensors(model.body), base, self.settings)
-
-    def decode(self, payload: Tensors, base: Tensors) -> Tensors:
-        """The body `payload` stands for, on `base`."""
-        return decode_contribution(payload, self.record(), base)
 
 
 class Fish(Encoding):
