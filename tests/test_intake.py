@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import load, save, save_file
 from test_service import Service, invoke, issue, wait_for_version
 
 from coldfusion.repository import Repository
@@ -242,3 +242,33 @@ def test_an_upload_is_inspected_as_it_arrives_and_not_read_again(repo, monkeypat
     assert post(shared).json()["detail"].startswith("refused (format)")
     assert post(save(moved(base, 1.0, seed=3))).json()["detail"].startswith("refused (norm)")
     assert post(save({"x": torch.zeros(2)})).json()["detail"].startswith("refused (architecture)")
+
+
+def test_a_streamed_inspection_refuses_what_does_not_add_up(repo):
+    """Bytes that stop short of the header's layout, or a header longer than the upload
+    declared, are a format fault, whatever the chunk sizes; a whole body in any chunking
+    finds the same norm as reading the file."""
+    from coldfusion.repository.intake import Claim, start_inspection
+
+    base = repo.load_version(1)
+    data = save(moved(base, 1e-3, seed=4))
+    claim = Claim("alice", "t", 1, 10)
+
+    def streamed(payload: bytes, size: int, chunk: int):
+        inspection = start_inspection(repo, claim, size)
+        for at in range(0, len(payload), chunk):
+            inspection.check(inspection.feed(payload[at:at + chunk]))
+        return inspection.result()[1]
+
+    from coldfusion.repository.validation import InMemory, inspect_contribution
+
+    read = inspect_contribution(InMemory(load(data)), InMemory(base))
+    for chunk in (7, 4096, len(data)):
+        found = streamed(data, len(data), chunk)
+        assert found.problem is None and found.delta_norm == pytest.approx(read.delta_norm, rel=1e-9)
+    short = streamed(data[:-10], len(data), 4096)
+    assert short.rule == "format" and "bytes arrived" in short.problem
+    claimed = streamed(data, 100, 4096)  # declared 100 bytes; the header alone is longer
+    assert claimed.rule == "format"
+    assert start_inspection(repo, Claim("alice", "t", 1, 10, {"kind": "delta"}), len(data)) is None
+    assert start_inspection(repo, claim, None) is None  # no declared size: admission reads the file
