@@ -83,8 +83,9 @@ def fuse_contributions(
                                   f"fewer than min_accepted = {validation.min_accepted}: {reasons}")
         stale = [c for c in accepted if c.base_version != base.id]
         current = repo.load(base.sha256) if stale else None  # once, for every stale contribution
-        rebased = {c.id: {"from_version": c.base_version, "sha256": _rebase(repo, c, dense[c.id], current)}
-                   for c in stale}
+        own_bases: dict[int, Tensors] = {}  # each older base read once, however many were trained from it
+        moved = {c.id: _rebase(repo, c, dense[c.id], current, own_bases) for c in stale}  # indexed with the version
+        rebased = {c.id: {"from_version": c.base_version, "sha256": moved[c.id][0]} for c in stale}
         weights = [c.num_examples for c in accepted] if op.weighting == "examples" else None
         if validation.staleness_exponent > 0 and any(behind[c.id] != 0 for c in accepted):
             depth = len(repo.lineage(base.id))
@@ -125,6 +126,8 @@ def fuse_contributions(
                                         "since)")
             if stored_buffer is not None:
                 fusion["outer"]["momentum_buffer"] = repo._index(db, stored_buffer)
+            for stored_rebase in moved.values():
+                repo._index(db, stored_rebase)
             sha = repo._index(db, stored)
             version = repo._insert_version(db, sha, base.model_source, base.id, fusion, run, iteration, run_id,
                                            base.model)
@@ -232,12 +235,14 @@ def _decode(repo: Repository, contribution: Contribution, own_base: Tensors, scr
     save_tensors(path, body)
     return path
 
-def _rebase(repo: Repository, contribution: Contribution, body_path: Path, current: Tensors) -> str:
-    """Store `current + (body - the base it was trained from)`, the stale contribution's
-    update carried onto the current base; return its checksum."""
-    body, own_base = load_tensors(body_path), repo.load_version(contribution.base_version)
+def _rebase(repo: Repository, contribution: Contribution, body_path: Path, current: Tensors,
+            own_bases: dict[int, Tensors]) -> tuple[str, int]:
+    """Write `current + (body - the base it was trained from)`, the stale contribution's
+    update carried onto the current base (`own_bases`: the older bases read so far, by id);
+    return what `_put` returns, for the fusion's transaction to index."""
+    if contribution.base_version not in own_bases:
+        own_bases[contribution.base_version] = repo.load_version(contribution.base_version)
+    body, own_base = load_tensors(body_path), own_bases[contribution.base_version]
     moved = {k: (current[k] + (v - own_base[k])).to(v.dtype) if v.is_floating_point() else v
              for k, v in body.items()}
-    stored = repo._put(moved)
-    with repo._db() as db:
-        return repo._index(db, stored)
+    return repo._put(moved)

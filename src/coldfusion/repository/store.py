@@ -489,8 +489,11 @@ class Repository:
         return None if row is None else Computed(row["key"], row["kind"], row["sha256"], json.loads(row["value"]))
 
     def lineage(self, ref: int | str) -> list[Version]:
-        """The version and its ancestors, newest first."""
-        chain = [self.version(ref)]
-        while chain[-1].parent is not None:
-            chain.append(self.version(chain[-1].parent))
-        return chain
+        """The version and its ancestors, newest first (walked in one read)."""
+        first = self.version(ref)
+        with self._read() as db:
+            ids = [r[0] for r in db.execute(
+                "WITH RECURSIVE chain(id, parent, depth) AS (SELECT id, parent, 0 FROM versions WHERE id = ? "
+                "UNION ALL SELECT v.id, v.parent, c.depth + 1 FROM versions v JOIN chain c ON v.id = c.parent) "
+                "SELECT id FROM chain ORDER BY depth", (first.id,))]
+            return [first, *(self._version_row(db, i) for i in ids[1:])]
