@@ -3,8 +3,10 @@
 - `store`: content-addressed bodies plus the lineage index (`Repository`), kept where
   `io/storage` says (SQLite + a directory, or PostgreSQL + S3);
 - `schema`: the index's tables and the lineage rules it enforces;
-- `fusion_pipeline`: validate, decode, rebase and fuse waiting contributions;
-- `validation`: the checks a contribution must pass before it is fused;
+- `intake`: admission, the one way a contribution enters (its rules in `validation`);
+- `refs`: version references (`latest`, ids, checksum prefixes), parsed in one place;
+- `fusion_pipeline`: select, decode, rebase and fuse waiting contributions (`fuse_step`);
+- `validation`: the operator's rules and the inspection of a body against its base;
 - `integrity`: `verify`;
 - `uploads`: contributions sent from outside a run; `export`: a version as a model directory.
 """

@@ -197,10 +197,10 @@ def start_inspection(repo: Repository, claim: Claim, size: int | None) -> Stream
     return StreamedInspection(base, _base_tensors(repo, base), size) if base.live else None
 
 
-def admit(repo: Repository, payload: Received | Path | bytes | Tensors, claim: Claim,
+def admit(repo: Repository, payload: Received | bytes | Tensors, claim: Claim,
           rules: ValidationSettings | None = None, stats: dict[str, Tensors] | None = None) -> Contribution:
-    """Admit `payload` (an upload received into a file, a file to copy, its bytes, or tensors)
-    as a contribution waiting to be fused, or record why not and raise `Refused`."""
+    """Admit `payload` (an upload received into a file, its bytes, or tensors) as a
+    contribution waiting to be fused, or record why not and raise `Refused`."""
     rules = rules or ValidationSettings()
     check_name(claim.contributor, "contributor")  # unnamed senders are not recorded: the name is the record's key
     try:
@@ -215,8 +215,7 @@ def admit(repo: Repository, payload: Received | Path | bytes | Tensors, claim: C
     if isinstance(payload, Received):
         data, sha = payload, payload.sha256
     else:
-        data = payload if isinstance(payload, bytes) else Path(payload).read_bytes() if isinstance(payload, Path) \
-            else serialize(payload)
+        data = payload if isinstance(payload, bytes) else serialize(payload)
         sha = sha256_bytes(data)
     _refuse_duplicate(repo, claim, sha)  # before any decoding: a copy costs nothing more
     history = _admitted_norms(repo, base, rules.norm_history)

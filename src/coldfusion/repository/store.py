@@ -341,7 +341,7 @@ class Repository:
 
     # -- contributions -------------------------------------------------------------
     def add_contribution(
-        self, payload: "Tensors | Received | Path | bytes", *, base_version: int | str, contributor: str, task: str,
+        self, payload: "Tensors | Received | bytes", *, base_version: int | str, contributor: str, task: str,
         num_examples: int, metrics: dict | None = None, stats: dict[str, Tensors] | None = None,
         encoding: dict | None = None, run_id: str | None = None, rules: "ValidationSettings | None" = None,
     ) -> Contribution:
